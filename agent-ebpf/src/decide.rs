@@ -1,0 +1,130 @@
+//! The one decision function every hook asks: may this policy slot reach this destination?
+
+use agent_common::{
+    proto_bit, AllowValue, Addr4Key, Addr6Key, Counter, PolicyState, RULESET_PREFIX_BITS,
+    STATE_ACTIVE, STATE_AUDIT,
+};
+use aya_ebpf::maps::lpm_trie::Key;
+
+use crate::maps::{ALLOW_CIDR4, ALLOW_CIDR6, ALLOW_EXACT4, ALLOW_EXACT6, COUNTERS, POLICY_STATE};
+
+/// A destination as the hooks see it, in network byte order; an IPv4 address sits in the
+/// first four bytes. A plain struct, not an enum: every byte is initialised, which the
+/// verifier requires of anything copied through the stack.
+#[derive(Clone, Copy)]
+pub struct Dest {
+    pub v4: bool,
+    pub addr: [u8; 16],
+}
+
+impl Dest {
+    #[inline(always)]
+    pub fn v4(a: [u8; 4]) -> Dest {
+        Dest { v4: true, addr: [a[0], a[1], a[2], a[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0] }
+    }
+
+    /// IPv4-mapped IPv6 (`::ffff:a.b.c.d`) is judged as the IPv4 address it is.
+    #[inline(always)]
+    pub fn from_v6(addr: [u8; 16]) -> Dest {
+        if addr[..10] == [0u8; 10] && addr[10] == 0xff && addr[11] == 0xff {
+            Dest::v4([addr[12], addr[13], addr[14], addr[15]])
+        } else {
+            Dest { v4: false, addr }
+        }
+    }
+}
+
+/// What the hook should do, and which counter records it.
+pub enum Verdict {
+    Allow,
+    Deny,
+    /// Audit mode: would have been denied, let through.
+    WouldDeny,
+}
+
+impl Verdict {
+    #[inline(always)]
+    pub fn passes(&self) -> bool {
+        !matches!(self, Verdict::Deny)
+    }
+}
+
+#[inline(always)]
+pub fn state(slot: u32) -> Option<&'static PolicyState> {
+    match POLICY_STATE.get(slot) {
+        Some(s) if s.flags & STATE_ACTIVE != 0 => Some(s),
+        // A program attached for a slot without an active policy denies: fail closed.
+        _ => None,
+    }
+}
+
+#[inline(always)]
+fn lookup(ruleset: u32, dest: &Dest) -> Option<&'static AllowValue> {
+    let a = &dest.addr;
+    if dest.v4 {
+        let key = Addr4Key { ruleset, addr: [a[0], a[1], a[2], a[3]] };
+        if let Some(v) = unsafe { ALLOW_EXACT4.get(&key) } {
+            return Some(v);
+        }
+        ALLOW_CIDR4.get(Key::new(RULESET_PREFIX_BITS + 32, key))
+    } else {
+        let key = Addr6Key { ruleset, addr: *a };
+        if let Some(v) = unsafe { ALLOW_EXACT6.get(&key) } {
+            return Some(v);
+        }
+        ALLOW_CIDR6.get(Key::new(RULESET_PREFIX_BITS + 128, key))
+    }
+}
+
+/// Is `ip_proto` to `dest:port` allowed by the slot's active ruleset?
+#[inline(always)]
+pub fn allowed(state: &PolicyState, dest: &Dest, ip_proto: u8, port: u16) -> bool {
+    let bit = proto_bit(ip_proto);
+    if bit == 0 {
+        return false;
+    }
+    match lookup(state.ruleset, dest) {
+        Some(v) => v.allows(bit, port),
+        None => false,
+    }
+}
+
+/// Turns "allowed?" into a verdict under the slot's mode.
+#[inline(always)]
+pub fn verdict(state: Option<&PolicyState>, allowed: bool) -> Verdict {
+    match state {
+        _ if allowed => Verdict::Allow,
+        Some(s) if s.flags & STATE_AUDIT != 0 => Verdict::WouldDeny,
+        _ => Verdict::Deny,
+    }
+}
+
+/// The full question for one destination.
+#[inline(always)]
+pub fn decide(slot: u32, dest: &Dest, ip_proto: u8, port: u16) -> Verdict {
+    let st = state(slot);
+    let ok = match st {
+        Some(s) => allowed(s, dest, ip_proto, port),
+        None => false,
+    };
+    verdict(st, ok)
+}
+
+#[inline(always)]
+pub fn count(slot: u32, counter: Counter) {
+    if let Some(c) = COUNTERS.get_ptr_mut(counter.index(slot)) {
+        // Per-CPU slot: no other writer.
+        unsafe { *c += 1 };
+    }
+}
+
+/// Counts a verdict with one of three counters (allowed, denied, would-deny).
+#[inline(always)]
+pub fn count_verdict(slot: u32, v: &Verdict, counters: [Counter; 3]) {
+    let c = match v {
+        Verdict::Allow => counters[0],
+        Verdict::Deny => counters[1],
+        Verdict::WouldDeny => counters[2],
+    };
+    count(slot, c);
+}

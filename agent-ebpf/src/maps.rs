@@ -1,0 +1,41 @@
+//! Every map the programs use. Their key and value types live in `agent-common`.
+//! All are pinned by name, so each per-policy load of the programs shares them, and they
+//! outlive the agent (fail closed).
+
+use agent_common::{
+    AllowValue, Addr4Key, Addr6Key, PolicyState, COUNTERS_PER_POLICY, MAX_CIDR_ENTRIES,
+    MAX_EXACT_ENTRIES, MAX_GUARDED_CGROUPS, MAX_INBOUND_SOCKETS, MAX_POLICIES,
+};
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+};
+
+/// Per slot: active ruleset id, mode and name.
+#[map]
+pub static POLICY_STATE: Array<PolicyState> = Array::pinned(MAX_POLICIES, 0);
+
+/// Exact addresses (and the rules of the CIDRs containing them, merged by the agent).
+#[map]
+pub static ALLOW_EXACT4: HashMap<Addr4Key, AllowValue> = HashMap::pinned(MAX_EXACT_ENTRIES, 0);
+#[map]
+pub static ALLOW_EXACT6: HashMap<Addr6Key, AllowValue> = HashMap::pinned(MAX_EXACT_ENTRIES, 0);
+
+/// CIDRs, longest prefix wins (the agent merges enclosing CIDRs' rules into each entry).
+#[map]
+pub static ALLOW_CIDR4: LpmTrie<Addr4Key, AllowValue> = LpmTrie::pinned(MAX_CIDR_ENTRIES, 0);
+#[map]
+pub static ALLOW_CIDR6: LpmTrie<Addr6Key, AllowValue> = LpmTrie::pinned(MAX_CIDR_ENTRIES, 0);
+
+/// Decision counters, `slot * COUNTERS_PER_POLICY + Counter`.
+#[map]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(MAX_POLICIES * COUNTERS_PER_POLICY, 0);
+
+/// Guarded cgroup id → slot, for the LSM hook (it sees the task, not a cgroup attachment).
+#[map]
+pub static GUARDED_CGROUPS: HashMap<u64, u32> = HashMap::pinned(MAX_GUARDED_CGROUPS, 0);
+
+/// Cookies of TCP sockets that were accepted (inbound), so the packet backstop lets their
+/// replies through. LRU: a flood can only evict entries, which fails closed.
+#[map]
+pub static INBOUND_SOCKETS: LruHashMap<u64, u8> = LruHashMap::pinned(MAX_INBOUND_SOCKETS, 0);

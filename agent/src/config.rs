@@ -1,0 +1,766 @@
+//! The policy configuration: TOML schema, parsing and validation.
+//!
+//! Every mistake is reported as `FILE:LINE: reason`, all of them at once, and nothing is
+//! applied unless the whole file is valid (a bad reload keeps the old policy in force).
+//! Cgroup paths are checked against the live cgroup2 tree separately, in [`resolve_cgroups`].
+
+use std::{
+    collections::HashMap,
+    fmt,
+    net::IpAddr,
+    ops::Range,
+    path::{Component, Path, PathBuf},
+};
+
+use agent_common::{MAX_POLICIES, POLICY_NAME_LEN, PROTO_ICMP, PROTO_TCP, PROTO_UDP};
+use ipnet::IpNet;
+use serde::Deserialize;
+use toml::Spanned;
+
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/egress-guard";
+
+/// Enforce refuses what the policy does not allow; audit decides and counts the same way but
+/// lets everything through (for rollout).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Enforce,
+    Audit,
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Mode::Enforce => "enforce",
+            Mode::Audit => "audit",
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub path: PathBuf,
+    pub log_level: Option<String>,
+    pub pin_dir: PathBuf,
+    pub policies: Vec<Policy>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    pub name: String,
+    pub mode: Mode,
+    pub cgroups: Vec<CgroupEntry>,
+    /// Address and CIDR rules, including those implied by `dns`, `ntp` and `allow_loopback`.
+    pub rules: Vec<Rule>,
+    /// Hostname rules: kept, allow nothing until hostname resolution exists.
+    pub hostnames: Vec<HostnameRule>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CgroupEntry {
+    pub path: String,
+    pub line: usize,
+}
+
+/// `protos` to `net` on ports `ports.0..=ports.1`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rule {
+    pub net: IpNet,
+    pub protos: u8,
+    pub ports: (u16, u16),
+    pub line: usize,
+    /// The entry as written, for messages and `policy` listings.
+    pub text: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostnameRule {
+    /// Lower case, no trailing dot; `*.suffix` for wildcards.
+    pub name: String,
+    pub protos: u8,
+    pub ports: (u16, u16),
+    pub line: usize,
+}
+
+/// One thing wrong with the configuration, at a line of the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub line: usize,
+    pub reason: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read the configuration: {source}")]
+    Read {
+        file: String,
+        source: std::io::Error,
+    },
+    #[error("{}", render_problems(.file, .problems))]
+    Invalid { file: String, problems: Vec<Problem> },
+}
+
+fn render_problems(file: &str, problems: &[Problem]) -> String {
+    let mut out = String::new();
+    for (i, p) in problems.iter().enumerate() {
+        if i > 0 {
+            out.push('\n');
+        }
+        out.push_str(&format!("{file}:{}: {}", p.line, p.reason));
+    }
+    out
+}
+
+// ------------------------------------------------------------------------------------------
+// The file as written.
+// ------------------------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    mode: Option<Spanned<Mode>>,
+    log_level: Option<Spanned<String>>,
+    pin_dir: Option<Spanned<String>>,
+    #[serde(default)]
+    policy: Vec<Spanned<RawPolicy>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    name: Spanned<String>,
+    mode: Option<Spanned<Mode>>,
+    #[serde(default)]
+    cgroups: Vec<Spanned<String>>,
+    #[serde(default)]
+    allow: Vec<Spanned<String>>,
+    #[serde(default)]
+    dns: Vec<Spanned<String>>,
+    #[serde(default)]
+    ntp: Vec<Spanned<String>>,
+    allow_loopback: Option<Spanned<bool>>,
+}
+
+/// Reads and validates a configuration file.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        file: file.clone(),
+        source,
+    })?;
+    parse(&text, path)
+}
+
+/// Parses and validates configuration text; `path` is used for messages.
+pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+    let file = path.display().to_string();
+    let lines = LineIndex::new(text);
+    let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Invalid {
+        file: file.clone(),
+        problems: vec![Problem {
+            line: e.span().map_or(1, |s| lines.line(s.start)),
+            reason: e.message().trim().to_string(),
+        }],
+    })?;
+    let mut problems = Vec::new();
+    let config = validate(raw, path, &lines, &mut problems);
+    if problems.is_empty() {
+        Ok(config)
+    } else {
+        problems.sort_by_key(|p| p.line);
+        Err(ConfigError::Invalid { file, problems })
+    }
+}
+
+struct LineIndex(Vec<usize>);
+
+impl LineIndex {
+    fn new(text: &str) -> Self {
+        Self(text.match_indices('\n').map(|(i, _)| i).collect())
+    }
+    fn line(&self, offset: usize) -> usize {
+        self.0.partition_point(|&nl| nl < offset) + 1
+    }
+    fn of<T>(&self, s: &Spanned<T>) -> usize {
+        self.line(s.span().start)
+    }
+    fn span(&self, r: Range<usize>) -> usize {
+        self.line(r.start)
+    }
+}
+
+fn validate(raw: RawConfig, path: &Path, lines: &LineIndex, problems: &mut Vec<Problem>) -> Config {
+    let mut problem = |line: usize, reason: String| problems.push(Problem { line, reason });
+
+    let default_mode = raw.mode.as_ref().map_or(Mode::Enforce, |m| *m.get_ref());
+    let log_level = raw.log_level.map(|l| {
+        if let Err(e) = l.get_ref().parse::<tracing_subscriber::EnvFilter>() {
+            problem(lines.of(&l), format!("log_level {:?} is not a valid level or filter: {e}", l.get_ref()));
+        }
+        l.into_inner()
+    });
+    let pin_dir = match raw.pin_dir {
+        Some(p) => {
+            if !p.get_ref().starts_with('/') {
+                problem(lines.of(&p), format!("pin_dir {:?} must be an absolute path on a bpf filesystem", p.get_ref()));
+            }
+            PathBuf::from(p.into_inner())
+        }
+        None => PathBuf::from(DEFAULT_PIN_DIR),
+    };
+
+    if raw.policy.is_empty() {
+        problem(1, "no [[policy]] table: define at least one policy with a name, cgroups and an allow list".into());
+    }
+    if raw.policy.len() > MAX_POLICIES as usize {
+        problem(1, format!("{} policies defined; at most {MAX_POLICIES} are supported", raw.policy.len()));
+    }
+
+    let mut policies = Vec::new();
+    let mut names: HashMap<String, usize> = HashMap::new();
+    for raw_policy in raw.policy {
+        let table_line = lines.of(&raw_policy);
+        let rp = raw_policy.into_inner();
+        let name_line = lines.of(&rp.name);
+        let name = rp.name.into_inner();
+        if let Err(reason) = check_policy_name(&name) {
+            problem(name_line, reason);
+        }
+        if let Some(first) = names.insert(name.clone(), name_line) {
+            problem(name_line, format!("policy name {name:?} is already used on line {first}"));
+        }
+        if rp.cgroups.is_empty() {
+            problem(table_line.max(name_line), format!("policy {name:?} has no cgroups: list the cgroup v2 paths it guards"));
+        }
+        let mode = rp.mode.map_or(default_mode, |m| m.into_inner());
+        let cgroups = rp
+            .cgroups
+            .into_iter()
+            .map(|c| CgroupEntry { line: lines.of(&c), path: c.into_inner() })
+            .collect();
+
+        let mut rules = Vec::new();
+        let mut hostnames = Vec::new();
+        let lists: [(&str, Vec<Spanned<String>>); 3] = [("allow", rp.allow), ("dns", rp.dns), ("ntp", rp.ntp)];
+        for (list, entries) in lists {
+            for entry in entries {
+                let line = lines.span(entry.span());
+                let text = entry.into_inner();
+                match parse_entry(&text, list) {
+                    Ok(Dest::Net { net, protos, ports }) => rules.push(Rule { net, protos, ports, line, text }),
+                    Ok(Dest::Host { name, protos, ports }) => hostnames.push(HostnameRule { name, protos, ports, line }),
+                    Err(reason) => problem(line, format!("policy {name:?}: {list} entry {text:?}: {reason}")),
+                }
+            }
+        }
+        if let Some(lb) = rp.allow_loopback
+            && *lb.get_ref()
+        {
+            let line = lines.of(&lb);
+            for net in ["127.0.0.0/8", "::1/128"] {
+                rules.push(Rule {
+                    net: net.parse().expect("constant"),
+                    protos: PROTO_TCP | PROTO_UDP | PROTO_ICMP,
+                    ports: (0, u16::MAX),
+                    line,
+                    text: format!("allow_loopback ({net})"),
+                });
+            }
+        }
+        for (line, reason) in overlaps(&rules).into_iter().chain(duplicate_hostnames(&hostnames)) {
+            problem(line, format!("policy {name:?}: {reason}"));
+        }
+        policies.push(Policy { name, mode, cgroups, rules, hostnames });
+    }
+
+    // The same cgroup in two policies would run both programs: contradictory.
+    let mut seen: HashMap<String, (String, usize)> = HashMap::new();
+    for p in &policies {
+        for c in &p.cgroups {
+            let key = normalize_cgroup_text(&c.path);
+            if let Some((other, line)) = seen.get(&key) {
+                let what = if *other == p.name { "listed twice in policy".to_string() } else { format!("already guarded by policy {other:?}") };
+                problem(c.line, format!("cgroup {:?} is {what} (line {line}); a cgroup belongs to exactly one policy", c.path));
+            } else {
+                seen.insert(key, (p.name.clone(), c.line));
+            }
+        }
+    }
+
+    Config { path: path.to_path_buf(), log_level, pin_dir, policies }
+}
+
+fn check_policy_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() >= POLICY_NAME_LEN {
+        return Err(format!("policy name {name:?} must be 1 to {} characters", POLICY_NAME_LEN - 1));
+    }
+    if !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+        return Err(format!("policy name {name:?} may only contain letters, digits, '-', '_' and '.'"));
+    }
+    Ok(())
+}
+
+/// Cgroup paths as written, made comparable: no leading/trailing slashes.
+fn normalize_cgroup_text(p: &str) -> String {
+    p.trim_matches('/').to_string()
+}
+
+// ------------------------------------------------------------------------------------------
+// Allow entries.
+// ------------------------------------------------------------------------------------------
+
+/// A parsed allow, dns or ntp entry.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Dest {
+    Net { net: IpNet, protos: u8, ports: (u16, u16) },
+    Host { name: String, protos: u8, ports: (u16, u16) },
+}
+
+const ENTRY_SYNTAX: &str = "expected [tcp/|udp/|icmp/]DEST:PORTS with DEST an IPv4 address or CIDR, \
+    [IPv6] or [IPv6/len], or a hostname (*.suffix for subdomains), and PORTS a port, LO-HI or *";
+
+/// Parses one entry of the `allow` (`[tcp/|udp/|icmp/]DEST:PORTS`), `dns` or `ntp`
+/// (`ADDRESS[:PORT]`) lists.
+pub fn parse_entry(text: &str, list: &str) -> Result<Dest, String> {
+    let text = text.trim();
+    let (protos, rest, default_port) = match list {
+        "dns" => (PROTO_TCP | PROTO_UDP, text, Some(53)),
+        "ntp" => (PROTO_UDP, text, Some(123)),
+        _ => match text.split_once('/') {
+            Some(("tcp", rest)) => (PROTO_TCP, rest, None),
+            Some(("udp", rest)) => (PROTO_UDP, rest, None),
+            Some(("icmp", rest)) => (PROTO_ICMP, rest, None),
+            Some((p, _)) if !p.is_empty() && p.chars().all(|c| c.is_ascii_alphabetic()) => {
+                return Err(format!("unknown protocol {p:?}: use tcp/, udp/ or icmp/ (no prefix means tcp)"));
+            }
+            _ => (PROTO_TCP, text, None),
+        },
+    };
+    if rest.is_empty() {
+        return Err(ENTRY_SYNTAX.into());
+    }
+    let (host, ports) = split_host_ports(rest)?;
+    let ports = match (protos, ports, default_port) {
+        (PROTO_ICMP, None, _) => (0, u16::MAX),
+        (PROTO_ICMP, Some(_), _) => return Err("icmp entries take no port: write icmp/DEST".into()),
+        (_, Some(p), _) => parse_ports(p)?,
+        (_, None, Some(d)) => (d, d),
+        (_, None, None) => {
+            return Err(format!("missing port: write {rest}:PORT, {rest}:LO-HI or {rest}:* (any port)"));
+        }
+    };
+    if let Some(net) = parse_net(host)? {
+        return Ok(Dest::Net { net, protos, ports });
+    }
+    if list != "allow" {
+        return Err(format!("{list} servers must be IP addresses (the agent must reach them before it can resolve names)"));
+    }
+    let name = check_hostname(host)?;
+    Ok(Dest::Host { name, protos, ports })
+}
+
+/// Splits `DEST[:PORTS]`, where an IPv6 DEST must be in brackets.
+fn split_host_ports(s: &str) -> Result<(&str, Option<&str>), String> {
+    if let Some(inner) = s.strip_prefix('[') {
+        let (host, after) = inner.split_once(']').ok_or("missing ']' after the IPv6 address")?;
+        return match after {
+            "" => Ok((host, None)),
+            a => match a.strip_prefix(':') {
+                Some(p) => Ok((host, Some(p))),
+                None => Err(format!("unexpected {a:?} after ']': expected :PORTS")),
+            },
+        };
+    }
+    if s.matches(':').count() > 1 {
+        return Err("IPv6 addresses need brackets: [2001:db8::1]:443 or [2001:db8::/32]:*".into());
+    }
+    Ok(match s.split_once(':') {
+        Some((h, p)) => (h, Some(p)),
+        None => (s, None),
+    })
+}
+
+fn parse_ports(p: &str) -> Result<(u16, u16), String> {
+    let port = |s: &str| -> Result<u16, String> {
+        match s.parse::<u16>() {
+            Ok(0) => Err("port 0 is not a destination port".to_string()),
+            Ok(n) => Ok(n),
+            Err(_) => Err(format!("{s:?} is not a port (1-65535)")),
+        }
+    };
+    match p {
+        "*" => Ok((0, u16::MAX)),
+        "" => Err("empty port after ':'".into()),
+        _ => match p.split_once('-') {
+            Some((lo, hi)) => {
+                let (lo, hi) = (port(lo)?, port(hi)?);
+                if lo > hi {
+                    Err(format!("port range {p} is reversed: write {hi}-{lo}"))
+                } else {
+                    Ok((lo, hi))
+                }
+            }
+            None => Ok((port(p)?, port(p)?)),
+        },
+    }
+}
+
+/// An address or CIDR; `Ok(None)` when `s` is not one (so it may be a hostname).
+/// IPv4-mapped IPv6 is stored as the IPv4 it is, since the kernel judges it that way.
+fn parse_net(s: &str) -> Result<Option<IpNet>, String> {
+    let (addr, len) = match s.split_once('/') {
+        Some((a, l)) => (a, Some(l)),
+        None => (s, None),
+    };
+    let addr: IpAddr = match addr.parse() {
+        Ok(a) => a,
+        Err(_) if addr.contains(':') => return Err(format!("{addr:?} is not a valid IPv6 address")),
+        Err(_) if addr.chars().all(|c| c.is_ascii_digit() || c == '.') => {
+            return Err(format!("{addr:?} is not a valid IPv4 address"));
+        }
+        Err(_) if len.is_some() => return Err(format!("{s:?}: a prefix length needs an IP address before it")),
+        Err(_) => return Ok(None),
+    };
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    let len = match len {
+        None => max,
+        Some(l) => match l.parse::<u8>() {
+            Ok(n) if n <= max => n,
+            _ => return Err(format!("prefix length {l:?} is out of range for {} (0-{max})", if max == 32 { "IPv4" } else { "IPv6" })),
+        },
+    };
+    let (addr, len) = match addr {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) if len >= 96 => (IpAddr::V4(v4), len - 96),
+            _ => (addr, len),
+        },
+        v4 => (v4, len),
+    };
+    let net = IpNet::new(addr, len).map_err(|e| e.to_string())?;
+    if net.network() != addr {
+        return Err(format!("{s} has host bits set: did you mean {}?", net.trunc()));
+    }
+    Ok(Some(net))
+}
+
+fn check_hostname(s: &str) -> Result<String, String> {
+    let name = s.trim_end_matches('.').to_ascii_lowercase();
+    let (wild, base) = match name.strip_prefix("*.") {
+        Some(b) => (true, b),
+        None => (false, name.as_str()),
+    };
+    if base.len() > 253 || base.is_empty() {
+        return Err(format!("{s:?} is not a valid hostname"));
+    }
+    let labels: Vec<&str> = base.split('.').collect();
+    if labels.len() < 2 {
+        return Err(format!("{s:?} is not a fully qualified hostname (expected e.g. api.example.com)"));
+    }
+    for l in &labels {
+        let ok = !l.is_empty()
+            && l.len() <= 63
+            && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            && !l.starts_with('-')
+            && !l.ends_with('-');
+        if !ok {
+            let hint = if l.contains('*') { ": '*' may only be the whole first label (*.example.com)" } else { "" };
+            return Err(format!("{s:?} is not a valid hostname (label {l:?}){hint}"));
+        }
+    }
+    if labels.last().is_some_and(|l| l.chars().all(|c| c.is_ascii_digit())) {
+        return Err(format!("{s:?} is neither a valid IP address nor a hostname"));
+    }
+    Ok(if wild { format!("*.{base}") } else { base.to_string() })
+}
+
+// ------------------------------------------------------------------------------------------
+// Overlaps: two entries of a policy that allow some of the same (protocol, address, port)
+// are refused, since one of them is redundant or the intent is unclear.
+// ------------------------------------------------------------------------------------------
+
+fn ports_overlap(a: (u16, u16), b: (u16, u16)) -> bool {
+    a.0 <= b.1 && b.0 <= a.1
+}
+
+/// Finds overlapping rules. Two CIDRs overlap only if one contains the other, so for every
+/// rule it is enough to look at the rules on its own network and on each enclosing prefix:
+/// O(rules × prefix length), not O(rules²).
+fn overlaps(rules: &[Rule]) -> Vec<(usize, String)> {
+    let mut by_net: HashMap<IpNet, Vec<usize>> = HashMap::new();
+    for (i, r) in rules.iter().enumerate() {
+        by_net.entry(r.net).or_default().push(i);
+    }
+    let mut found = Vec::new();
+    for (i, r) in rules.iter().enumerate() {
+        for other in enclosing(r.net).filter_map(|n| by_net.get(&n)).flatten() {
+            let o = &rules[*other];
+            // Same network: report each pair once, on the later line.
+            if *other == i || (o.net == r.net && *other > i) {
+                continue;
+            }
+            if o.protos & r.protos != 0 && ports_overlap(o.ports, r.ports) {
+                let how = if o.net == r.net { "repeats" } else { "overlaps" };
+                found.push((r.line, format!("{:?} {how} {:?} (line {}): the same protocol, address and port would be allowed twice", r.text, o.text, o.line)));
+            }
+        }
+    }
+    found
+}
+
+/// `net` and every prefix that contains it.
+pub fn enclosing(net: IpNet) -> impl Iterator<Item = IpNet> {
+    (0..=net.prefix_len()).rev().map(move |len| IpNet::new(net.addr(), len).expect("shorter prefix").trunc())
+}
+
+fn duplicate_hostnames(hosts: &[HostnameRule]) -> Vec<(usize, String)> {
+    let mut found = Vec::new();
+    for (i, h) in hosts.iter().enumerate() {
+        if let Some(o) = hosts[..i].iter().find(|o| o.name == h.name && o.protos & h.protos != 0 && ports_overlap(o.ports, h.ports)) {
+            found.push((h.line, format!("hostname {:?} repeats line {} with an overlapping protocol and port", h.name, o.line)));
+        }
+    }
+    found
+}
+
+// ------------------------------------------------------------------------------------------
+// Cgroups: resolved against the live cgroup2 hierarchy.
+// ------------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolvedCgroup {
+    pub policy: String,
+    pub path: PathBuf,
+    pub line: usize,
+}
+
+/// Resolves every policy's cgroups under the cgroup2 mount `root` and checks them: they
+/// exist, are not the root, do not contain the agent itself (`own`, the agent's cgroup), and
+/// no two nest (nested guards would both run and intersect).
+pub fn resolve_cgroups(config: &Config, root: &Path, own: Option<&Path>) -> Result<Vec<ResolvedCgroup>, ConfigError> {
+    let mut problems = Vec::new();
+    let mut out: Vec<ResolvedCgroup> = Vec::new();
+    for p in &config.policies {
+        for c in &p.cgroups {
+            let mut problem = |reason: String| problems.push(Problem { line: c.line, reason: format!("policy {:?}: cgroup {:?}: {reason}", p.name, c.path) });
+            let rel = Path::new(&c.path).strip_prefix(root).unwrap_or(Path::new(&c.path));
+            if rel.components().any(|k| matches!(k, Component::ParentDir | Component::CurDir)) {
+                problem("'.' and '..' are not allowed in cgroup paths".into());
+                continue;
+            }
+            let rel: PathBuf = rel.components().filter(|k| matches!(k, Component::Normal(_))).collect();
+            if rel.as_os_str().is_empty() {
+                problem(format!("this is the cgroup2 root ({}): guarding it would cut off the whole host, the agent and sshd included", root.display()));
+                continue;
+            }
+            let path = root.join(&rel);
+            if !path.join("cgroup.procs").exists() {
+                problem(format!("{} does not exist or is not a cgroup v2 directory (cgroup2 is mounted at {}); create it first, e.g. as a systemd slice", path.display(), root.display()));
+                continue;
+            }
+            if let Some(own) = own
+                && own.starts_with(&path)
+            {
+                problem(format!("the agent itself runs in {}, inside this cgroup; run egress-guard outside the guarded cgroups", own.display()));
+                continue;
+            }
+            if let Some(other) = out.iter().find(|o| o.path.starts_with(&path) || path.starts_with(&o.path)) {
+                let reason = if other.path == path {
+                    format!("the same cgroup as line {}", other.line)
+                } else {
+                    format!("nests with {} (policy {:?}, line {}); a guarded cgroup already covers its whole subtree, and nested guards would both apply", other.path.display(), other.policy, other.line)
+                };
+                problem(reason);
+                continue;
+            }
+            out.push(ResolvedCgroup { policy: p.name.clone(), path, line: c.line });
+        }
+    }
+    if problems.is_empty() {
+        Ok(out)
+    } else {
+        problems.sort_by_key(|p| p.line);
+        Err(ConfigError::Invalid { file: config.path.display().to_string(), problems })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(text: &str) -> Result<Config, Vec<Problem>> {
+        parse(text, Path::new("test.toml")).map_err(|e| match e {
+            ConfigError::Invalid { problems, .. } => problems,
+            other => panic!("{other}"),
+        })
+    }
+
+    fn one_problem(text: &str) -> Problem {
+        let p = cfg(text).expect_err("config should be refused");
+        assert_eq!(p.len(), 1, "{p:?}");
+        p.into_iter().next().unwrap()
+    }
+
+    const GOOD: &str = r#"
+mode = "enforce"
+
+[[policy]]
+name = "app"
+cgroups = ["openhands.slice"]
+allow = [
+  "api.anthropic.com:443",
+  "*.openai.azure.com:443",
+  "192.0.2.0/24:443",
+  "192.0.2.10:8000-8100",
+  "udp/192.0.2.53:5353",
+  "icmp/192.0.2.1",
+  "[2001:db8::1]:443",
+  "[2001:db8:1::/48]:*",
+  "[::ffff:198.51.100.7]:443",
+]
+dns = ["10.0.0.2"]
+ntp = ["169.254.169.123:123"]
+
+[[policy]]
+name = "sandbox"
+mode = "audit"
+cgroups = ["/openhands-sandbox.slice"]
+allow_loopback = true
+"#;
+
+    #[test]
+    fn parses_a_full_config() {
+        let c = cfg(GOOD).unwrap();
+        assert_eq!(c.policies.len(), 2);
+        let app = &c.policies[0];
+        assert_eq!(app.mode, Mode::Enforce);
+        assert_eq!(app.hostnames.len(), 2);
+        assert_eq!(app.hostnames[1].name, "*.openai.azure.com");
+        let texts: Vec<_> = app.rules.iter().map(|r| (r.net.to_string(), r.protos, r.ports)).collect();
+        assert!(texts.contains(&("192.0.2.0/24".into(), PROTO_TCP, (443, 443))));
+        assert!(texts.contains(&("192.0.2.10/32".into(), PROTO_TCP, (8000, 8100))));
+        assert!(texts.contains(&("192.0.2.53/32".into(), PROTO_UDP, (5353, 5353))));
+        assert!(texts.contains(&("192.0.2.1/32".into(), PROTO_ICMP, (0, 65535))));
+        assert!(texts.contains(&("2001:db8:1::/48".into(), PROTO_TCP, (0, 65535))));
+        // IPv4-mapped IPv6 becomes the IPv4 address.
+        assert!(texts.contains(&("198.51.100.7/32".into(), PROTO_TCP, (443, 443))));
+        assert!(texts.contains(&("10.0.0.2/32".into(), PROTO_TCP | PROTO_UDP, (53, 53))));
+        assert!(texts.contains(&("169.254.169.123/32".into(), PROTO_UDP, (123, 123))));
+        let sb = &c.policies[1];
+        assert_eq!(sb.mode, Mode::Audit);
+        assert_eq!(sb.rules.len(), 2, "loopback v4 and v6");
+        assert_eq!(c.pin_dir, PathBuf::from(DEFAULT_PIN_DIR));
+    }
+
+    #[test]
+    fn unknown_key_names_its_line() {
+        let p = one_problem("[[policy]]\nname = \"a\"\ncgroups = [\"x\"]\nalow = [\"192.0.2.1:443\"]\n");
+        assert_eq!(p.line, 4);
+        assert!(p.reason.contains("unknown field `alow`"), "{}", p.reason);
+    }
+
+    #[test]
+    fn bad_addresses_are_refused_with_reason() {
+        let cases = [
+            ("192.0.2.300:443", "not a valid IPv4"),
+            ("192.0.2.0/33:443", "out of range"),
+            ("192.0.2.1/24:443", "host bits set: did you mean 192.0.2.0/24"),
+            ("2001:db8::1:443", "need brackets"),
+            ("[2001:db8::g]:443", "not a valid IPv6"),
+            ("192.0.2.1", "missing port"),
+            ("192.0.2.1:0", "port 0"),
+            ("192.0.2.1:70000", "not a port"),
+            ("192.0.2.1:90-80", "reversed"),
+            ("sctp/192.0.2.1:80", "unknown protocol"),
+            ("icmp/192.0.2.1:80", "take no port"),
+            ("bad_*.example.com:443", "not a valid hostname"),
+            ("localhost:443", "fully qualified"),
+        ];
+        for (entry, want) in cases {
+            let text = format!("[[policy]]\nname = \"a\"\ncgroups = [\"x\"]\nallow = [\n  \"192.0.2.9:1\",\n  \"{entry}\",\n]\n");
+            let p = one_problem(&text);
+            assert_eq!(p.line, 6, "{entry}");
+            assert!(p.reason.contains(want), "{entry}: {}", p.reason);
+        }
+    }
+
+    #[test]
+    fn overlapping_entries_are_refused() {
+        let p = one_problem("[[policy]]\nname = \"a\"\ncgroups = [\"x\"]\nallow = [\"192.0.2.0/24:400-500\", \"192.0.2.7:443\"]\n");
+        assert!(p.reason.contains("overlaps"), "{}", p.reason);
+        let p = one_problem("[[policy]]\nname = \"a\"\ncgroups = [\"x\"]\nallow = [\"192.0.2.7:443\"]\ndns = [\"192.0.2.7:443\"]\n");
+        assert_eq!(p.line, 5);
+        assert!(p.reason.contains("repeats"), "{}", p.reason);
+        // Disjoint ports or protocols on nested networks are fine.
+        cfg("[[policy]]\nname = \"a\"\ncgroups = [\"x\"]\nallow = [\"192.0.2.0/24:80\", \"192.0.2.7:443\", \"udp/192.0.2.7:443\"]\n").unwrap();
+        let p = one_problem("[[policy]]\nname = \"a\"\ncgroups = [\"x\"]\nallow = [\"api.example.com:443\", \"API.example.com.:443\"]\n");
+        assert!(p.reason.contains("repeats"), "{}", p.reason);
+    }
+
+    #[test]
+    fn contradictory_cgroups_are_refused() {
+        let p = one_problem("[[policy]]\nname = \"a\"\ncgroups = [\"x\"]\n[[policy]]\nname = \"b\"\ncgroups = [\"/x/\"]\n");
+        assert_eq!(p.line, 6);
+        assert!(p.reason.contains("already guarded by policy \"a\""), "{}", p.reason);
+        let p = one_problem("[[policy]]\nname = \"a\"\ncgroups = [\"x\"]\n[[policy]]\nname = \"a\"\ncgroups = [\"y\"]\n");
+        assert!(p.reason.contains("already used on line 2"), "{}", p.reason);
+    }
+
+    #[test]
+    fn missing_pieces_are_reported() {
+        let p = one_problem("mode = \"enforce\"\n");
+        assert!(p.reason.contains("no [[policy]]"), "{}", p.reason);
+        let p = one_problem("mode = \"block\"\n[[policy]]\nname = \"a\"\ncgroups = [\"x\"]\n");
+        assert_eq!(p.line, 1);
+        assert!(p.reason.contains("unknown variant `block`"), "{}", p.reason);
+        let p = one_problem("[[policy]]\nname = \"a\"\n");
+        assert!(p.reason.contains("no cgroups"), "{}", p.reason);
+        let p = one_problem("[[policy]]\nname = \"a b\"\ncgroups = [\"x\"]\n");
+        assert!(p.reason.contains("may only contain"), "{}", p.reason);
+    }
+
+    #[test]
+    fn all_problems_are_reported_at_once() {
+        let p = cfg("[[policy]]\nname = \"a\"\ncgroups = [\"x\"]\nallow = [\"1.2.3.4\", \"5.6.7.8:0\"]\n").unwrap_err();
+        assert_eq!(p.len(), 2);
+    }
+
+    #[test]
+    fn enclosing_walks_to_the_default_route() {
+        let v: Vec<_> = enclosing("192.0.2.128/25".parse().unwrap()).map(|n| n.to_string()).collect();
+        assert_eq!(v.first().unwrap(), "192.0.2.128/25");
+        assert_eq!(v[1], "192.0.2.0/24");
+        assert_eq!(v.last().unwrap(), "0.0.0.0/0");
+        assert_eq!(v.len(), 26);
+    }
+
+    #[test]
+    fn cgroups_resolve_against_the_mount() {
+        let root = std::env::temp_dir().join(format!("eg-cfg-test-{}", std::process::id()));
+        for d in ["a", "a/b", "c", "agent"] {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+            std::fs::write(root.join(d).join("cgroup.procs"), "").unwrap();
+        }
+        let text = |cgs: &str| format!("[[policy]]\nname = \"p\"\ncgroups = [{cgs}]\n");
+        let resolve = |cgs: &str| {
+            let c = parse(&text(cgs), Path::new("t.toml")).unwrap();
+            resolve_cgroups(&c, &root, Some(&root.join("agent")))
+        };
+        let ok = resolve("\"a\", \"/c\"").unwrap();
+        assert_eq!(ok[0].path, root.join("a"));
+        assert_eq!(ok[1].path, root.join("c"));
+        let abs = format!("\"{}\"", root.join("c").display());
+        assert_eq!(resolve(&abs).unwrap()[0].path, root.join("c"));
+        for (cgs, want) in [
+            ("\"missing\"", "does not exist"),
+            ("\"/\"", "cgroup2 root"),
+            ("\"a/../c\"", "'..'"),
+            ("\"a\", \"a/b\"", "nests with"),
+            ("\"agent\"", "the agent itself"),
+        ] {
+            let e = resolve(cgs).unwrap_err().to_string();
+            assert!(e.contains(want), "{cgs}: {e}");
+            assert!(e.starts_with("t.toml:3: "), "{e}");
+        }
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+}

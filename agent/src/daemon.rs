@@ -1,0 +1,190 @@
+//! The daemon: start-up order, signals, reload, readiness.
+//!
+//! Start-up: read and check the config → mount bpffs → open or create the pinned maps →
+//! write rulesets → attach (adopting pins left by a previous run) → READY. A config that fails
+//! any check is refused before the kernel is touched; on reload the old policy stays.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::{
+    config::{self, Config, ConfigError, Problem},
+    kernel::{self, ApplyReport, Kernel, SocketGuard, Target, programs::Hook},
+    policy,
+};
+
+/// Everything about a config that can be checked without changing the kernel: cgroups
+/// resolved against the live hierarchy, rules compiled to map entries.
+pub fn prepare(config: &Config) -> anyhow::Result<Result<Vec<Target>, ConfigError>> {
+    let root = kernel::mounts::cgroup2_root()?;
+    let own = kernel::mounts::own_cgroup(&root).ok();
+    let resolved = match config::resolve_cgroups(config, &root, own.as_deref()) {
+        Ok(r) => r,
+        Err(e) => return Ok(Err(e)),
+    };
+    let mut problems: Vec<Problem> = Vec::new();
+    let mut targets = Vec::new();
+    for p in &config.policies {
+        match policy::compile(p) {
+            Ok(compiled) => targets.push(Target {
+                name: p.name.clone(),
+                mode: p.mode,
+                compiled,
+                cgroups: resolved.iter().filter(|c| c.policy == p.name).map(|c| c.path.clone()).collect(),
+            }),
+            Err(mut e) => problems.append(&mut e),
+        }
+    }
+    if problems.is_empty() {
+        Ok(Ok(targets))
+    } else {
+        Ok(Err(ConfigError::Invalid { file: config.path.display().to_string(), problems }))
+    }
+}
+
+pub fn run(config_path: &Path, config: Config) -> anyhow::Result<()> {
+    let targets = match prepare(&config)? {
+        Ok(t) => t,
+        Err(e) => return Err(e.into()),
+    };
+    let mut kernel = Kernel::open(&config.pin_dir).context(
+        "setting up the eBPF maps failed (egress-guard needs root, or CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON and CAP_SYS_RESOURCE)",
+    )?;
+    let report = kernel.apply(&targets).context("attaching the policy to the kernel failed")?;
+    log_applied(&config, &report, &kernel);
+    notify(&format!("READY=1\nSTATUS=enforcing {} policies", report.policies.len()));
+
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let mut hup = signal(SignalKind::hangup())?;
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut current = config;
+        loop {
+            tokio::select! {
+                _ = hup.recv() => {
+                    notify("RELOADING=1");
+                    if let Some(new) = reload(config_path, &current, &mut kernel) {
+                        current = new;
+                    }
+                    notify("READY=1");
+                }
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+            }
+        }
+        tracing::info!(
+            "stopping; the policy stays enforced by the pinned programs in {} (run `egress-guard uninstall` to remove it)",
+            kernel::pin_root(&current.pin_dir).display()
+        );
+        notify("STOPPING=1");
+        anyhow::Ok(())
+    })
+}
+
+/// Re-reads the config; on any problem the running policy stays as it is.
+fn reload(path: &Path, current: &Config, kernel: &mut Kernel) -> Option<Config> {
+    tracing::info!("reloading {}", path.display());
+    let new = match config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("reload refused, the previous policy stays in force:\n{e}");
+            return None;
+        }
+    };
+    if new.pin_dir != current.pin_dir {
+        tracing::error!(
+            "reload refused, the previous policy stays in force: pin_dir changed ({} → {}); this needs a restart",
+            current.pin_dir.display(),
+            new.pin_dir.display()
+        );
+        return None;
+    }
+    let targets = match prepare(&new) {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => {
+            tracing::error!("reload refused, the previous policy stays in force:\n{e}");
+            return None;
+        }
+        Err(e) => {
+            tracing::error!("reload refused, the previous policy stays in force: {e:#}");
+            return None;
+        }
+    };
+    match kernel.apply(&targets) {
+        Ok(report) => {
+            log_applied(&new, &report, kernel);
+            Some(new)
+        }
+        Err(e) => {
+            // Attachments are added before old ones are removed, so the kernel still guards
+            // every cgroup; the maps may hold a mix of old and new policies.
+            tracing::error!("reload failed while applying to the kernel: {e:#}");
+            None
+        }
+    }
+}
+
+fn log_applied(config: &Config, report: &ApplyReport, kernel: &Kernel) {
+    for p in &report.policies {
+        let hosts = config.policies.iter().find(|c| c.name == p.name).map_or(0, |c| c.hostnames.len());
+        tracing::info!(
+            policy = %p.name,
+            mode = %p.mode,
+            slot = p.slot,
+            map_entries = p.entries,
+            cgroups = p.cgroups,
+            "policy applied"
+        );
+        if hosts > 0 {
+            tracing::warn!(
+                policy = %p.name,
+                "{hosts} hostname entries are kept but allow nothing yet: this build has no hostname resolution"
+            );
+        }
+    }
+    for name in &report.removed_policies {
+        tracing::info!(policy = %name, "policy removed");
+    }
+    let hooks: Vec<&str> = Hook::ALL.iter().map(|h| h.program()).collect();
+    tracing::info!(
+        adopted = report.adopted,
+        attached = report.attached,
+        detached = report.detached,
+        pins = %kernel::pin_root(&config.pin_dir).display(),
+        "enforcing; cgroup guards: {}",
+        hooks.join(", ")
+    );
+    match kernel.socket_guard {
+        SocketGuard::Lsm => tracing::info!("AF_PACKET guard: BPF LSM socket_create (the call fails with EPERM)"),
+        SocketGuard::Tracepoint => tracing::warn!(
+            "AF_PACKET guard: BPF LSM not available, using the sys_enter_socket tracepoint: a guarded process that opens an AF_PACKET socket is killed (SIGKILL); add 'bpf' to the kernel's lsm= boot parameter to refuse with EPERM instead"
+        ),
+        SocketGuard::None => tracing::error!(
+            "AF_PACKET guard: NONE could be attached; guarded processes with CAP_NET_RAW can send raw frames past the policy (drop CAP_NET_RAW from the containers)"
+        ),
+    }
+}
+
+/// sd_notify(3) without libsystemd: one datagram to $NOTIFY_SOCKET.
+fn notify(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
+    let path = PathBuf::from(path);
+    let sent = (|| -> std::io::Result<()> {
+        let sock = std::os::unix::net::UnixDatagram::unbound()?;
+        let bytes = path.as_os_str().as_encoded_bytes();
+        if let Some(name) = bytes.strip_prefix(b"@") {
+            use std::os::linux::net::SocketAddrExt as _;
+            let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+            sock.send_to_addr(state.as_bytes(), &addr)?;
+        } else {
+            sock.send_to(state.as_bytes(), &path)?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = sent {
+        tracing::warn!("sd_notify to {} failed: {e}", path.display());
+    }
+}

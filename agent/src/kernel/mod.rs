@@ -1,0 +1,321 @@
+//! Everything that touches the kernel: mounts, the pinned maps, and the program attachments.
+//!
+//! Pins live under `<pin_dir>/v<LAYOUT_VERSION>/`:
+//! - `maps/<NAME>`: the maps (see agent-common);
+//! - `links/<program>-<slot>-<cgroup id>-<object id>`: one cgroup attachment (bpffs refuses
+//!   dots in names);
+//! - `links/lsm_socket_create-<object id>` or `links/socket_enter-<object id>`: the global
+//!   AF_PACKET guard (BPF LSM, or the tracepoint fallback).
+//!
+//! The pins keep enforcement in force when the agent dies. [`Kernel::apply`] is the same on
+//! first start, restart and reload: write the new rulesets and flip each policy to its new one,
+//! attach what is missing, then detach what is no longer wanted (new before old, so there is
+//! never a moment without a guard).
+
+pub mod maps;
+pub mod mounts;
+pub mod programs;
+
+use std::{
+    collections::{HashMap, HashSet},
+    fs::File,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+};
+
+use agent_common::{LAYOUT_VERSION, MAX_POLICIES, POLICY_NAME_LEN, PolicyState, STATE_ACTIVE, STATE_AUDIT, ruleset_ids};
+use anyhow::{Context as _, bail};
+use aya::{Ebpf, programs::links::PinnedLink};
+
+use crate::{config::Mode, policy::Compiled};
+pub use maps::{Maps, state_name};
+use programs::{Hook, LSM_PROGRAM, SOCKET_TRACEPOINT_PROGRAM};
+
+/// One policy as the kernel should enforce it.
+pub struct Target {
+    pub name: String,
+    pub mode: Mode,
+    pub compiled: Compiled,
+    pub cgroups: Vec<PathBuf>,
+}
+
+/// What an [`Kernel::apply`] did.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct ApplyReport {
+    /// Attachments found pinned and kept (a restart with the same programs).
+    pub adopted: usize,
+    pub attached: usize,
+    pub detached: usize,
+    pub policies: Vec<AppliedPolicy>,
+    pub removed_policies: Vec<String>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AppliedPolicy {
+    pub name: String,
+    pub slot: u32,
+    pub mode: Mode,
+    pub entries: usize,
+    pub cgroups: usize,
+}
+
+pub struct Kernel {
+    root: PathBuf,
+    maps: Maps,
+    object_id: String,
+    /// Whether the kernel lists the BPF LSM as active.
+    lsm_listed: bool,
+    /// How AF_PACKET sockets of guarded tasks are stopped.
+    pub socket_guard: SocketGuard,
+}
+
+/// The guard against AF_PACKET sockets, which no cgroup hook sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SocketGuard {
+    /// BPF LSM `socket_create`: the call fails with EPERM.
+    Lsm,
+    /// `syscalls:sys_enter_socket` tracepoint: the task is killed with SIGKILL.
+    Tracepoint,
+    /// Neither could be attached: AF_PACKET sockets are not stopped.
+    None,
+}
+
+impl SocketGuard {
+    fn pin_program(self) -> &'static str {
+        match self {
+            SocketGuard::Lsm => LSM_PROGRAM,
+            SocketGuard::Tracepoint | SocketGuard::None => SOCKET_TRACEPOINT_PROGRAM,
+        }
+    }
+}
+
+/// `<pin_dir>/v<LAYOUT_VERSION>`.
+pub fn pin_root(pin_dir: &Path) -> PathBuf {
+    pin_dir.join(format!("v{LAYOUT_VERSION}"))
+}
+
+impl Kernel {
+    /// Mounts what is missing, and creates or reopens the pinned maps.
+    pub fn open(pin_dir: &Path) -> anyhow::Result<Self> {
+        mounts::ensure_bpffs(pin_dir)?;
+        let root = pin_root(pin_dir);
+        for d in ["maps", "links"] {
+            std::fs::create_dir_all(root.join(d)).with_context(|| format!("creating {}", root.join(d).display()))?;
+        }
+        raise_memlock_limit();
+        let mut base = programs::load_object(&root.join("maps"), u32::MAX)?;
+        let maps = Maps::from_ebpf(&mut base)?;
+        let lsm_listed = match mounts::bpf_lsm_active() {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!("cannot tell whether the BPF LSM is active ({e:#}); assuming it is not");
+                false
+            }
+        };
+        Ok(Self { root, maps, object_id: programs::object_id(), lsm_listed, socket_guard: SocketGuard::None })
+    }
+
+    fn links_dir(&self) -> PathBuf {
+        self.root.join("links")
+    }
+
+    /// Makes the kernel enforce exactly `targets`.
+    pub fn apply(&mut self, targets: &[Target]) -> anyhow::Result<ApplyReport> {
+        let mut report = ApplyReport::default();
+        let states = self.maps.states()?;
+        let existing = self.link_pins()?;
+        let slots = assign_slots(targets, &states, &existing)?;
+
+        // 1. Rulesets: write the new one, flip, drop the old.
+        for (t, &slot) in targets.iter().zip(&slots) {
+            let st = states[slot as usize];
+            let [a, b] = ruleset_ids(slot);
+            let active = st.flags & STATE_ACTIVE != 0;
+            let (new, old) = if active && st.ruleset == a { (b, a) } else { (a, b) };
+            self.maps.clear_ruleset(new)?;
+            self.maps.write_ruleset(new, &t.compiled)?;
+            let mut name = [0u8; POLICY_NAME_LEN];
+            name[..t.name.len()].copy_from_slice(t.name.as_bytes());
+            let flags = STATE_ACTIVE | if t.mode == Mode::Audit { STATE_AUDIT } else { 0 };
+            self.maps.set_state(slot, &PolicyState { ruleset: new, flags, name })?;
+            self.maps.clear_ruleset(old)?;
+            report.policies.push(AppliedPolicy {
+                name: t.name.clone(),
+                slot,
+                mode: t.mode,
+                entries: t.compiled.len(),
+                cgroups: t.cgroups.len(),
+            });
+        }
+
+        // 2. Which cgroups are guarded, for the LSM hook.
+        let mut guarded = HashMap::new();
+        let mut cgroup_ids = Vec::new();
+        for (t, &slot) in targets.iter().zip(&slots) {
+            for cg in &t.cgroups {
+                let id = std::fs::metadata(cg).with_context(|| format!("reading cgroup {}", cg.display()))?.ino();
+                guarded.insert(id, slot);
+                cgroup_ids.push((slot, cg, id));
+            }
+        }
+        self.maps.set_guarded(&guarded)?;
+
+        // 3. Attach what is missing (new before old).
+        let mut wanted = HashSet::new();
+        let mut loaded: HashMap<u32, Ebpf> = HashMap::new();
+        for &(slot, cg, id) in &cgroup_ids {
+            let cgroup = File::open(cg).with_context(|| format!("opening cgroup {}", cg.display()))?;
+            for hook in Hook::ALL {
+                let pin = format!("{}-{slot}-{id}-{}", hook.program(), self.object_id);
+                if existing.contains(&pin) {
+                    report.adopted += 1;
+                } else {
+                    let ebpf = match loaded.entry(slot) {
+                        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                        std::collections::hash_map::Entry::Vacant(v) => v.insert(programs::load_object(&self.root.join("maps"), slot)?),
+                    };
+                    let link = programs::attach(ebpf, hook, &cgroup)
+                        .with_context(|| format!("attaching {} to {}", hook.program(), cg.display()))?;
+                    link.pin(self.links_dir().join(&pin)).with_context(|| format!("pinning link {pin}"))?;
+                    report.attached += 1;
+                }
+                wanted.insert(pin);
+            }
+        }
+        // The global AF_PACKET guard: BPF LSM where active, else the tracepoint fallback.
+        let guards = [SocketGuard::Lsm, SocketGuard::Tracepoint];
+        let pin_of = |g: SocketGuard| format!("{}-{}", g.pin_program(), self.object_id);
+        if let Some(g) = guards.into_iter().find(|g| existing.contains(&pin_of(*g))) {
+            report.adopted += 1;
+            wanted.insert(pin_of(g));
+            self.socket_guard = g;
+        } else {
+            self.socket_guard = SocketGuard::None;
+            for g in guards {
+                if g == SocketGuard::Lsm && !self.lsm_listed {
+                    continue;
+                }
+                let pin = pin_of(g);
+                let attached = programs::load_object(&self.root.join("maps"), u32::MAX)
+                    .and_then(|mut ebpf| match g {
+                        SocketGuard::Lsm => programs::attach_lsm(&mut ebpf),
+                        _ => programs::attach_socket_tracepoint(&mut ebpf),
+                    })
+                    .and_then(|link| Ok(link.pin(self.links_dir().join(&pin))?));
+                match attached {
+                    Ok(_) => {
+                        report.attached += 1;
+                        wanted.insert(pin);
+                        self.socket_guard = g;
+                        break;
+                    }
+                    Err(e) => tracing::warn!("AF_PACKET guard {g:?} could not be attached: {e:#}"),
+                }
+            }
+        }
+
+        // 4. Detach what is no longer wanted.
+        for pin in existing.difference(&wanted) {
+            detach_pin(&self.links_dir().join(pin))?;
+            report.detached += 1;
+        }
+
+        // 5. Retire policies that are gone (their links are detached now).
+        let kept: HashSet<u32> = slots.iter().copied().collect();
+        for (slot, st) in states.iter().enumerate() {
+            let slot = slot as u32;
+            if st.flags & STATE_ACTIVE != 0 && !kept.contains(&slot) {
+                self.maps.set_state(slot, &PolicyState::default())?;
+                for r in ruleset_ids(slot) {
+                    self.maps.clear_ruleset(r)?;
+                }
+                report.removed_policies.push(state_name(st));
+            }
+        }
+        Ok(report)
+    }
+
+    /// Names of the link pins.
+    fn link_pins(&self) -> anyhow::Result<HashSet<String>> {
+        let dir = self.links_dir();
+        let mut out = HashSet::new();
+        for e in std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
+            out.insert(e?.file_name().to_string_lossy().into_owned());
+        }
+        Ok(out)
+    }
+}
+
+/// Slots: a policy keeps the slot it had (by name); a new one takes a slot that is neither
+/// active nor still has attachments, so it never briefly enforces another policy's links.
+fn assign_slots(targets: &[Target], states: &[PolicyState], pins: &HashSet<String>) -> anyhow::Result<Vec<u32>> {
+    let pinned_slots: HashSet<u32> = pins.iter().filter_map(|p| p.split('-').nth(1)?.parse().ok()).collect();
+    let by_name: HashMap<String, u32> = states
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.flags & STATE_ACTIVE != 0)
+        .map(|(i, s)| (state_name(s), i as u32))
+        .collect();
+    let mut taken: HashSet<u32> = by_name.values().copied().chain(pinned_slots).collect();
+    let mut out = Vec::with_capacity(targets.len());
+    for t in targets {
+        let slot = match by_name.get(&t.name) {
+            Some(&s) => s,
+            None => match (0..MAX_POLICIES).find(|s| !taken.contains(s)) {
+                Some(s) => s,
+                None => bail!("no free policy slot: {MAX_POLICIES} policies at most (stale pins? run `egress-guard uninstall`)"),
+            },
+        };
+        taken.insert(slot);
+        out.push(slot);
+    }
+    Ok(out)
+}
+
+fn detach_pin(path: &Path) -> anyhow::Result<()> {
+    let link = PinnedLink::from_pin(path).with_context(|| format!("opening pinned link {}", path.display()))?;
+    // Unpinning drops the last reference once the returned fd closes: the program detaches.
+    drop(link.unpin().with_context(|| format!("unpinning {}", path.display()))?);
+    Ok(())
+}
+
+/// Removes every attachment and map pin under `pin_dir` on purpose. Returns (links, maps).
+pub fn uninstall(pin_dir: &Path) -> anyhow::Result<(usize, usize)> {
+    let mut links = 0;
+    let mut maps = 0;
+    if !pin_dir.exists() {
+        return Ok((0, 0));
+    }
+    for version in std::fs::read_dir(pin_dir)? {
+        let version = version?.path();
+        let links_dir = version.join("links");
+        if links_dir.is_dir() {
+            for e in std::fs::read_dir(&links_dir)? {
+                detach_pin(&e?.path())?;
+                links += 1;
+            }
+            std::fs::remove_dir(&links_dir)?;
+        }
+        let maps_dir = version.join("maps");
+        if maps_dir.is_dir() {
+            for e in std::fs::read_dir(&maps_dir)? {
+                std::fs::remove_file(e?.path())?;
+                maps += 1;
+            }
+            std::fs::remove_dir(&maps_dir)?;
+        }
+        std::fs::remove_dir(&version).with_context(|| format!("removing {}", version.display()))?;
+    }
+    std::fs::remove_dir(pin_dir).with_context(|| format!("removing {}", pin_dir.display()))?;
+    Ok((links, maps))
+}
+
+/// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK.
+fn raise_memlock_limit() {
+    let rlim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: plain syscall with a valid pointer.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
+        tracing::debug!("could not raise RLIMIT_MEMLOCK: {}", std::io::Error::last_os_error());
+    }
+}
