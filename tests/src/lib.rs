@@ -1,1 +1,397 @@
+//! Harness for the privileged end-to-end tests: test cgroups, the real agent binary, and the
+//! probe run inside guarded cgroups. Everything a test creates is removed by a guard's Drop,
+//! also when the test fails; `sweep` removes what a killed earlier run left behind.
+//!
+//! Rules (see the project's notes): never attach to the cgroup2 root or the cgroup holding
+//! this shell; traffic only to loopback.
 
+use std::{
+    io::{BufRead as _, BufReader, Read as _},
+    net::{SocketAddr, TcpListener, UdpSocket},
+    os::unix::process::{CommandExt as _, ExitStatusExt as _},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+/// Every cgroup and pin directory the tests create starts with this.
+pub const PREFIX: &str = "egress-guard-test";
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A name unique to this process and call.
+pub fn unique(what: &str) -> String {
+    format!("{PREFIX}-{}-{}-{what}", std::process::id(), COUNTER.fetch_add(1, Ordering::SeqCst))
+}
+
+pub fn require_root() {
+    // SAFETY: no arguments.
+    assert_eq!(unsafe { libc::geteuid() }, 0, "the end-to-end tests load eBPF programs and must run as root");
+}
+
+/// The agent binary: EGRESS_GUARD_BIN (set by `cargo xtask test`), else target/debug.
+pub fn agent_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("EGRESS_GUARD_BIN") {
+        return PathBuf::from(p);
+    }
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/egress-guard");
+    assert!(p.exists(), "{} is missing: run `cargo xtask test` (or build the agent first)", p.display());
+    p
+}
+
+/// The probe binary: cargo puts it in the target directory, one level above the test
+/// executable (target/debug/deps/e2e-…).
+pub fn probe_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let p = exe.parent().and_then(Path::parent).unwrap().join("probe");
+    assert!(p.exists(), "{} is missing: build the egress-guard-e2e package", p.display());
+    p
+}
+
+pub fn cgroup2_root() -> PathBuf {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    for line in text.lines() {
+        if let Some((left, right)) = line.split_once(" - ")
+            && right.starts_with("cgroup2 ")
+        {
+            return PathBuf::from(left.split(' ').nth(4).unwrap());
+        }
+    }
+    panic!("no cgroup2 mount");
+}
+
+/// Removes cgroups and pins left by earlier runs whose process is gone.
+pub fn sweep() {
+    let alive = |name: &str| {
+        name.strip_prefix(&format!("{PREFIX}-"))
+            .and_then(|r| r.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+            .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
+    };
+    if let Ok(dir) = std::fs::read_dir("/sys/fs/bpf") {
+        for e in dir.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with(PREFIX) && !alive(&name) {
+                let _ = Command::new(agent_bin()).args(["uninstall", "--pin-dir"]).arg(e.path()).output();
+            }
+        }
+    }
+    if let Ok(dir) = std::fs::read_dir(cgroup2_root()) {
+        for e in dir.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with(PREFIX) && !alive(&name) {
+                remove_cgroup_tree(&e.path());
+            }
+        }
+    }
+}
+
+/// Kills every process in the subtree and removes it, deepest first.
+fn remove_cgroup_tree(path: &Path) {
+    if let Ok(dir) = std::fs::read_dir(path) {
+        for e in dir.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_cgroup_tree(&e.path());
+            }
+        }
+    }
+    for _ in 0..100 {
+        let procs = std::fs::read_to_string(path.join("cgroup.procs")).unwrap_or_default();
+        if procs.trim().is_empty() {
+            break;
+        }
+        for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+            // SAFETY: plain syscall.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = std::fs::remove_dir(path);
+}
+
+/// A cgroup under the cgroup2 root, removed (with its processes) on drop.
+pub struct TestCgroup {
+    pub path: PathBuf,
+}
+
+impl TestCgroup {
+    pub fn new(what: &str) -> Self {
+        let path = cgroup2_root().join(unique(what));
+        std::fs::create_dir(&path).unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
+        Self { path }
+    }
+
+    /// The path relative to the cgroup2 mount, as a config would name it.
+    pub fn rel(&self) -> String {
+        self.path.strip_prefix(cgroup2_root()).unwrap().display().to_string()
+    }
+
+    /// A child cgroup (removed with the parent).
+    pub fn child(&self, name: &str) -> PathBuf {
+        let p = self.path.join(name);
+        std::fs::create_dir(&p).unwrap();
+        p
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        remove_cgroup_tree(&self.path);
+    }
+}
+
+/// A command that moves itself into `cgroup` before exec, so every socket it opens belongs
+/// to that cgroup.
+pub fn in_cgroup(cgroup: &Path, program: &Path) -> Command {
+    use std::os::unix::ffi::OsStrExt as _;
+    let procs = std::ffi::CString::new(cgroup.join("cgroup.procs").as_os_str().as_bytes()).unwrap();
+    let mut cmd = Command::new(program);
+    // SAFETY: only async-signal-safe calls (open/write/close) between fork and exec; the path
+    // was allocated before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let n = libc::write(fd, b"0".as_ptr().cast(), 1);
+            let err = std::io::Error::last_os_error();
+            libc::close(fd);
+            if n != 1 {
+                return Err(err);
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
+/// Result of one probe run.
+#[derive(Debug)]
+pub struct ProbeResult {
+    pub stdout: String,
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+}
+
+impl ProbeResult {
+    pub fn ok(&self) -> bool {
+        self.code == Some(0) && self.stdout.trim() == "ok"
+    }
+    pub fn eperm(&self) -> bool {
+        self.code == Some(1) && self.stdout.trim() == "EPERM"
+    }
+}
+
+fn to_result(out: Output) -> ProbeResult {
+    ProbeResult {
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        code: out.status.code(),
+        signal: out.status.signal(),
+    }
+}
+
+/// Runs the probe inside `cgroup`.
+pub fn probe_in(cgroup: &Path, args: &[&str]) -> ProbeResult {
+    to_result(in_cgroup(cgroup, &probe_bin()).args(args).output().expect("running probe"))
+}
+
+/// Runs the probe in the test's own (unguarded) cgroup.
+pub fn probe_outside(args: &[&str]) -> ProbeResult {
+    to_result(Command::new(probe_bin()).args(args).output().expect("running probe"))
+}
+
+/// A TCP listener on loopback that accepts and drops connections in the background.
+pub fn tcp_listener(ip: &str) -> SocketAddr {
+    let l = TcpListener::bind(format!("{ip}:0")).unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            drop(c);
+        }
+    });
+    addr
+}
+
+/// A UDP receiver on loopback.
+pub fn udp_receiver(ip: &str) -> UdpSocket {
+    let s = UdpSocket::bind(format!("{ip}:0")).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    s
+}
+
+/// Whether a datagram arrives on `s` within its read timeout.
+pub fn received(s: &UdpSocket) -> bool {
+    let mut buf = [0u8; 64];
+    s.recv_from(&mut buf).is_ok()
+}
+
+/// The real agent, started with a config, stopped and uninstalled on drop.
+pub struct Agent {
+    pub pin_dir: PathBuf,
+    pub config: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+    dir: PathBuf,
+}
+
+impl Agent {
+    /// Writes `body` (a config without `pin_dir`) to a file of its own, with a unique pin dir.
+    pub fn config_file(body: &str) -> (PathBuf, PathBuf, PathBuf) {
+        let name = unique("agent");
+        let dir = std::env::temp_dir().join(&name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let pin_dir = PathBuf::from("/sys/fs/bpf").join(&name);
+        let config = dir.join("config.toml");
+        std::fs::write(&config, format!("pin_dir = \"{}\"\n{body}", pin_dir.display())).unwrap();
+        (dir, config, pin_dir)
+    }
+
+    /// Starts the agent and waits until it reports that it is enforcing.
+    pub fn start(body: &str) -> Self {
+        let (dir, config, pin_dir) = Self::config_file(body);
+        let mut agent = Agent { pin_dir, log: dir.join("agent.log"), config, child: None, dir };
+        agent.spawn();
+        agent
+    }
+
+    /// (Re)starts the agent process on the same config and pins.
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let child = Command::new(agent_bin())
+            .args(["run", "--config"])
+            .arg(&self.config)
+            .env("EGRESS_GUARD_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting egress-guard");
+        self.child = Some(child);
+        let before = self.log_text().matches("enforcing;").count();
+        self.wait_for_log(|l| l.matches("enforcing;").count() > before, "the agent to report it is enforcing");
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits (up to 30 s) until `pred` holds for the log; panics with the log otherwise.
+    pub fn wait_for_log(&mut self, pred: impl Fn(&str) -> bool, what: &str) {
+        let end = Instant::now() + Duration::from_secs(30);
+        loop {
+            let text = self.log_text();
+            if pred(&text) {
+                return;
+            }
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                panic!("egress-guard exited ({status}) while waiting for {what}; log:\n{text}");
+            }
+            assert!(Instant::now() < end, "timed out waiting for {what}; log:\n{text}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("agent running").id() as i32
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: plain syscall on our own child.
+        unsafe { libc::kill(self.pid(), sig) };
+    }
+
+    /// kill -9, as a crash would.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Runs `egress-guard ARGS --pin-dir <this agent's pins>`.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(agent_bin()).args(args).arg("--pin-dir").arg(&self.pin_dir).output().unwrap()
+    }
+
+    /// `stats --json` of one policy: counter name → value.
+    pub fn counters(&self, policy: &str) -> serde_json::Map<String, serde_json::Value> {
+        let out = self.cli(&["stats", "--json"]);
+        assert!(out.status.success(), "stats failed: {}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["policies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["policy"] == policy)
+            .unwrap_or_else(|| panic!("no policy {policy} in {v}"))["counters"]
+            .as_object()
+            .unwrap()
+            .clone()
+    }
+
+    pub fn counter(&self, policy: &str, name: &str) -> u64 {
+        self.counters(policy)[name].as_u64().unwrap()
+    }
+
+    /// Rewrites the config (keeping the pin dir) for a reload.
+    pub fn rewrite_config(&self, body: &str) {
+        std::fs::write(&self.config, format!("pin_dir = \"{}\"\n{body}", self.pin_dir.display())).unwrap();
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill9();
+        let _ = Command::new(agent_bin()).args(["uninstall", "--pin-dir"]).arg(&self.pin_dir).output();
+        if std::thread::panicking() {
+            eprintln!("--- egress-guard log ({}) ---\n{}", self.log.display(), self.log_text());
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Starts a probe that keeps running (e.g. `udp-presocket`, `serve`) and waits for `ready`.
+pub struct RunningProbe {
+    child: Child,
+    stdout: BufReader<std::process::ChildStdout>,
+}
+
+impl RunningProbe {
+    pub fn start(cgroup: &Path, args: &[&str]) -> Self {
+        let mut child = in_cgroup(cgroup, &probe_bin())
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("starting probe");
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "ready", "probe {args:?} did not get ready");
+        Self { child, stdout }
+    }
+
+    /// Sends a line on stdin (the go-ahead for `udp-presocket`).
+    pub fn go(&mut self) {
+        use std::io::Write as _;
+        self.child.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
+    }
+
+    /// Waits for the probe to finish; returns the rest of its output.
+    pub fn finish(mut self) -> String {
+        let mut rest = String::new();
+        self.stdout.read_to_string(&mut rest).unwrap();
+        let _ = self.child.wait();
+        rest
+    }
+}
+
+impl Drop for RunningProbe {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

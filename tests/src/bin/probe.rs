@@ -1,1 +1,131 @@
-fn main() {}
+//! A tiny network probe the end-to-end tests run inside guarded cgroups.
+//!
+//! Prints one line per attempt: `ok`, `EPERM`, or `err <reason>`, and exits 0 if every
+//! attempt succeeded, 1 if any was refused with EPERM, 2 on other errors.
+//!
+//! probe tcp ADDR:PORT              connect (and close)
+//! probe udp ADDR:PORT              sendto one datagram
+//! probe raw                        socket(AF_INET, SOCK_RAW, IPPROTO_ICMP)
+//! probe packet                     socket(AF_PACKET, SOCK_RAW, ETH_P_ALL)
+//! probe udp-presocket ADDR:PORT    connect a UDP socket, print `ready`, wait for a line on
+//!                                  stdin, then send on it (the socket predates the guard)
+//! probe serve ADDR:PORT            listen, print `ready`, accept one connection, write `hello`
+//! probe loop tcp ADDR:PORT MILLIS  connect repeatedly for MILLIS; prints `ok=N eperm=M err=K`
+
+use std::{
+    io::{BufRead as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    process::ExitCode,
+    time::{Duration, Instant},
+};
+
+#[derive(PartialEq)]
+enum Outcome {
+    Ok,
+    Eperm,
+    Err(String),
+}
+
+fn classify<T>(r: std::io::Result<T>) -> Outcome {
+    match r {
+        Ok(_) => Outcome::Ok,
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => Outcome::Eperm,
+        Err(e) => Outcome::Err(e.to_string()),
+    }
+}
+
+fn report(o: Outcome) -> ExitCode {
+    match o {
+        Outcome::Ok => {
+            println!("ok");
+            ExitCode::SUCCESS
+        }
+        Outcome::Eperm => {
+            println!("EPERM");
+            ExitCode::from(1)
+        }
+        Outcome::Err(e) => {
+            println!("err {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap_or_else(|e| panic!("bad address {s}: {e}"))
+}
+
+fn tcp(to: SocketAddr) -> Outcome {
+    classify(TcpStream::connect_timeout(&to, Duration::from_secs(2)))
+}
+
+fn udp(to: SocketAddr) -> Outcome {
+    let bind: SocketAddr = if to.is_ipv4() { "0.0.0.0:0".parse().unwrap() } else { "[::]:0".parse().unwrap() };
+    classify(UdpSocket::bind(bind).and_then(|s| s.send_to(b"probe", to)))
+}
+
+fn raw_socket(family: i32, ty: i32, proto: i32) -> Outcome {
+    // SAFETY: plain syscalls; the fd is closed right away.
+    let fd = unsafe { libc::socket(family, ty, proto) };
+    if fd < 0 {
+        return classify::<()>(Err(std::io::Error::last_os_error()));
+    }
+    unsafe { libc::close(fd) };
+    Outcome::Ok
+}
+
+fn wait_for_line() {
+    let mut line = String::new();
+    let _ = std::io::stdin().lock().read_line(&mut line);
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    match a.as_slice() {
+        ["tcp", to] => report(tcp(addr(to))),
+        ["udp", to] => report(udp(addr(to))),
+        ["raw"] => report(raw_socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP)),
+        ["packet"] => report(raw_socket(libc::AF_PACKET, libc::SOCK_RAW, (libc::ETH_P_ALL as u16).to_be() as i32)),
+        ["udp-presocket", to] => {
+            let to = addr(to);
+            let s = UdpSocket::bind("0.0.0.0:0").and_then(|s| s.connect(to).map(|_| s));
+            let s = match s {
+                Ok(s) => s,
+                Err(e) => return report(classify::<()>(Err(e))),
+            };
+            println!("ready");
+            let _ = std::io::stdout().flush();
+            wait_for_line();
+            report(classify(s.send(b"presocket")))
+        }
+        ["serve", on] => {
+            let l = match TcpListener::bind(addr(on)) {
+                Ok(l) => l,
+                Err(e) => return report(classify::<()>(Err(e))),
+            };
+            println!("ready");
+            let _ = std::io::stdout().flush();
+            report(classify(l.accept().and_then(|(mut c, _)| c.write_all(b"hello"))))
+        }
+        ["loop", "tcp", to, millis] => {
+            let to = addr(to);
+            let end = Instant::now() + Duration::from_millis(millis.parse().expect("millis"));
+            let (mut ok, mut eperm, mut err) = (0u64, 0u64, 0u64);
+            while Instant::now() < end {
+                match tcp(to) {
+                    Outcome::Ok => ok += 1,
+                    Outcome::Eperm => eperm += 1,
+                    Outcome::Err(_) => err += 1,
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            println!("ok={ok} eperm={eperm} err={err}");
+            ExitCode::SUCCESS
+        }
+        _ => {
+            eprintln!("usage: probe tcp|udp ADDR:PORT | raw | packet | udp-presocket ADDR:PORT | serve ADDR:PORT | loop tcp ADDR:PORT MILLIS");
+            ExitCode::from(3)
+        }
+    }
+}

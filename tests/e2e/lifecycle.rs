@@ -1,0 +1,91 @@
+//! Fail-closed lifecycle: crash, restart with adoption, reload, uninstall.
+
+use std::time::Duration;
+
+use egress_guard_e2e::*;
+
+use crate::setup;
+
+fn policy(cgroup: &TestCgroup, allow: &[String]) -> String {
+    let allow: Vec<String> = allow.iter().map(|a| format!("\"{a}\"")).collect();
+    format!("[[policy]]\nname = \"app\"\ncgroups = [\"{}\"]\nallow = [{}]\n", cgroup.rel(), allow.join(", "))
+}
+
+fn loop_counts(out: &str) -> (u64, u64, u64) {
+    let get = |k: &str| -> u64 {
+        out.split_whitespace().find_map(|w| w.strip_prefix(&format!("{k}="))).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{k} in {out:?}"))
+    };
+    (get("ok"), get("eperm"), get("err"))
+}
+
+#[test]
+fn enforcement_survives_kill9_and_a_restart_adopts_the_pins_without_a_gap() {
+    setup();
+    let cg = TestCgroup::new("lifecycle");
+    let allowed = tcp_listener("127.0.0.2");
+    let denied = tcp_listener("127.0.0.3");
+    let mut agent = Agent::start(&policy(&cg, &[allowed.to_string()]));
+    assert!(probe_in(&cg.path, &["tcp", &denied.to_string()]).eperm());
+
+    // A crash leaves the pinned programs enforcing.
+    agent.kill9();
+    let r = probe_in(&cg.path, &["tcp", &denied.to_string()]);
+    assert!(r.eperm(), "after kill -9: {r:?}");
+    assert!(probe_in(&cg.path, &["tcp", &allowed.to_string()]).ok());
+
+    // Probe both destinations in loops while the agent restarts.
+    let cg_path = cg.path.clone();
+    let (d, a) = (denied.to_string(), allowed.to_string());
+    let denied_loop = std::thread::spawn({
+        let p = cg_path.clone();
+        move || probe_in(&p, &["loop", "tcp", &d, "3000"]).stdout
+    });
+    let allowed_loop = std::thread::spawn(move || probe_in(&cg_path, &["loop", "tcp", &a, "3000"]).stdout);
+    std::thread::sleep(Duration::from_millis(300));
+    agent.spawn();
+    let (ok, eperm, err) = loop_counts(&denied_loop.join().unwrap());
+    assert_eq!(ok, 0, "a denied connection got through during the restart");
+    assert!(eperm > 10, "the denied loop barely ran: eperm={eperm}");
+    assert_eq!(err, 0);
+    let (ok, eperm, err) = loop_counts(&allowed_loop.join().unwrap());
+    assert!(ok > 10, "the allowed loop barely ran: ok={ok}");
+    assert_eq!((eperm, err), (0, 0), "an allowed connection failed during the restart");
+
+    // The restart adopted every attachment instead of attaching new ones.
+    let log = agent.log_text();
+    let last = log.lines().filter(|l| l.contains("enforcing;")).last().unwrap();
+    assert!(last.contains("attached=0") && last.contains("detached=0") && last.contains("adopted=8"), "{last}");
+
+    // Uninstall removes every pin and attachment: the cgroup is unguarded again.
+    agent.kill9();
+    let out = agent.cli(&["uninstall"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(probe_in(&cg.path, &["tcp", &denied.to_string()]).ok());
+    assert!(!agent.pin_dir.exists(), "pins left behind");
+}
+
+#[test]
+fn sighup_applies_a_new_config_and_a_bad_one_keeps_the_old_policy() {
+    setup();
+    let cg = TestCgroup::new("reload");
+    let a = tcp_listener("127.0.0.2");
+    let b = tcp_listener("127.0.0.3");
+    let mut agent = Agent::start(&policy(&cg, &[a.to_string()]));
+    assert!(probe_in(&cg.path, &["tcp", &b.to_string()]).eperm());
+
+    // A valid change: now b is allowed and a is not.
+    agent.rewrite_config(&policy(&cg, &[b.to_string()]));
+    let before = agent.log_text().matches("enforcing;").count();
+    agent.signal(libc::SIGHUP);
+    agent.wait_for_log(|l| l.matches("enforcing;").count() > before, "the reload to apply");
+    assert!(probe_in(&cg.path, &["tcp", &b.to_string()]).ok());
+    assert!(probe_in(&cg.path, &["tcp", &a.to_string()]).eperm());
+
+    // A bad config is refused with the reason, and b stays allowed, a refused.
+    agent.rewrite_config(&format!("{}bogus_key = 1\n", policy(&cg, &[a.to_string()])));
+    agent.signal(libc::SIGHUP);
+    agent.wait_for_log(|l| l.contains("reload refused, the previous policy stays in force"), "the reload to be refused");
+    assert!(agent.log_text().contains("unknown field `bogus_key`"), "{}", agent.log_text());
+    assert!(probe_in(&cg.path, &["tcp", &b.to_string()]).ok());
+    assert!(probe_in(&cg.path, &["tcp", &a.to_string()]).eperm());
+}
