@@ -247,8 +247,18 @@ mod tests {
     #[test]
     fn allow_value_matches_proto_and_port_range() {
         let mut v = AllowValue::default();
-        v.rules[0] = PortRule { lo: 443, hi: 443, protos: PROTO_TCP, _pad: [0; 3] };
-        v.rules[1] = PortRule { lo: 8000, hi: 8100, protos: PROTO_TCP | PROTO_UDP, _pad: [0; 3] };
+        v.rules[0] = PortRule {
+            lo: 443,
+            hi: 443,
+            protos: PROTO_TCP,
+            _pad: [0; 3],
+        };
+        v.rules[1] = PortRule {
+            lo: 8000,
+            hi: 8100,
+            protos: PROTO_TCP | PROTO_UDP,
+            _pad: [0; 3],
+        };
         v.count = 2;
         assert!(v.allows(PROTO_TCP, 443));
         assert!(!v.allows(PROTO_UDP, 443));

@@ -1,8 +1,8 @@
 //! The one decision function every hook asks: may this policy slot reach this destination?
 
 use agent_common::{
-    proto_bit, AllowValue, Addr4Key, Addr6Key, Counter, PolicyState, RULESET_PREFIX_BITS,
-    STATE_ACTIVE, STATE_AUDIT,
+    Addr4Key, Addr6Key, AllowValue, Counter, PolicyState, RULESET_PREFIX_BITS, STATE_ACTIVE,
+    STATE_AUDIT, proto_bit,
 };
 use aya_ebpf::maps::lpm_trie::Key;
 
@@ -20,7 +20,10 @@ pub struct Dest {
 impl Dest {
     #[inline(always)]
     pub fn v4(a: [u8; 4]) -> Dest {
-        Dest { v4: true, addr: [a[0], a[1], a[2], a[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0] }
+        Dest {
+            v4: true,
+            addr: [a[0], a[1], a[2], a[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        }
     }
 
     /// IPv4-mapped IPv6 (`::ffff:a.b.c.d`) is judged as the IPv4 address it is.
@@ -62,14 +65,17 @@ pub fn state(slot: u32) -> Option<&'static PolicyState> {
 fn lookup(ruleset: u32, dest: &Dest) -> Option<&'static AllowValue> {
     let a = &dest.addr;
     if dest.v4 {
-        let key = Addr4Key { ruleset, addr: [a[0], a[1], a[2], a[3]] };
-        if let Some(v) = unsafe { ALLOW_EXACT4.get(&key) } {
+        let key = Addr4Key {
+            ruleset,
+            addr: [a[0], a[1], a[2], a[3]],
+        };
+        if let Some(v) = unsafe { ALLOW_EXACT4.get(key) } {
             return Some(v);
         }
         ALLOW_CIDR4.get(Key::new(RULESET_PREFIX_BITS + 32, key))
     } else {
         let key = Addr6Key { ruleset, addr: *a };
-        if let Some(v) = unsafe { ALLOW_EXACT6.get(&key) } {
+        if let Some(v) = unsafe { ALLOW_EXACT6.get(key) } {
             return Some(v);
         }
         ALLOW_CIDR6.get(Key::new(RULESET_PREFIX_BITS + 128, key))

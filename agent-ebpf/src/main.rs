@@ -12,7 +12,9 @@ mod maps;
 use agent_common::{Counter, MAX_CGROUP_DEPTH};
 use aya_ebpf::{
     Global,
-    bindings::{BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG},
+    bindings::{
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+    },
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_socket_cookie, bpf_send_signal, bpf_sk_fullsock,
     },
@@ -50,9 +52,16 @@ const SYSCALL_EPERM: i32 = 0;
 // connect() and sendmsg(): the destination the process asked for.
 // ---------------------------------------------------------------------------------------
 
-const CONNECT_COUNTERS: [Counter; 3] =
-    [Counter::ConnectAllowed, Counter::ConnectDenied, Counter::ConnectWouldDeny];
-const SEND_COUNTERS: [Counter; 3] = [Counter::SendAllowed, Counter::SendDenied, Counter::SendWouldDeny];
+const CONNECT_COUNTERS: [Counter; 3] = [
+    Counter::ConnectAllowed,
+    Counter::ConnectDenied,
+    Counter::ConnectWouldDeny,
+];
+const SEND_COUNTERS: [Counter; 3] = [
+    Counter::SendAllowed,
+    Counter::SendDenied,
+    Counter::SendWouldDeny,
+];
 
 #[inline(always)]
 fn sock_addr_dest(ctx: &SockAddrContext, v6: bool) -> (Dest, u8, u16) {
@@ -79,7 +88,11 @@ fn judge_sock_addr(ctx: &SockAddrContext, v6: bool, counters: [Counter; 3]) -> i
     let (dest, proto, port) = sock_addr_dest(ctx, v6);
     let v = decide(slot, &dest, proto, port);
     count_verdict(slot, &v, counters);
-    if v.passes() { SYSCALL_OK } else { SYSCALL_EPERM }
+    if v.passes() {
+        SYSCALL_OK
+    } else {
+        SYSCALL_EPERM
+    }
 }
 
 #[cgroup_sock_addr(connect4)]
@@ -141,7 +154,8 @@ pub fn lsm_socket_create(ctx: LsmContext) -> i32 {
     let family: i32 = ctx.arg(0);
     let sock_type: i32 = ctx.arg(1);
     let kern: i32 = ctx.arg(3);
-    let raw = sock_type & 0xf == SOCK_RAW && (family == AF_INET as i32 || family == AF_INET6 as i32);
+    let raw =
+        sock_type & 0xf == SOCK_RAW && (family == AF_INET as i32 || family == AF_INET6 as i32);
     if kern != 0 || !(family == AF_PACKET || raw) {
         return 0;
     }
@@ -196,7 +210,7 @@ fn guarded_slot_of_current_task() -> Option<u32> {
         if id == 0 {
             return None;
         }
-        if let Some(slot) = unsafe { GUARDED_CGROUPS.get(&id) } {
+        if let Some(slot) = unsafe { GUARDED_CGROUPS.get(id) } {
             return Some(*slot);
         }
         level += 1;
@@ -275,7 +289,11 @@ fn read_packet_inner(ctx: &SkBuffContext) -> Result<Packet, i64> {
     } else {
         return Ok(Packet::Unreadable);
     };
-    let port = if proto == IPPROTO_TCP || proto == IPPROTO_UDP { u16::from_be(skb.load(l4 + 2)?) } else { 0 };
+    let port = if proto == IPPROTO_TCP || proto == IPPROTO_UDP {
+        u16::from_be(skb.load(l4 + 2)?)
+    } else {
+        0
+    };
     Ok(Packet::To(dest, proto, port))
 }
 
@@ -296,14 +314,30 @@ pub fn egress(ctx: SkBuffContext) -> i32 {
         count(slot, Counter::PacketInboundReply);
         return PACKET_PASS;
     }
-    count_verdict(slot, &v, [Counter::PacketAllowed, Counter::PacketDenied, Counter::PacketWouldDeny]);
+    count_verdict(
+        slot,
+        &v,
+        [
+            Counter::PacketAllowed,
+            Counter::PacketDenied,
+            Counter::PacketWouldDeny,
+        ],
+    );
     if v.passes() { PACKET_PASS } else { PACKET_DROP }
 }
 
 #[inline(always)]
 fn packet_denied(slot: u32) -> i32 {
     let v = decide::verdict(decide::state(slot), false);
-    count_verdict(slot, &v, [Counter::PacketAllowed, Counter::PacketDenied, Counter::PacketWouldDeny]);
+    count_verdict(
+        slot,
+        &v,
+        [
+            Counter::PacketAllowed,
+            Counter::PacketDenied,
+            Counter::PacketWouldDeny,
+        ],
+    );
     if v.passes() { PACKET_PASS } else { PACKET_DROP }
 }
 
@@ -320,7 +354,7 @@ fn is_inbound_reply(ctx: &SkBuffContext) -> bool {
         return true;
     }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
-    unsafe { INBOUND_SOCKETS.get(&cookie) }.is_some()
+    unsafe { INBOUND_SOCKETS.get(cookie) }.is_some()
 }
 
 /// Marks accepted TCP sockets (passive open) and forgets them when they close.
@@ -329,12 +363,12 @@ pub fn inbound(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
             let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
-            let _ = INBOUND_SOCKETS.insert(&cookie, &1, 0);
+            let _ = INBOUND_SOCKETS.insert(cookie, 1, 0);
             let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
         }
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == TCP_CLOSE => {
             let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
-            let _ = INBOUND_SOCKETS.remove(&cookie);
+            let _ = INBOUND_SOCKETS.remove(cookie);
         }
         _ => {}
     }

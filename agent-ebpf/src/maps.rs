@@ -3,8 +3,8 @@
 //! outlive the agent (fail closed).
 
 use agent_common::{
-    AllowValue, Addr4Key, Addr6Key, PolicyState, COUNTERS_PER_POLICY, MAX_CIDR_ENTRIES,
-    MAX_EXACT_ENTRIES, MAX_GUARDED_CGROUPS, MAX_INBOUND_SOCKETS, MAX_POLICIES,
+    Addr4Key, Addr6Key, AllowValue, COUNTERS_PER_POLICY, MAX_CIDR_ENTRIES, MAX_EXACT_ENTRIES,
+    MAX_GUARDED_CGROUPS, MAX_INBOUND_SOCKETS, MAX_POLICIES, PolicyState,
 };
 use aya_ebpf::{
     macros::map,

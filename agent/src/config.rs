@@ -97,7 +97,10 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     #[error("{}", render_problems(.file, .problems))]
-    Invalid { file: String, problems: Vec<Problem> },
+    Invalid {
+        file: String,
+        problems: Vec<Problem>,
+    },
 }
 
 fn render_problems(file: &str, problems: &[Problem]) -> String {
@@ -195,14 +198,26 @@ fn validate(raw: RawConfig, path: &Path, lines: &LineIndex, problems: &mut Vec<P
     let default_mode = raw.mode.as_ref().map_or(Mode::Enforce, |m| *m.get_ref());
     let log_level = raw.log_level.map(|l| {
         if let Err(e) = l.get_ref().parse::<tracing_subscriber::EnvFilter>() {
-            problem(lines.of(&l), format!("log_level {:?} is not a valid level or filter: {e}", l.get_ref()));
+            problem(
+                lines.of(&l),
+                format!(
+                    "log_level {:?} is not a valid level or filter: {e}",
+                    l.get_ref()
+                ),
+            );
         }
         l.into_inner()
     });
     let pin_dir = match raw.pin_dir {
         Some(p) => {
             if !p.get_ref().starts_with('/') {
-                problem(lines.of(&p), format!("pin_dir {:?} must be an absolute path on a bpf filesystem", p.get_ref()));
+                problem(
+                    lines.of(&p),
+                    format!(
+                        "pin_dir {:?} must be an absolute path on a bpf filesystem",
+                        p.get_ref()
+                    ),
+                );
             }
             PathBuf::from(p.into_inner())
         }
@@ -213,7 +228,13 @@ fn validate(raw: RawConfig, path: &Path, lines: &LineIndex, problems: &mut Vec<P
         problem(1, "no [[policy]] table: define at least one policy with a name, cgroups and an allow list".into());
     }
     if raw.policy.len() > MAX_POLICIES as usize {
-        problem(1, format!("{} policies defined; at most {MAX_POLICIES} are supported", raw.policy.len()));
+        problem(
+            1,
+            format!(
+                "{} policies defined; at most {MAX_POLICIES} are supported",
+                raw.policy.len()
+            ),
+        );
     }
 
     let mut policies = Vec::new();
@@ -227,29 +248,57 @@ fn validate(raw: RawConfig, path: &Path, lines: &LineIndex, problems: &mut Vec<P
             problem(name_line, reason);
         }
         if let Some(first) = names.insert(name.clone(), name_line) {
-            problem(name_line, format!("policy name {name:?} is already used on line {first}"));
+            problem(
+                name_line,
+                format!("policy name {name:?} is already used on line {first}"),
+            );
         }
         if rp.cgroups.is_empty() {
-            problem(table_line.max(name_line), format!("policy {name:?} has no cgroups: list the cgroup v2 paths it guards"));
+            problem(
+                table_line.max(name_line),
+                format!("policy {name:?} has no cgroups: list the cgroup v2 paths it guards"),
+            );
         }
         let mode = rp.mode.map_or(default_mode, |m| m.into_inner());
         let cgroups = rp
             .cgroups
             .into_iter()
-            .map(|c| CgroupEntry { line: lines.of(&c), path: c.into_inner() })
+            .map(|c| CgroupEntry {
+                line: lines.of(&c),
+                path: c.into_inner(),
+            })
             .collect();
 
         let mut rules = Vec::new();
         let mut hostnames = Vec::new();
-        let lists: [(&str, Vec<Spanned<String>>); 3] = [("allow", rp.allow), ("dns", rp.dns), ("ntp", rp.ntp)];
+        let lists: [(&str, Vec<Spanned<String>>); 3] =
+            [("allow", rp.allow), ("dns", rp.dns), ("ntp", rp.ntp)];
         for (list, entries) in lists {
             for entry in entries {
                 let line = lines.span(entry.span());
                 let text = entry.into_inner();
                 match parse_entry(&text, list) {
-                    Ok(Dest::Net { net, protos, ports }) => rules.push(Rule { net, protos, ports, line, text }),
-                    Ok(Dest::Host { name, protos, ports }) => hostnames.push(HostnameRule { name, protos, ports, line }),
-                    Err(reason) => problem(line, format!("policy {name:?}: {list} entry {text:?}: {reason}")),
+                    Ok(Dest::Net { net, protos, ports }) => rules.push(Rule {
+                        net,
+                        protos,
+                        ports,
+                        line,
+                        text,
+                    }),
+                    Ok(Dest::Host {
+                        name,
+                        protos,
+                        ports,
+                    }) => hostnames.push(HostnameRule {
+                        name,
+                        protos,
+                        ports,
+                        line,
+                    }),
+                    Err(reason) => problem(
+                        line,
+                        format!("policy {name:?}: {list} entry {text:?}: {reason}"),
+                    ),
                 }
             }
         }
@@ -267,10 +316,19 @@ fn validate(raw: RawConfig, path: &Path, lines: &LineIndex, problems: &mut Vec<P
                 });
             }
         }
-        for (line, reason) in overlaps(&rules).into_iter().chain(duplicate_hostnames(&hostnames)) {
+        for (line, reason) in overlaps(&rules)
+            .into_iter()
+            .chain(duplicate_hostnames(&hostnames))
+        {
             problem(line, format!("policy {name:?}: {reason}"));
         }
-        policies.push(Policy { name, mode, cgroups, rules, hostnames });
+        policies.push(Policy {
+            name,
+            mode,
+            cgroups,
+            rules,
+            hostnames,
+        });
     }
 
     // The same cgroup in two policies would run both programs: contradictory.
@@ -279,23 +337,46 @@ fn validate(raw: RawConfig, path: &Path, lines: &LineIndex, problems: &mut Vec<P
         for c in &p.cgroups {
             let key = normalize_cgroup_text(&c.path);
             if let Some((other, line)) = seen.get(&key) {
-                let what = if *other == p.name { "listed twice in policy".to_string() } else { format!("already guarded by policy {other:?}") };
-                problem(c.line, format!("cgroup {:?} is {what} (line {line}); a cgroup belongs to exactly one policy", c.path));
+                let what = if *other == p.name {
+                    "listed twice in policy".to_string()
+                } else {
+                    format!("already guarded by policy {other:?}")
+                };
+                problem(
+                    c.line,
+                    format!(
+                        "cgroup {:?} is {what} (line {line}); a cgroup belongs to exactly one policy",
+                        c.path
+                    ),
+                );
             } else {
                 seen.insert(key, (p.name.clone(), c.line));
             }
         }
     }
 
-    Config { path: path.to_path_buf(), log_level, pin_dir, policies }
+    Config {
+        path: path.to_path_buf(),
+        log_level,
+        pin_dir,
+        policies,
+    }
 }
 
 fn check_policy_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() >= POLICY_NAME_LEN {
-        return Err(format!("policy name {name:?} must be 1 to {} characters", POLICY_NAME_LEN - 1));
+        return Err(format!(
+            "policy name {name:?} must be 1 to {} characters",
+            POLICY_NAME_LEN - 1
+        ));
     }
-    if !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
-        return Err(format!("policy name {name:?} may only contain letters, digits, '-', '_' and '.'"));
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        return Err(format!(
+            "policy name {name:?} may only contain letters, digits, '-', '_' and '.'"
+        ));
     }
     Ok(())
 }
@@ -312,8 +393,16 @@ fn normalize_cgroup_text(p: &str) -> String {
 /// A parsed allow, dns or ntp entry.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Dest {
-    Net { net: IpNet, protos: u8, ports: (u16, u16) },
-    Host { name: String, protos: u8, ports: (u16, u16) },
+    Net {
+        net: IpNet,
+        protos: u8,
+        ports: (u16, u16),
+    },
+    Host {
+        name: String,
+        protos: u8,
+        ports: (u16, u16),
+    },
 }
 
 const ENTRY_SYNTAX: &str = "expected [tcp/|udp/|icmp/]DEST:PORTS with DEST an IPv4 address or CIDR, \
@@ -331,7 +420,9 @@ pub fn parse_entry(text: &str, list: &str) -> Result<Dest, String> {
             Some(("udp", rest)) => (PROTO_UDP, rest, None),
             Some(("icmp", rest)) => (PROTO_ICMP, rest, None),
             Some((p, _)) if !p.is_empty() && p.chars().all(|c| c.is_ascii_alphabetic()) => {
-                return Err(format!("unknown protocol {p:?}: use tcp/, udp/ or icmp/ (no prefix means tcp)"));
+                return Err(format!(
+                    "unknown protocol {p:?}: use tcp/, udp/ or icmp/ (no prefix means tcp)"
+                ));
             }
             _ => (PROTO_TCP, text, None),
         },
@@ -346,23 +437,33 @@ pub fn parse_entry(text: &str, list: &str) -> Result<Dest, String> {
         (_, Some(p), _) => parse_ports(p)?,
         (_, None, Some(d)) => (d, d),
         (_, None, None) => {
-            return Err(format!("missing port: write {rest}:PORT, {rest}:LO-HI or {rest}:* (any port)"));
+            return Err(format!(
+                "missing port: write {rest}:PORT, {rest}:LO-HI or {rest}:* (any port)"
+            ));
         }
     };
     if let Some(net) = parse_net(host)? {
         return Ok(Dest::Net { net, protos, ports });
     }
     if list != "allow" {
-        return Err(format!("{list} servers must be IP addresses (the agent must reach them before it can resolve names)"));
+        return Err(format!(
+            "{list} servers must be IP addresses (the agent must reach them before it can resolve names)"
+        ));
     }
     let name = check_hostname(host)?;
-    Ok(Dest::Host { name, protos, ports })
+    Ok(Dest::Host {
+        name,
+        protos,
+        ports,
+    })
 }
 
 /// Splits `DEST[:PORTS]`, where an IPv6 DEST must be in brackets.
 fn split_host_ports(s: &str) -> Result<(&str, Option<&str>), String> {
     if let Some(inner) = s.strip_prefix('[') {
-        let (host, after) = inner.split_once(']').ok_or("missing ']' after the IPv6 address")?;
+        let (host, after) = inner
+            .split_once(']')
+            .ok_or("missing ']' after the IPv6 address")?;
         return match after {
             "" => Ok((host, None)),
             a => match a.strip_prefix(':') {
@@ -414,11 +515,17 @@ fn parse_net(s: &str) -> Result<Option<IpNet>, String> {
     };
     let addr: IpAddr = match addr.parse() {
         Ok(a) => a,
-        Err(_) if addr.contains(':') => return Err(format!("{addr:?} is not a valid IPv6 address")),
+        Err(_) if addr.contains(':') => {
+            return Err(format!("{addr:?} is not a valid IPv6 address"));
+        }
         Err(_) if addr.chars().all(|c| c.is_ascii_digit() || c == '.') => {
             return Err(format!("{addr:?} is not a valid IPv4 address"));
         }
-        Err(_) if len.is_some() => return Err(format!("{s:?}: a prefix length needs an IP address before it")),
+        Err(_) if len.is_some() => {
+            return Err(format!(
+                "{s:?}: a prefix length needs an IP address before it"
+            ));
+        }
         Err(_) => return Ok(None),
     };
     let max = if addr.is_ipv4() { 32 } else { 128 };
@@ -426,7 +533,12 @@ fn parse_net(s: &str) -> Result<Option<IpNet>, String> {
         None => max,
         Some(l) => match l.parse::<u8>() {
             Ok(n) if n <= max => n,
-            _ => return Err(format!("prefix length {l:?} is out of range for {} (0-{max})", if max == 32 { "IPv4" } else { "IPv6" })),
+            _ => {
+                return Err(format!(
+                    "prefix length {l:?} is out of range for {} (0-{max})",
+                    if max == 32 { "IPv4" } else { "IPv6" }
+                ));
+            }
         },
     };
     let (addr, len) = match addr {
@@ -438,7 +550,10 @@ fn parse_net(s: &str) -> Result<Option<IpNet>, String> {
     };
     let net = IpNet::new(addr, len).map_err(|e| e.to_string())?;
     if net.network() != addr {
-        return Err(format!("{s} has host bits set: did you mean {}?", net.trunc()));
+        return Err(format!(
+            "{s} has host bits set: did you mean {}?",
+            net.trunc()
+        ));
     }
     Ok(Some(net))
 }
@@ -454,23 +569,39 @@ fn check_hostname(s: &str) -> Result<String, String> {
     }
     let labels: Vec<&str> = base.split('.').collect();
     if labels.len() < 2 {
-        return Err(format!("{s:?} is not a fully qualified hostname (expected e.g. api.example.com)"));
+        return Err(format!(
+            "{s:?} is not a fully qualified hostname (expected e.g. api.example.com)"
+        ));
     }
     for l in &labels {
         let ok = !l.is_empty()
             && l.len() <= 63
-            && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            && l.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
             && !l.starts_with('-')
             && !l.ends_with('-');
         if !ok {
-            let hint = if l.contains('*') { ": '*' may only be the whole first label (*.example.com)" } else { "" };
+            let hint = if l.contains('*') {
+                ": '*' may only be the whole first label (*.example.com)"
+            } else {
+                ""
+            };
             return Err(format!("{s:?} is not a valid hostname (label {l:?}){hint}"));
         }
     }
-    if labels.last().is_some_and(|l| l.chars().all(|c| c.is_ascii_digit())) {
-        return Err(format!("{s:?} is neither a valid IP address nor a hostname"));
+    if labels
+        .last()
+        .is_some_and(|l| l.chars().all(|c| c.is_ascii_digit()))
+    {
+        return Err(format!(
+            "{s:?} is neither a valid IP address nor a hostname"
+        ));
     }
-    Ok(if wild { format!("*.{base}") } else { base.to_string() })
+    Ok(if wild {
+        format!("*.{base}")
+    } else {
+        base.to_string()
+    })
 }
 
 // ------------------------------------------------------------------------------------------
@@ -499,7 +630,11 @@ fn overlaps(rules: &[Rule]) -> Vec<(usize, String)> {
                 continue;
             }
             if o.protos & r.protos != 0 && ports_overlap(o.ports, r.ports) {
-                let how = if o.net == r.net { "repeats" } else { "overlaps" };
+                let how = if o.net == r.net {
+                    "repeats"
+                } else {
+                    "overlaps"
+                };
                 found.push((r.line, format!("{:?} {how} {:?} (line {}): the same protocol, address and port would be allowed twice", r.text, o.text, o.line)));
             }
         }
@@ -509,14 +644,24 @@ fn overlaps(rules: &[Rule]) -> Vec<(usize, String)> {
 
 /// `net` and every prefix that contains it.
 pub fn enclosing(net: IpNet) -> impl Iterator<Item = IpNet> {
-    (0..=net.prefix_len()).rev().map(move |len| IpNet::new(net.addr(), len).expect("shorter prefix").trunc())
+    (0..=net.prefix_len())
+        .rev()
+        .map(move |len| IpNet::new(net.addr(), len).expect("shorter prefix").trunc())
 }
 
 fn duplicate_hostnames(hosts: &[HostnameRule]) -> Vec<(usize, String)> {
     let mut found = Vec::new();
     for (i, h) in hosts.iter().enumerate() {
-        if let Some(o) = hosts[..i].iter().find(|o| o.name == h.name && o.protos & h.protos != 0 && ports_overlap(o.ports, h.ports)) {
-            found.push((h.line, format!("hostname {:?} repeats line {} with an overlapping protocol and port", h.name, o.line)));
+        if let Some(o) = hosts[..i].iter().find(|o| {
+            o.name == h.name && o.protos & h.protos != 0 && ports_overlap(o.ports, h.ports)
+        }) {
+            found.push((
+                h.line,
+                format!(
+                    "hostname {:?} repeats line {} with an overlapping protocol and port",
+                    h.name, o.line
+                ),
+            ));
         }
     }
     found
@@ -536,50 +681,92 @@ pub struct ResolvedCgroup {
 /// Resolves every policy's cgroups under the cgroup2 mount `root` and checks them: they
 /// exist, are not the root, do not contain the agent itself (`own`, the agent's cgroup), and
 /// no two nest (nested guards would both run and intersect).
-pub fn resolve_cgroups(config: &Config, root: &Path, own: Option<&Path>) -> Result<Vec<ResolvedCgroup>, ConfigError> {
+pub fn resolve_cgroups(
+    config: &Config,
+    root: &Path,
+    own: Option<&Path>,
+) -> Result<Vec<ResolvedCgroup>, ConfigError> {
     let mut problems = Vec::new();
     let mut out: Vec<ResolvedCgroup> = Vec::new();
     for p in &config.policies {
         for c in &p.cgroups {
-            let mut problem = |reason: String| problems.push(Problem { line: c.line, reason: format!("policy {:?}: cgroup {:?}: {reason}", p.name, c.path) });
-            let rel = Path::new(&c.path).strip_prefix(root).unwrap_or(Path::new(&c.path));
-            if rel.components().any(|k| matches!(k, Component::ParentDir | Component::CurDir)) {
+            let mut problem = |reason: String| {
+                problems.push(Problem {
+                    line: c.line,
+                    reason: format!("policy {:?}: cgroup {:?}: {reason}", p.name, c.path),
+                })
+            };
+            let rel = Path::new(&c.path)
+                .strip_prefix(root)
+                .unwrap_or(Path::new(&c.path));
+            if rel
+                .components()
+                .any(|k| matches!(k, Component::ParentDir | Component::CurDir))
+            {
                 problem("'.' and '..' are not allowed in cgroup paths".into());
                 continue;
             }
-            let rel: PathBuf = rel.components().filter(|k| matches!(k, Component::Normal(_))).collect();
+            let rel: PathBuf = rel
+                .components()
+                .filter(|k| matches!(k, Component::Normal(_)))
+                .collect();
             if rel.as_os_str().is_empty() {
-                problem(format!("this is the cgroup2 root ({}): guarding it would cut off the whole host, the agent and sshd included", root.display()));
+                problem(format!(
+                    "this is the cgroup2 root ({}): guarding it would cut off the whole host, the agent and sshd included",
+                    root.display()
+                ));
                 continue;
             }
             let path = root.join(&rel);
             if !path.join("cgroup.procs").exists() {
-                problem(format!("{} does not exist or is not a cgroup v2 directory (cgroup2 is mounted at {}); create it first, e.g. as a systemd slice", path.display(), root.display()));
+                problem(format!(
+                    "{} does not exist or is not a cgroup v2 directory (cgroup2 is mounted at {}); create it first, e.g. as a systemd slice",
+                    path.display(),
+                    root.display()
+                ));
                 continue;
             }
             if let Some(own) = own
                 && own.starts_with(&path)
             {
-                problem(format!("the agent itself runs in {}, inside this cgroup; run egress-guard outside the guarded cgroups", own.display()));
+                problem(format!(
+                    "the agent itself runs in {}, inside this cgroup; run egress-guard outside the guarded cgroups",
+                    own.display()
+                ));
                 continue;
             }
-            if let Some(other) = out.iter().find(|o| o.path.starts_with(&path) || path.starts_with(&o.path)) {
+            if let Some(other) = out
+                .iter()
+                .find(|o| o.path.starts_with(&path) || path.starts_with(&o.path))
+            {
                 let reason = if other.path == path {
                     format!("the same cgroup as line {}", other.line)
                 } else {
-                    format!("nests with {} (policy {:?}, line {}); a guarded cgroup already covers its whole subtree, and nested guards would both apply", other.path.display(), other.policy, other.line)
+                    format!(
+                        "nests with {} (policy {:?}, line {}); a guarded cgroup already covers its whole subtree, and nested guards would both apply",
+                        other.path.display(),
+                        other.policy,
+                        other.line
+                    )
                 };
                 problem(reason);
                 continue;
             }
-            out.push(ResolvedCgroup { policy: p.name.clone(), path, line: c.line });
+            out.push(ResolvedCgroup {
+                policy: p.name.clone(),
+                path,
+                line: c.line,
+            });
         }
     }
     if problems.is_empty() {
         Ok(out)
     } else {
         problems.sort_by_key(|p| p.line);
-        Err(ConfigError::Invalid { file: config.path.display().to_string(), problems })
+        Err(ConfigError::Invalid {
+            file: config.path.display().to_string(),
+            problems,
+        })
     }
 }
 
@@ -635,7 +822,11 @@ allow_loopback = true
         assert_eq!(app.mode, Mode::Enforce);
         assert_eq!(app.hostnames.len(), 2);
         assert_eq!(app.hostnames[1].name, "*.openai.azure.com");
-        let texts: Vec<_> = app.rules.iter().map(|r| (r.net.to_string(), r.protos, r.ports)).collect();
+        let texts: Vec<_> = app
+            .rules
+            .iter()
+            .map(|r| (r.net.to_string(), r.protos, r.ports))
+            .collect();
         assert!(texts.contains(&("192.0.2.0/24".into(), PROTO_TCP, (443, 443))));
         assert!(texts.contains(&("192.0.2.10/32".into(), PROTO_TCP, (8000, 8100))));
         assert!(texts.contains(&("192.0.2.53/32".into(), PROTO_UDP, (5353, 5353))));
@@ -652,8 +843,17 @@ allow_loopback = true
     }
 
     #[test]
+    fn the_shipped_config_is_valid() {
+        let c = cfg(include_str!("../../packaging/config.toml")).unwrap();
+        assert_eq!(c.policies.len(), 2);
+        assert_eq!(c.policies[0].hostnames.len(), 3);
+    }
+
+    #[test]
     fn unknown_key_names_its_line() {
-        let p = one_problem("[[policy]]\nname = \"a\"\ncgroups = [\"x\"]\nalow = [\"192.0.2.1:443\"]\n");
+        let p = one_problem(
+            "[[policy]]\nname = \"a\"\ncgroups = [\"x\"]\nalow = [\"192.0.2.1:443\"]\n",
+        );
         assert_eq!(p.line, 4);
         assert!(p.reason.contains("unknown field `alow`"), "{}", p.reason);
     }
@@ -663,7 +863,10 @@ allow_loopback = true
         let cases = [
             ("192.0.2.300:443", "not a valid IPv4"),
             ("192.0.2.0/33:443", "out of range"),
-            ("192.0.2.1/24:443", "host bits set: did you mean 192.0.2.0/24"),
+            (
+                "192.0.2.1/24:443",
+                "host bits set: did you mean 192.0.2.0/24",
+            ),
             ("2001:db8::1:443", "need brackets"),
             ("[2001:db8::g]:443", "not a valid IPv6"),
             ("192.0.2.1", "missing port"),
@@ -676,7 +879,9 @@ allow_loopback = true
             ("localhost:443", "fully qualified"),
         ];
         for (entry, want) in cases {
-            let text = format!("[[policy]]\nname = \"a\"\ncgroups = [\"x\"]\nallow = [\n  \"192.0.2.9:1\",\n  \"{entry}\",\n]\n");
+            let text = format!(
+                "[[policy]]\nname = \"a\"\ncgroups = [\"x\"]\nallow = [\n  \"192.0.2.9:1\",\n  \"{entry}\",\n]\n"
+            );
             let p = one_problem(&text);
             assert_eq!(p.line, 6, "{entry}");
             assert!(p.reason.contains(want), "{entry}: {}", p.reason);
@@ -685,23 +890,37 @@ allow_loopback = true
 
     #[test]
     fn overlapping_entries_are_refused() {
-        let p = one_problem("[[policy]]\nname = \"a\"\ncgroups = [\"x\"]\nallow = [\"192.0.2.0/24:400-500\", \"192.0.2.7:443\"]\n");
+        let p = one_problem(
+            "[[policy]]\nname = \"a\"\ncgroups = [\"x\"]\nallow = [\"192.0.2.0/24:400-500\", \"192.0.2.7:443\"]\n",
+        );
         assert!(p.reason.contains("overlaps"), "{}", p.reason);
-        let p = one_problem("[[policy]]\nname = \"a\"\ncgroups = [\"x\"]\nallow = [\"192.0.2.7:443\"]\ndns = [\"192.0.2.7:443\"]\n");
+        let p = one_problem(
+            "[[policy]]\nname = \"a\"\ncgroups = [\"x\"]\nallow = [\"192.0.2.7:443\"]\ndns = [\"192.0.2.7:443\"]\n",
+        );
         assert_eq!(p.line, 5);
         assert!(p.reason.contains("repeats"), "{}", p.reason);
         // Disjoint ports or protocols on nested networks are fine.
         cfg("[[policy]]\nname = \"a\"\ncgroups = [\"x\"]\nallow = [\"192.0.2.0/24:80\", \"192.0.2.7:443\", \"udp/192.0.2.7:443\"]\n").unwrap();
-        let p = one_problem("[[policy]]\nname = \"a\"\ncgroups = [\"x\"]\nallow = [\"api.example.com:443\", \"API.example.com.:443\"]\n");
+        let p = one_problem(
+            "[[policy]]\nname = \"a\"\ncgroups = [\"x\"]\nallow = [\"api.example.com:443\", \"API.example.com.:443\"]\n",
+        );
         assert!(p.reason.contains("repeats"), "{}", p.reason);
     }
 
     #[test]
     fn contradictory_cgroups_are_refused() {
-        let p = one_problem("[[policy]]\nname = \"a\"\ncgroups = [\"x\"]\n[[policy]]\nname = \"b\"\ncgroups = [\"/x/\"]\n");
+        let p = one_problem(
+            "[[policy]]\nname = \"a\"\ncgroups = [\"x\"]\n[[policy]]\nname = \"b\"\ncgroups = [\"/x/\"]\n",
+        );
         assert_eq!(p.line, 6);
-        assert!(p.reason.contains("already guarded by policy \"a\""), "{}", p.reason);
-        let p = one_problem("[[policy]]\nname = \"a\"\ncgroups = [\"x\"]\n[[policy]]\nname = \"a\"\ncgroups = [\"y\"]\n");
+        assert!(
+            p.reason.contains("already guarded by policy \"a\""),
+            "{}",
+            p.reason
+        );
+        let p = one_problem(
+            "[[policy]]\nname = \"a\"\ncgroups = [\"x\"]\n[[policy]]\nname = \"a\"\ncgroups = [\"y\"]\n",
+        );
         assert!(p.reason.contains("already used on line 2"), "{}", p.reason);
     }
 
@@ -720,13 +939,18 @@ allow_loopback = true
 
     #[test]
     fn all_problems_are_reported_at_once() {
-        let p = cfg("[[policy]]\nname = \"a\"\ncgroups = [\"x\"]\nallow = [\"1.2.3.4\", \"5.6.7.8:0\"]\n").unwrap_err();
+        let p = cfg(
+            "[[policy]]\nname = \"a\"\ncgroups = [\"x\"]\nallow = [\"1.2.3.4\", \"5.6.7.8:0\"]\n",
+        )
+        .unwrap_err();
         assert_eq!(p.len(), 2);
     }
 
     #[test]
     fn enclosing_walks_to_the_default_route() {
-        let v: Vec<_> = enclosing("192.0.2.128/25".parse().unwrap()).map(|n| n.to_string()).collect();
+        let v: Vec<_> = enclosing("192.0.2.128/25".parse().unwrap())
+            .map(|n| n.to_string())
+            .collect();
         assert_eq!(v.first().unwrap(), "192.0.2.128/25");
         assert_eq!(v[1], "192.0.2.0/24");
         assert_eq!(v.last().unwrap(), "0.0.0.0/0");

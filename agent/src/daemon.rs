@@ -32,7 +32,11 @@ pub fn prepare(config: &Config) -> anyhow::Result<Result<Vec<Target>, ConfigErro
                 name: p.name.clone(),
                 mode: p.mode,
                 compiled,
-                cgroups: resolved.iter().filter(|c| c.policy == p.name).map(|c| c.path.clone()).collect(),
+                cgroups: resolved
+                    .iter()
+                    .filter(|c| c.policy == p.name)
+                    .map(|c| c.path.clone())
+                    .collect(),
             }),
             Err(mut e) => problems.append(&mut e),
         }
@@ -40,23 +44,30 @@ pub fn prepare(config: &Config) -> anyhow::Result<Result<Vec<Target>, ConfigErro
     if problems.is_empty() {
         Ok(Ok(targets))
     } else {
-        Ok(Err(ConfigError::Invalid { file: config.path.display().to_string(), problems }))
+        Ok(Err(ConfigError::Invalid {
+            file: config.path.display().to_string(),
+            problems,
+        }))
     }
 }
 
 pub fn run(config_path: &Path, config: Config) -> anyhow::Result<()> {
-    let targets = match prepare(&config)? {
-        Ok(t) => t,
-        Err(e) => return Err(e.into()),
-    };
+    let targets = prepare(&config)??;
     let mut kernel = Kernel::open(&config.pin_dir).context(
         "setting up the eBPF maps failed (egress-guard needs root, or CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON and CAP_SYS_RESOURCE)",
     )?;
-    let report = kernel.apply(&targets).context("attaching the policy to the kernel failed")?;
+    let report = kernel
+        .apply(&targets)
+        .context("attaching the policy to the kernel failed")?;
     log_applied(&config, &report, &kernel);
-    notify(&format!("READY=1\nSTATUS=enforcing {} policies", report.policies.len()));
+    notify(&format!(
+        "READY=1\nSTATUS=enforcing {} policies",
+        report.policies.len()
+    ));
 
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
         let mut hup = signal(SignalKind::hangup())?;
         let mut term = signal(SignalKind::terminate())?;
@@ -129,7 +140,11 @@ fn reload(path: &Path, current: &Config, kernel: &mut Kernel) -> Option<Config> 
 
 fn log_applied(config: &Config, report: &ApplyReport, kernel: &Kernel) {
     for p in &report.policies {
-        let hosts = config.policies.iter().find(|c| c.name == p.name).map_or(0, |c| c.hostnames.len());
+        let hosts = config
+            .policies
+            .iter()
+            .find(|c| c.name == p.name)
+            .map_or(0, |c| c.hostnames.len());
         tracing::info!(
             policy = %p.name,
             mode = %p.mode,
@@ -148,6 +163,17 @@ fn log_applied(config: &Config, report: &ApplyReport, kernel: &Kernel) {
     for name in &report.removed_policies {
         tracing::info!(policy = %name, "policy removed");
     }
+    match kernel.socket_guard {
+        SocketGuard::Lsm => {
+            tracing::info!("AF_PACKET guard: BPF LSM socket_create (the call fails with EPERM)")
+        }
+        SocketGuard::Tracepoint => tracing::warn!(
+            "AF_PACKET guard: BPF LSM not available, using the sys_enter_socket tracepoint: a guarded process that opens an AF_PACKET socket is killed (SIGKILL); add 'bpf' to the kernel's lsm= boot parameter to refuse with EPERM instead"
+        ),
+        SocketGuard::None => tracing::error!(
+            "AF_PACKET guard: NONE could be attached; guarded processes with CAP_NET_RAW can send raw frames past the policy (drop CAP_NET_RAW from the containers)"
+        ),
+    }
     let hooks: Vec<&str> = Hook::ALL.iter().map(|h| h.program()).collect();
     tracing::info!(
         adopted = report.adopted,
@@ -157,20 +183,13 @@ fn log_applied(config: &Config, report: &ApplyReport, kernel: &Kernel) {
         "enforcing; cgroup guards: {}",
         hooks.join(", ")
     );
-    match kernel.socket_guard {
-        SocketGuard::Lsm => tracing::info!("AF_PACKET guard: BPF LSM socket_create (the call fails with EPERM)"),
-        SocketGuard::Tracepoint => tracing::warn!(
-            "AF_PACKET guard: BPF LSM not available, using the sys_enter_socket tracepoint: a guarded process that opens an AF_PACKET socket is killed (SIGKILL); add 'bpf' to the kernel's lsm= boot parameter to refuse with EPERM instead"
-        ),
-        SocketGuard::None => tracing::error!(
-            "AF_PACKET guard: NONE could be attached; guarded processes with CAP_NET_RAW can send raw frames past the policy (drop CAP_NET_RAW from the containers)"
-        ),
-    }
 }
 
 /// sd_notify(3) without libsystemd: one datagram to $NOTIFY_SOCKET.
 fn notify(state: &str) {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
     let path = PathBuf::from(path);
     let sent = (|| -> std::io::Result<()> {
         let sock = std::os::unix::net::UnixDatagram::unbound()?;

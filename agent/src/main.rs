@@ -79,7 +79,10 @@ impl PinArgs {
         if let Some(d) = &self.pin_dir {
             return Ok(d.clone());
         }
-        let path = self.config.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
+        let path = self
+            .config
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
         match config::load(&path) {
             Ok(c) => Ok(c.pin_dir),
             Err(_) if self.config.is_none() => Ok(PathBuf::from(config::DEFAULT_PIN_DIR)),
@@ -99,7 +102,11 @@ fn init_logging(config_level: Option<&str>) {
     });
     // journald stamps lines itself and shows no colours.
     let tty = std::io::stderr().is_terminal();
-    let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(tty).with_target(false);
+    let fmt = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(tty)
+        .with_target(false);
     if tty {
         fmt.init();
     } else {
@@ -129,10 +136,12 @@ fn main() -> ExitCode {
             }
         }
         Command::CheckConfig { config: path } => {
-            let checked = config::load(&path).map_err(anyhow::Error::from).and_then(|c| {
-                let targets = daemon::prepare(&c)??;
-                Ok((c, targets))
-            });
+            let checked = config::load(&path)
+                .map_err(anyhow::Error::from)
+                .and_then(|c| {
+                    let targets = daemon::prepare(&c)??;
+                    Ok((c, targets))
+                });
             match checked {
                 Ok((c, targets)) => {
                     for (p, t) in c.policies.iter().zip(&targets) {
@@ -164,7 +173,10 @@ fn main() -> ExitCode {
             let run = || -> anyhow::Result<()> {
                 let dir = pins.resolve()?;
                 let (links, maps) = kernel::uninstall(&dir)?;
-                println!("removed {links} attachments and {maps} maps from {}; the cgroups are no longer guarded", dir.display());
+                println!(
+                    "removed {links} attachments and {maps} maps from {}; the cgroups are no longer guarded",
+                    dir.display()
+                );
                 Ok(())
             };
             match run() {
@@ -189,29 +201,53 @@ fn fail(e: anyhow::Error) -> ExitCode {
 fn stats(pins: &PinArgs, json: bool) -> anyhow::Result<()> {
     let dir = pins.resolve()?;
     let maps_dir = kernel::pin_root(&dir).join("maps");
-    let maps = kernel::Maps::from_pins(&maps_dir)
-        .map_err(|e| anyhow::anyhow!("{e:#}\nis the agent installed? no pins under {}", maps_dir.display()))?;
+    let maps = kernel::Maps::from_pins(&maps_dir).map_err(|e| {
+        anyhow::anyhow!(
+            "{e:#}\nis the agent installed? no pins under {}",
+            maps_dir.display()
+        )
+    })?;
     let mut rows = Vec::new();
     for (slot, st) in maps.states()?.iter().enumerate() {
         if st.flags & STATE_ACTIVE == 0 {
             continue;
         }
         let counters = maps.counters(slot as u32)?;
-        let mode = if st.flags & STATE_AUDIT != 0 { "audit" } else { "enforce" };
+        let mode = if st.flags & STATE_AUDIT != 0 {
+            "audit"
+        } else {
+            "enforce"
+        };
         rows.push((kernel::state_name(st), mode, counters));
     }
     if json {
         let out: Vec<_> = rows
             .iter()
             .map(|(name, mode, c)| {
-                let counters: serde_json::Map<String, serde_json::Value> =
-                    Counter::ALL.iter().map(|k| (k.name().to_string(), c[*k as usize].into())).collect();
+                let counters: serde_json::Map<String, serde_json::Value> = Counter::ALL
+                    .iter()
+                    .map(|k| (k.name().to_string(), c[*k as usize].into()))
+                    .collect();
                 serde_json::json!({ "policy": name, "mode": mode, "counters": counters })
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "policies": out }))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({ "policies": out }))?
+        );
     } else {
-        println!("{:<20} {:<8} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}", "POLICY", "MODE", "CONN_OK", "CONN_DENY", "SEND_OK", "SEND_DENY", "PKT_DROP", "SOCK_DENY", "WOULD_DENY");
+        println!(
+            "{:<20} {:<8} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
+            "POLICY",
+            "MODE",
+            "CONN_OK",
+            "CONN_DENY",
+            "SEND_OK",
+            "SEND_DENY",
+            "PKT_DROP",
+            "SOCK_DENY",
+            "WOULD_DENY"
+        );
         for (name, mode, c) in &rows {
             let would = c[Counter::ConnectWouldDeny as usize]
                 + c[Counter::SendWouldDeny as usize]

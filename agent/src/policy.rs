@@ -34,7 +34,11 @@ pub fn compile(policy: &Policy) -> Result<Compiled, Vec<Problem>> {
     let mut problems = Vec::new();
     let mut entries = Vec::with_capacity(by_net.len());
     for (net, own) in &by_net {
-        let applying: Vec<&Rule> = enclosing(*net).filter_map(|n| by_net.get(&n)).flatten().copied().collect();
+        let applying: Vec<&Rule> = enclosing(*net)
+            .filter_map(|n| by_net.get(&n))
+            .flatten()
+            .copied()
+            .collect();
         if applying.len() > MAX_PORT_RULES {
             problems.push(Problem {
                 line: own[0].line,
@@ -46,15 +50,23 @@ pub fn compile(policy: &Policy) -> Result<Compiled, Vec<Problem>> {
             });
             continue;
         }
-        let mut value = AllowValue { count: applying.len() as u32, ..Default::default() };
+        let mut value = AllowValue {
+            count: applying.len() as u32,
+            ..Default::default()
+        };
         for (slot, r) in value.rules.iter_mut().zip(&applying) {
-            *slot = PortRule { lo: r.ports.0, hi: r.ports.1, protos: r.protos, _pad: [0; 3] };
+            *slot = PortRule {
+                lo: r.ports.0,
+                hi: r.ports.1,
+                protos: r.protos,
+                _pad: [0; 3],
+            };
         }
         entries.push((*net, value));
     }
     if problems.is_empty() {
         // Deterministic order: easier to read in listings and tests.
-        entries.sort_by(|a, b| a.0.cmp(&b.0));
+        entries.sort_by_key(|e| e.0);
         Ok(Compiled { entries })
     } else {
         problems.sort_by_key(|p| p.line);
@@ -73,7 +85,10 @@ mod tests {
 
     fn policy(allow: &str) -> Policy {
         let text = format!("[[policy]]\nname = \"p\"\ncgroups = [\"x\"]\nallow = [{allow}]\n");
-        parse(&text, Path::new("t.toml")).unwrap().policies.remove(0)
+        parse(&text, Path::new("t.toml"))
+            .unwrap()
+            .policies
+            .remove(0)
     }
 
     fn value_of<'a>(c: &'a Compiled, net: &str) -> &'a AllowValue {
@@ -83,16 +98,26 @@ mod tests {
 
     #[test]
     fn contained_entries_inherit_enclosing_rules() {
-        let c = compile(&policy("\"10.0.0.0/8:80\", \"10.1.0.0/16:443\", \"10.1.2.3:22\", \"udp/10.1.2.3:53\"")).unwrap();
+        let c = compile(&policy(
+            "\"10.0.0.0/8:80\", \"10.1.0.0/16:443\", \"10.1.2.3:22\", \"udp/10.1.2.3:53\"",
+        ))
+        .unwrap();
         assert_eq!(c.len(), 3);
         let host = value_of(&c, "10.1.2.3/32");
         assert_eq!(host.count, 4);
-        for (proto, port) in [(PROTO_TCP, 80), (PROTO_TCP, 443), (PROTO_TCP, 22), (PROTO_UDP, 53)] {
+        for (proto, port) in [
+            (PROTO_TCP, 80),
+            (PROTO_TCP, 443),
+            (PROTO_TCP, 22),
+            (PROTO_UDP, 53),
+        ] {
             assert!(host.allows(proto, port), "{proto} {port}");
         }
         assert!(!host.allows(PROTO_UDP, 80));
         let mid = value_of(&c, "10.1.0.0/16");
-        assert!(mid.allows(PROTO_TCP, 80) && mid.allows(PROTO_TCP, 443) && !mid.allows(PROTO_TCP, 22));
+        assert!(
+            mid.allows(PROTO_TCP, 80) && mid.allows(PROTO_TCP, 443) && !mid.allows(PROTO_TCP, 22)
+        );
         let top = value_of(&c, "10.0.0.0/8");
         assert!(top.allows(PROTO_TCP, 80) && !top.allows(PROTO_TCP, 443));
     }
@@ -101,6 +126,10 @@ mod tests {
     fn too_many_rules_on_one_address_is_refused() {
         let allow: Vec<String> = (1..=9).map(|p| format!("\"192.0.2.1:{p}\"")).collect();
         let e = compile(&policy(&allow.join(", "))).unwrap_err();
-        assert!(e[0].reason.contains("9 port rules apply to 192.0.2.1/32"), "{}", e[0].reason);
+        assert!(
+            e[0].reason.contains("9 port rules apply to 192.0.2.1/32"),
+            "{}",
+            e[0].reason
+        );
     }
 }

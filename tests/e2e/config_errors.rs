@@ -10,11 +10,23 @@ use crate::setup;
 /// Starts `egress-guard run` on `body` and returns (exit code, stderr, config path).
 fn refused(body: &str) -> (i32, String, String) {
     let (dir, config, pin_dir) = Agent::config_file(body);
-    let out = Command::new(agent_bin()).args(["run", "--config"]).arg(&config).output().unwrap();
+    let out = Command::new(agent_bin())
+        .args(["run", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!pin_dir.exists(), "a refused config must not touch the kernel; pins at {}", pin_dir.display());
+    assert!(
+        !pin_dir.exists(),
+        "a refused config must not touch the kernel; pins at {}",
+        pin_dir.display()
+    );
     let _ = std::fs::remove_dir_all(dir);
-    (out.status.code().unwrap_or(-1), stderr, config.display().to_string())
+    (
+        out.status.code().unwrap_or(-1),
+        stderr,
+        config.display().to_string(),
+    )
 }
 
 fn assert_refused(body: &str, line: usize, reason: &str) {
@@ -22,15 +34,28 @@ fn assert_refused(body: &str, line: usize, reason: &str) {
     assert_eq!(code, 2, "{stderr}");
     // The pin_dir line is line 1, so the body's lines start at 2.
     let want = format!("{path}:{}: ", line + 1);
-    assert!(stderr.contains(&want) && stderr.contains(reason), "want {want}…{reason} in:\n{stderr}");
-    assert!(stderr.contains("configuration refused; nothing was changed"), "{stderr}");
+    assert!(
+        stderr.contains(&want) && stderr.contains(reason),
+        "want {want}…{reason} in:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("configuration refused; nothing was changed"),
+        "{stderr}"
+    );
 }
 
 #[test]
 fn unknown_keys_are_refused() {
     setup();
     let cg = TestCgroup::new("cfg");
-    assert_refused(&format!("[[policy]]\nname = \"a\"\ncgroups = [\"{}\"]\nalow = []\n", cg.rel()), 4, "unknown field `alow`");
+    assert_refused(
+        &format!(
+            "[[policy]]\nname = \"a\"\ncgroups = [\"{}\"]\nalow = []\n",
+            cg.rel()
+        ),
+        4,
+        "unknown field `alow`",
+    );
 }
 
 #[test]
@@ -38,7 +63,10 @@ fn bad_addresses_are_refused() {
     setup();
     let cg = TestCgroup::new("cfg");
     assert_refused(
-        &format!("[[policy]]\nname = \"a\"\ncgroups = [\"{}\"]\nallow = [\n  \"10.0.0.0/33:443\",\n]\n", cg.rel()),
+        &format!(
+            "[[policy]]\nname = \"a\"\ncgroups = [\"{}\"]\nallow = [\n  \"10.0.0.0/33:443\",\n]\n",
+            cg.rel()
+        ),
         5,
         "prefix length \"33\" is out of range",
     );
@@ -49,7 +77,10 @@ fn overlapping_entries_are_refused() {
     setup();
     let cg = TestCgroup::new("cfg");
     assert_refused(
-        &format!("[[policy]]\nname = \"a\"\ncgroups = [\"{}\"]\nallow = [\"10.0.0.0/8:443\",\n \"10.1.2.3:443\"]\n", cg.rel()),
+        &format!(
+            "[[policy]]\nname = \"a\"\ncgroups = [\"{}\"]\nallow = [\"10.0.0.0/8:443\",\n \"10.1.2.3:443\"]\n",
+            cg.rel()
+        ),
         5,
         "overlaps \"10.0.0.0/8:443\" (line 5)",
     );
@@ -61,16 +92,24 @@ fn contradictory_policies_are_refused() {
     let cg = TestCgroup::new("cfg");
     let child = cg.child("sandbox");
     let rel = cg.rel();
-    let child_rel = child.strip_prefix(cgroup2_root()).unwrap().display().to_string();
+    let child_rel = child
+        .strip_prefix(cgroup2_root())
+        .unwrap()
+        .display()
+        .to_string();
     // The same cgroup in two policies.
     assert_refused(
-        &format!("[[policy]]\nname = \"a\"\ncgroups = [\"{rel}\"]\n[[policy]]\nname = \"b\"\ncgroups = [\"{rel}\"]\n"),
+        &format!(
+            "[[policy]]\nname = \"a\"\ncgroups = [\"{rel}\"]\n[[policy]]\nname = \"b\"\ncgroups = [\"{rel}\"]\n"
+        ),
         6,
         "already guarded by policy \"a\"",
     );
     // Nested cgroups in two policies.
     assert_refused(
-        &format!("[[policy]]\nname = \"a\"\ncgroups = [\"{rel}\"]\n[[policy]]\nname = \"b\"\ncgroups = [\"{child_rel}\"]\n"),
+        &format!(
+            "[[policy]]\nname = \"a\"\ncgroups = [\"{rel}\"]\n[[policy]]\nname = \"b\"\ncgroups = [\"{child_rel}\"]\n"
+        ),
         6,
         "nests with",
     );
@@ -79,5 +118,9 @@ fn contradictory_policies_are_refused() {
 #[test]
 fn missing_cgroups_are_refused() {
     setup();
-    assert_refused("[[policy]]\nname = \"a\"\ncgroups = [\"egress-guard-test-does-not-exist\"]\n", 3, "does not exist");
+    assert_refused(
+        "[[policy]]\nname = \"a\"\ncgroups = [\"egress-guard-test-does-not-exist\"]\n",
+        3,
+        "does not exist",
+    );
 }

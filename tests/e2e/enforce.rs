@@ -29,7 +29,13 @@ fn guarded_processes_reach_only_allowed_destinations() {
     let udp_other = udp_receiver("127.0.0.2");
     let udp_ok_addr = udp_ok.local_addr().unwrap();
     let udp_other_addr = udp_other.local_addr().unwrap();
-    let agent = Agent::start(&policy(&cg, allowed.port(), udp_ok_addr.port(), allowed6.port(), "enforce"));
+    let agent = Agent::start(&policy(
+        &cg,
+        allowed.port(),
+        udp_ok_addr.port(),
+        allowed6.port(),
+        "enforce",
+    ));
 
     let s = |a: std::net::SocketAddr| a.to_string();
     // Allowed: TCP and UDP to the listed address:port, IPv6, and the IPv4-mapped form.
@@ -81,11 +87,23 @@ fn guarded_processes_reach_only_allowed_destinations() {
     if log.contains("AF_PACKET guard: BPF LSM socket_create") {
         assert!(r.eperm(), "AF_PACKET with the LSM guard: {r:?}");
     } else {
-        assert!(log.contains("AF_PACKET guard: BPF LSM not available, using the sys_enter_socket tracepoint"), "{log}");
-        assert_eq!(r.signal, Some(libc::SIGKILL), "AF_PACKET with the tracepoint guard: {r:?}");
+        assert!(
+            log.contains(
+                "AF_PACKET guard: BPF LSM not available, using the sys_enter_socket tracepoint"
+            ),
+            "{log}"
+        );
+        assert_eq!(
+            r.signal,
+            Some(libc::SIGKILL),
+            "AF_PACKET with the tracepoint guard: {r:?}"
+        );
         assert!(r.stdout.is_empty(), "the probe got to report: {r:?}");
     }
-    assert!(probe_outside(&["packet"]).ok(), "AF_PACKET outside the cgroup must work");
+    assert!(
+        probe_outside(&["packet"]).ok(),
+        "AF_PACKET outside the cgroup must work"
+    );
 }
 
 #[test]
@@ -100,8 +118,15 @@ fn the_packet_backstop_drops_sends_on_sockets_opened_before_the_guard() {
     let agent = Agent::start(&policy(&cg, 1, 2, 3, "enforce"));
     early.go();
     // The cgroup_skb drop surfaces as EPERM from send() on a locally generated packet.
-    assert_eq!(early.finish().trim(), "EPERM", "the packet backstop did not refuse the send");
-    assert!(!received(&target), "a packet to a refused destination left the guarded cgroup");
+    assert_eq!(
+        early.finish().trim(),
+        "EPERM",
+        "the packet backstop did not refuse the send"
+    );
+    assert!(
+        !received(&target),
+        "a packet to a refused destination left the guarded cgroup"
+    );
     assert!(agent.counter("sandbox", "packet_denied") >= 1);
 }
 
@@ -112,18 +137,30 @@ fn replies_to_inbound_tcp_connections_pass() {
     let agent = Agent::start(&policy(&cg, 1, 2, 3, "enforce"));
     // A server inside the guarded cgroup; the client outside connects from 127.0.0.1, an
     // address the policy does not allow, so only the inbound-reply rule lets answers out.
-    let port = std::net::TcpListener::bind("127.0.0.4:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.4:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let on = format!("127.0.0.4:{port}");
     let server = RunningProbe::start(&cg.path, &["serve", &on]);
     let mut client = std::net::TcpStream::connect(&on).expect("connecting to the guarded server");
-    client.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+    client
+        .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
     let mut got = String::new();
     std::io::Read::read_to_string(&mut client, &mut got).expect("reading the reply");
     assert_eq!(got, "hello");
     assert_eq!(server.finish().trim(), "ok");
     assert!(agent.counter("sandbox", "packet_inbound_reply") >= 1);
     // And the same server cannot open connections of its own to that client address.
-    let r = probe_in(&cg.path, &["tcp", &format!("127.0.0.1:{}", tcp_listener("127.0.0.1").port())]);
+    let r = probe_in(
+        &cg.path,
+        &[
+            "tcp",
+            &format!("127.0.0.1:{}", tcp_listener("127.0.0.1").port()),
+        ],
+    );
     assert!(r.eperm(), "{r:?}");
 }
 
@@ -139,7 +176,13 @@ fn audit_mode_lets_everything_through_and_counts_would_be_denials() {
 
     assert!(probe_in(&cg.path, &["tcp", &s(allowed)]).ok());
     assert!(probe_in(&cg.path, &["tcp", &s(other_addr)]).ok());
-    assert!(probe_in(&cg.path, &["tcp", &format!("[::ffff:127.0.0.3]:{}", other_addr.port())]).ok());
+    assert!(
+        probe_in(
+            &cg.path,
+            &["tcp", &format!("[::ffff:127.0.0.3]:{}", other_addr.port())]
+        )
+        .ok()
+    );
     assert!(probe_in(&cg.path, &["udp", &s(udp_other.local_addr().unwrap())]).ok());
     assert!(received(&udp_other), "audit mode must deliver");
     assert!(probe_in(&cg.path, &["raw"]).ok());
@@ -151,8 +194,14 @@ fn audit_mode_lets_everything_through_and_counts_would_be_denials() {
     assert!(c["connect_allowed"].as_u64().unwrap() >= 1, "{c:?}");
     assert!(c["connect_would_deny"].as_u64().unwrap() >= 2, "{c:?}");
     assert!(c["send_would_deny"].as_u64().unwrap() >= 1, "{c:?}");
-    assert!(c["socket_would_deny"].as_u64().unwrap() >= 2, "raw and packet: {c:?}");
+    assert!(
+        c["socket_would_deny"].as_u64().unwrap() >= 2,
+        "raw and packet: {c:?}"
+    );
     let out = agent.cli(&["stats"]);
     let table = String::from_utf8_lossy(&out.stdout);
-    assert!(table.contains("sandbox") && table.contains("audit"), "{table}");
+    assert!(
+        table.contains("sandbox") && table.contains("audit"),
+        "{table}"
+    );
 }

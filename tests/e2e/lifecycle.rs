@@ -8,12 +8,19 @@ use crate::setup;
 
 fn policy(cgroup: &TestCgroup, allow: &[String]) -> String {
     let allow: Vec<String> = allow.iter().map(|a| format!("\"{a}\"")).collect();
-    format!("[[policy]]\nname = \"app\"\ncgroups = [\"{}\"]\nallow = [{}]\n", cgroup.rel(), allow.join(", "))
+    format!(
+        "[[policy]]\nname = \"app\"\ncgroups = [\"{}\"]\nallow = [{}]\n",
+        cgroup.rel(),
+        allow.join(", ")
+    )
 }
 
 fn loop_counts(out: &str) -> (u64, u64, u64) {
     let get = |k: &str| -> u64 {
-        out.split_whitespace().find_map(|w| w.strip_prefix(&format!("{k}="))).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{k} in {out:?}"))
+        out.split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{k}=")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{k} in {out:?}"))
     };
     (get("ok"), get("eperm"), get("err"))
 }
@@ -40,7 +47,8 @@ fn enforcement_survives_kill9_and_a_restart_adopts_the_pins_without_a_gap() {
         let p = cg_path.clone();
         move || probe_in(&p, &["loop", "tcp", &d, "3000"]).stdout
     });
-    let allowed_loop = std::thread::spawn(move || probe_in(&cg_path, &["loop", "tcp", &a, "3000"]).stdout);
+    let allowed_loop =
+        std::thread::spawn(move || probe_in(&cg_path, &["loop", "tcp", &a, "3000"]).stdout);
     std::thread::sleep(Duration::from_millis(300));
     agent.spawn();
     let (ok, eperm, err) = loop_counts(&denied_loop.join().unwrap());
@@ -49,17 +57,28 @@ fn enforcement_survives_kill9_and_a_restart_adopts_the_pins_without_a_gap() {
     assert_eq!(err, 0);
     let (ok, eperm, err) = loop_counts(&allowed_loop.join().unwrap());
     assert!(ok > 10, "the allowed loop barely ran: ok={ok}");
-    assert_eq!((eperm, err), (0, 0), "an allowed connection failed during the restart");
+    assert_eq!(
+        (eperm, err),
+        (0, 0),
+        "an allowed connection failed during the restart"
+    );
 
     // The restart adopted every attachment instead of attaching new ones.
     let log = agent.log_text();
-    let last = log.lines().filter(|l| l.contains("enforcing;")).last().unwrap();
-    assert!(last.contains("attached=0") && last.contains("detached=0") && last.contains("adopted=8"), "{last}");
+    let last = log.lines().rfind(|l| l.contains("enforcing;")).unwrap();
+    assert!(
+        last.contains("attached=0") && last.contains("detached=0") && last.contains("adopted=8"),
+        "{last}"
+    );
 
     // Uninstall removes every pin and attachment: the cgroup is unguarded again.
     agent.kill9();
     let out = agent.cli(&["uninstall"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(probe_in(&cg.path, &["tcp", &denied.to_string()]).ok());
     assert!(!agent.pin_dir.exists(), "pins left behind");
 }
@@ -77,15 +96,25 @@ fn sighup_applies_a_new_config_and_a_bad_one_keeps_the_old_policy() {
     agent.rewrite_config(&policy(&cg, &[b.to_string()]));
     let before = agent.log_text().matches("enforcing;").count();
     agent.signal(libc::SIGHUP);
-    agent.wait_for_log(|l| l.matches("enforcing;").count() > before, "the reload to apply");
+    agent.wait_for_log(
+        |l| l.matches("enforcing;").count() > before,
+        "the reload to apply",
+    );
     assert!(probe_in(&cg.path, &["tcp", &b.to_string()]).ok());
     assert!(probe_in(&cg.path, &["tcp", &a.to_string()]).eperm());
 
     // A bad config is refused with the reason, and b stays allowed, a refused.
     agent.rewrite_config(&format!("{}bogus_key = 1\n", policy(&cg, &[a.to_string()])));
     agent.signal(libc::SIGHUP);
-    agent.wait_for_log(|l| l.contains("reload refused, the previous policy stays in force"), "the reload to be refused");
-    assert!(agent.log_text().contains("unknown field `bogus_key`"), "{}", agent.log_text());
+    agent.wait_for_log(
+        |l| l.contains("reload refused, the previous policy stays in force"),
+        "the reload to be refused",
+    );
+    assert!(
+        agent.log_text().contains("unknown field `bogus_key`"),
+        "{}",
+        agent.log_text()
+    );
     assert!(probe_in(&cg.path, &["tcp", &b.to_string()]).ok());
     assert!(probe_in(&cg.path, &["tcp", &a.to_string()]).eperm());
 }

@@ -22,12 +22,20 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// A name unique to this process and call.
 pub fn unique(what: &str) -> String {
-    format!("{PREFIX}-{}-{}-{what}", std::process::id(), COUNTER.fetch_add(1, Ordering::SeqCst))
+    format!(
+        "{PREFIX}-{}-{}-{what}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::SeqCst)
+    )
 }
 
 pub fn require_root() {
     // SAFETY: no arguments.
-    assert_eq!(unsafe { libc::geteuid() }, 0, "the end-to-end tests load eBPF programs and must run as root");
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "the end-to-end tests load eBPF programs and must run as root"
+    );
 }
 
 /// The agent binary: EGRESS_GUARD_BIN (set by `cargo xtask test`), else target/debug.
@@ -36,7 +44,11 @@ pub fn agent_bin() -> PathBuf {
         return PathBuf::from(p);
     }
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/egress-guard");
-    assert!(p.exists(), "{} is missing: run `cargo xtask test` (or build the agent first)", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo xtask test` (or build the agent first)",
+        p.display()
+    );
     p
 }
 
@@ -45,7 +57,11 @@ pub fn agent_bin() -> PathBuf {
 pub fn probe_bin() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let p = exe.parent().and_then(Path::parent).unwrap().join("probe");
-    assert!(p.exists(), "{} is missing: build the egress-guard-e2e package", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: build the egress-guard-e2e package",
+        p.display()
+    );
     p
 }
 
@@ -73,7 +89,10 @@ pub fn sweep() {
         for e in dir.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             if name.starts_with(PREFIX) && !alive(&name) {
-                let _ = Command::new(agent_bin()).args(["uninstall", "--pin-dir"]).arg(e.path()).output();
+                let _ = Command::new(agent_bin())
+                    .args(["uninstall", "--pin-dir"])
+                    .arg(e.path())
+                    .output();
             }
         }
     }
@@ -124,7 +143,11 @@ impl TestCgroup {
 
     /// The path relative to the cgroup2 mount, as a config would name it.
     pub fn rel(&self) -> String {
-        self.path.strip_prefix(cgroup2_root()).unwrap().display().to_string()
+        self.path
+            .strip_prefix(cgroup2_root())
+            .unwrap()
+            .display()
+            .to_string()
     }
 
     /// A child cgroup (removed with the parent).
@@ -194,12 +217,22 @@ fn to_result(out: Output) -> ProbeResult {
 
 /// Runs the probe inside `cgroup`.
 pub fn probe_in(cgroup: &Path, args: &[&str]) -> ProbeResult {
-    to_result(in_cgroup(cgroup, &probe_bin()).args(args).output().expect("running probe"))
+    to_result(
+        in_cgroup(cgroup, &probe_bin())
+            .args(args)
+            .output()
+            .expect("running probe"),
+    )
 }
 
 /// Runs the probe in the test's own (unguarded) cgroup.
 pub fn probe_outside(args: &[&str]) -> ProbeResult {
-    to_result(Command::new(probe_bin()).args(args).output().expect("running probe"))
+    to_result(
+        Command::new(probe_bin())
+            .args(args)
+            .output()
+            .expect("running probe"),
+    )
 }
 
 /// A TCP listener on loopback that accepts and drops connections in the background.
@@ -217,7 +250,8 @@ pub fn tcp_listener(ip: &str) -> SocketAddr {
 /// A UDP receiver on loopback.
 pub fn udp_receiver(ip: &str) -> UdpSocket {
     let s = UdpSocket::bind(format!("{ip}:0")).unwrap();
-    s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
     s
 }
 
@@ -244,21 +278,35 @@ impl Agent {
         std::fs::create_dir_all(&dir).unwrap();
         let pin_dir = PathBuf::from("/sys/fs/bpf").join(&name);
         let config = dir.join("config.toml");
-        std::fs::write(&config, format!("pin_dir = \"{}\"\n{body}", pin_dir.display())).unwrap();
+        std::fs::write(
+            &config,
+            format!("pin_dir = \"{}\"\n{body}", pin_dir.display()),
+        )
+        .unwrap();
         (dir, config, pin_dir)
     }
 
     /// Starts the agent and waits until it reports that it is enforcing.
     pub fn start(body: &str) -> Self {
         let (dir, config, pin_dir) = Self::config_file(body);
-        let mut agent = Agent { pin_dir, log: dir.join("agent.log"), config, child: None, dir };
+        let mut agent = Agent {
+            pin_dir,
+            log: dir.join("agent.log"),
+            config,
+            child: None,
+            dir,
+        };
         agent.spawn();
         agent
     }
 
     /// (Re)starts the agent process on the same config and pins.
     pub fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
         let child = Command::new(agent_bin())
             .args(["run", "--config"])
             .arg(&self.config)
@@ -269,7 +317,10 @@ impl Agent {
             .expect("starting egress-guard");
         self.child = Some(child);
         let before = self.log_text().matches("enforcing;").count();
-        self.wait_for_log(|l| l.matches("enforcing;").count() > before, "the agent to report it is enforcing");
+        self.wait_for_log(
+            |l| l.matches("enforcing;").count() > before,
+            "the agent to report it is enforcing",
+        );
     }
 
     pub fn log_text(&self) -> String {
@@ -289,7 +340,10 @@ impl Agent {
             {
                 panic!("egress-guard exited ({status}) while waiting for {what}; log:\n{text}");
             }
-            assert!(Instant::now() < end, "timed out waiting for {what}; log:\n{text}");
+            assert!(
+                Instant::now() < end,
+                "timed out waiting for {what}; log:\n{text}"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -313,13 +367,22 @@ impl Agent {
 
     /// Runs `egress-guard ARGS --pin-dir <this agent's pins>`.
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(agent_bin()).args(args).arg("--pin-dir").arg(&self.pin_dir).output().unwrap()
+        Command::new(agent_bin())
+            .args(args)
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .output()
+            .unwrap()
     }
 
     /// `stats --json` of one policy: counter name → value.
     pub fn counters(&self, policy: &str) -> serde_json::Map<String, serde_json::Value> {
         let out = self.cli(&["stats", "--json"]);
-        assert!(out.status.success(), "stats failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "stats failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         v["policies"]
             .as_array()
@@ -338,16 +401,27 @@ impl Agent {
 
     /// Rewrites the config (keeping the pin dir) for a reload.
     pub fn rewrite_config(&self, body: &str) {
-        std::fs::write(&self.config, format!("pin_dir = \"{}\"\n{body}", self.pin_dir.display())).unwrap();
+        std::fs::write(
+            &self.config,
+            format!("pin_dir = \"{}\"\n{body}", self.pin_dir.display()),
+        )
+        .unwrap();
     }
 }
 
 impl Drop for Agent {
     fn drop(&mut self) {
         self.kill9();
-        let _ = Command::new(agent_bin()).args(["uninstall", "--pin-dir"]).arg(&self.pin_dir).output();
+        let _ = Command::new(agent_bin())
+            .args(["uninstall", "--pin-dir"])
+            .arg(&self.pin_dir)
+            .output();
         if std::thread::panicking() {
-            eprintln!("--- egress-guard log ({}) ---\n{}", self.log.display(), self.log_text());
+            eprintln!(
+                "--- egress-guard log ({}) ---\n{}",
+                self.log.display(),
+                self.log_text()
+            );
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
@@ -377,7 +451,12 @@ impl RunningProbe {
     /// Sends a line on stdin (the go-ahead for `udp-presocket`).
     pub fn go(&mut self) {
         use std::io::Write as _;
-        self.child.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
+        self.child
+            .stdin
+            .as_mut()
+            .unwrap()
+            .write_all(b"go\n")
+            .unwrap();
     }
 
     /// Waits for the probe to finish; returns the rest of its output.

@@ -1,1 +1,268 @@
-fn main() {}
+//! Project tasks: `cargo xtask setup | test | demo`.
+//!
+//! `setup` makes a fresh machine able to build and test (idempotent; `test` and `demo` run it
+//! first). `test` is the whole check CI runs. `demo` shows the agent at work in a throwaway
+//! cgroup on loopback.
+
+mod demo;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "egress-guard project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what a fresh machine lacks: rust-src, bpf-linker (built against the toolchain's
+    /// own LLVM) and the Debian packages the tests need. Safe to run again.
+    Setup,
+    /// Set up, then: rustfmt check, clippy (-D warnings, the eBPF crate too), unit tests and the
+    /// privileged end-to-end tests (root; loopback only).
+    Test,
+    /// Set up, build, and show an allowed and a refused connection from a guarded cgroup (root).
+    Demo,
+}
+
+/// Debian packages the tests and the demo need (checked with dpkg, installed with apt-get).
+const APT_PACKAGES: &[&str] = &["iproute2"];
+
+/// The bpf-linker release the build is known to work with.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().task {
+        Task::Setup => setup(),
+        Task::Test => test(),
+        Task::Demo => {
+            setup()?;
+            demo::run()
+        }
+    }
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// Runs a command in the workspace root, failing with its command line.
+pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    cmd.current_dir(workspace_root());
+    eprintln!("==> {}", describe(cmd));
+    let status = cmd
+        .status()
+        .with_context(|| format!("starting {}", describe(cmd)))?;
+    if !status.success() {
+        bail!("{} failed ({status})", describe(cmd));
+    }
+    Ok(())
+}
+
+fn describe(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for a in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&a.to_string_lossy());
+    }
+    s
+}
+
+fn output(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("starting {}", describe(cmd)))?;
+    if !out.status.success() {
+        bail!(
+            "{} failed: {}",
+            describe(cmd),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+pub fn is_root() -> bool {
+    // The effective uid, from /proc (no libc dependency needed).
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(2) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+// ------------------------------------------------------------------------------------------
+// setup
+// ------------------------------------------------------------------------------------------
+
+fn setup() -> anyhow::Result<()> {
+    ensure_rust_src()?;
+    ensure_bpf_linker()?;
+    ensure_apt_packages()?;
+    eprintln!("==> setup complete");
+    Ok(())
+}
+
+fn sysroot() -> anyhow::Result<PathBuf> {
+    Ok(PathBuf::from(
+        output(Command::new("rustc").args(["--print", "sysroot"]))?.trim(),
+    ))
+}
+
+/// The bpfel target is tier 3: core is built from source, which needs rust-src.
+fn ensure_rust_src() -> anyhow::Result<()> {
+    if sysroot()?
+        .join("lib/rustlib/src/rust/library/core/Cargo.toml")
+        .exists()
+    {
+        return Ok(());
+    }
+    run(Command::new("rustup").args(["component", "add", "rust-src"]))
+}
+
+/// bpf-linker must read the bitcode of this rustc: build it against the toolchain's own
+/// libLLVM (no LLVM dev package of that version exists for Debian 12).
+fn ensure_bpf_linker() -> anyhow::Result<()> {
+    let works = Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if works {
+        return Ok(());
+    }
+    let sysroot = sysroot()?;
+    let llvm_lib = std::fs::read_dir(sysroot.join("lib"))?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("libLLVM.so."))
+        })
+        .with_context(|| format!("no libLLVM.so.* in {}/lib", sysroot.display()))?;
+    let version = output(Command::new("rustc").arg("-vV"))?;
+    let major = version
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .and_then(|v| v.split('.').next())
+        .context("rustc -vV shows no LLVM version")?
+        .to_string();
+    // A persistent prefix: bpf-linker keeps it as its library search path (RUNPATH).
+    let cargo_home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .context("neither CARGO_HOME nor HOME is set")?;
+    let prefix = cargo_home
+        .join("egress-guard-llvm")
+        .join(llvm_lib.file_name().unwrap());
+    let lib = prefix.join("lib");
+    std::fs::create_dir_all(&lib)?;
+    for name in [
+        std::ffi::OsStr::new("libLLVM.so"),
+        llvm_lib.file_name().unwrap(),
+    ] {
+        let link = lib.join(name);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&llvm_lib, &link)
+            .with_context(|| format!("linking {}", link.display()))?;
+    }
+    run(Command::new("cargo")
+        .args([
+            "install",
+            "--force",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--no-default-features",
+        ])
+        .args(["--features", &format!("llvm-{major}")])
+        .env("LLVM_PREFIX", &prefix))
+}
+
+fn ensure_apt_packages() -> anyhow::Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            !Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", p])
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!(
+            "missing Debian packages {missing:?}: run as root, or `apt-get install {}`",
+            missing.join(" ")
+        );
+    }
+    run(Command::new("apt-get").arg("update").arg("-q"))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-q"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+// ------------------------------------------------------------------------------------------
+// test
+// ------------------------------------------------------------------------------------------
+
+fn test() -> anyhow::Result<()> {
+    setup()?;
+    run(Command::new("cargo").args(["fmt", "--all", "--", "--check"]))?;
+    run(Command::new("cargo").args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+    run(Command::new("cargo")
+        .args([
+            "clippy",
+            "-p",
+            "agent-ebpf",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+        ])
+        .args(["--", "-D", "warnings"])
+        .env("RUSTC_BOOTSTRAP", "1"))?;
+    run(Command::new("cargo").args([
+        "test",
+        "--workspace",
+        "--exclude",
+        "egress-guard-e2e",
+        "--exclude",
+        "agent-ebpf",
+    ]))?;
+    if !is_root() {
+        bail!("the end-to-end tests load eBPF programs: run `cargo xtask test` as root");
+    }
+    run(Command::new("cargo").args([
+        "build",
+        "-p",
+        "egress-guard",
+        "-p",
+        "egress-guard-e2e",
+        "--bins",
+    ]))?;
+    // One at a time: the tests share the kernel (cgroups, bpffs, tracepoints).
+    run(Command::new("cargo")
+        .args(["test", "-p", "egress-guard-e2e", "--test", "e2e", "--", "--test-threads=1"])
+        .env(
+            "EGRESS_GUARD_BIN",
+            workspace_root().join("target/debug/egress-guard"),
+        ))
+}

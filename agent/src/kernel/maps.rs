@@ -30,14 +30,18 @@ pub type CounterValues = [u64; COUNTERS_PER_POLICY as usize];
 impl Maps {
     /// Takes the maps out of a loaded object (created, or reused from their pins).
     pub fn from_ebpf(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
-        Self::build(|name| ebpf.take_map(name).ok_or_else(|| anyhow!("the eBPF object has no map {name}")))
+        Self::build(|name| {
+            ebpf.take_map(name)
+                .ok_or_else(|| anyhow!("the eBPF object has no map {name}"))
+        })
     }
 
     /// Opens the pinned maps without loading anything (for `stats` and `uninstall`).
     pub fn from_pins(dir: &Path) -> anyhow::Result<Self> {
         Self::build(|name| {
             let path = dir.join(name);
-            let data = MapData::from_pin(&path).with_context(|| format!("opening pinned map {}", path.display()))?;
+            let data = MapData::from_pin(&path)
+                .with_context(|| format!("opening pinned map {}", path.display()))?;
             Ok(Map::from_map_data(data)?)
         })
     }
@@ -56,25 +60,55 @@ impl Maps {
 
     /// Every slot's state.
     pub fn states(&self) -> anyhow::Result<Vec<PolicyState>> {
-        (0..MAX_POLICIES).map(|i| Ok(self.state.get(&i, 0)?)).collect()
+        (0..MAX_POLICIES)
+            .map(|i| Ok(self.state.get(&i, 0)?))
+            .collect()
     }
 
     pub fn set_state(&mut self, slot: u32, state: &PolicyState) -> anyhow::Result<()> {
-        self.state.set(slot, state, 0).with_context(|| format!("writing POLICY_STATE[{slot}]"))
+        self.state
+            .set(slot, state, 0)
+            .with_context(|| format!("writing POLICY_STATE[{slot}]"))
     }
 
     /// Writes every entry of `compiled` under `ruleset`.
     pub fn write_ruleset(&mut self, ruleset: u32, compiled: &Compiled) -> anyhow::Result<()> {
         for (net, value) in &compiled.entries {
             let res = match (net.addr(), net.prefix_len()) {
-                (IpAddr::V4(a), 32) => self.exact4.insert(Addr4Key { ruleset, addr: a.octets() }, value, 0),
-                (IpAddr::V6(a), 128) => self.exact6.insert(Addr6Key { ruleset, addr: a.octets() }, value, 0),
+                (IpAddr::V4(a), 32) => self.exact4.insert(
+                    Addr4Key {
+                        ruleset,
+                        addr: a.octets(),
+                    },
+                    value,
+                    0,
+                ),
+                (IpAddr::V6(a), 128) => self.exact6.insert(
+                    Addr6Key {
+                        ruleset,
+                        addr: a.octets(),
+                    },
+                    value,
+                    0,
+                ),
                 (IpAddr::V4(a), len) => {
-                    let key = Key::new(RULESET_PREFIX_BITS + u32::from(len), Addr4Key { ruleset, addr: a.octets() });
+                    let key = Key::new(
+                        RULESET_PREFIX_BITS + u32::from(len),
+                        Addr4Key {
+                            ruleset,
+                            addr: a.octets(),
+                        },
+                    );
                     self.cidr4.insert(&key, value, 0)
                 }
                 (IpAddr::V6(a), len) => {
-                    let key = Key::new(RULESET_PREFIX_BITS + u32::from(len), Addr6Key { ruleset, addr: a.octets() });
+                    let key = Key::new(
+                        RULESET_PREFIX_BITS + u32::from(len),
+                        Addr6Key {
+                            ruleset,
+                            addr: a.octets(),
+                        },
+                    );
                     self.cidr6.insert(&key, value, 0)
                 }
             };
@@ -86,22 +120,42 @@ impl Maps {
     /// Removes every entry of `ruleset`; returns how many there were.
     pub fn clear_ruleset(&mut self, ruleset: u32) -> anyhow::Result<usize> {
         let mut n = 0;
-        let keys: Vec<_> = self.exact4.keys().filter_map(Result::ok).filter(|k| k.ruleset == ruleset).collect();
+        let keys: Vec<_> = self
+            .exact4
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.ruleset == ruleset)
+            .collect();
         for k in &keys {
             self.exact4.remove(k)?;
         }
         n += keys.len();
-        let keys: Vec<_> = self.exact6.keys().filter_map(Result::ok).filter(|k| k.ruleset == ruleset).collect();
+        let keys: Vec<_> = self
+            .exact6
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.ruleset == ruleset)
+            .collect();
         for k in &keys {
             self.exact6.remove(k)?;
         }
         n += keys.len();
-        let keys: Vec<_> = self.cidr4.keys().filter_map(Result::ok).filter(|k| k.data().ruleset == ruleset).collect();
+        let keys: Vec<_> = self
+            .cidr4
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.data().ruleset == ruleset)
+            .collect();
         for k in &keys {
             self.cidr4.remove(k)?;
         }
         n += keys.len();
-        let keys: Vec<_> = self.cidr6.keys().filter_map(Result::ok).filter(|k| k.data().ruleset == ruleset).collect();
+        let keys: Vec<_> = self
+            .cidr6
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.data().ruleset == ruleset)
+            .collect();
         for k in &keys {
             self.cidr6.remove(k)?;
         }
@@ -110,11 +164,19 @@ impl Maps {
     }
 
     /// Makes GUARDED_CGROUPS exactly `wanted` (cgroup id → slot).
-    pub fn set_guarded(&mut self, wanted: &std::collections::HashMap<u64, u32>) -> anyhow::Result<()> {
+    pub fn set_guarded(
+        &mut self,
+        wanted: &std::collections::HashMap<u64, u32>,
+    ) -> anyhow::Result<()> {
         for (id, slot) in wanted {
             self.guarded.insert(id, slot, 0)?;
         }
-        let stale: Vec<u64> = self.guarded.keys().filter_map(Result::ok).filter(|id| !wanted.contains_key(id)).collect();
+        let stale: Vec<u64> = self
+            .guarded
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|id| !wanted.contains_key(id))
+            .collect();
         for id in stale {
             self.guarded.remove(&id)?;
         }
@@ -134,6 +196,10 @@ impl Maps {
 
 /// The policy name kept in a state entry.
 pub fn state_name(state: &PolicyState) -> String {
-    let end = state.name.iter().position(|&b| b == 0).unwrap_or(state.name.len());
+    let end = state
+        .name
+        .iter()
+        .position(|&b| b == 0)
+        .unwrap_or(state.name.len());
     String::from_utf8_lossy(&state.name[..end]).into_owned()
 }

@@ -23,7 +23,10 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use agent_common::{LAYOUT_VERSION, MAX_POLICIES, POLICY_NAME_LEN, PolicyState, STATE_ACTIVE, STATE_AUDIT, ruleset_ids};
+use agent_common::{
+    LAYOUT_VERSION, MAX_POLICIES, POLICY_NAME_LEN, PolicyState, STATE_ACTIVE, STATE_AUDIT,
+    ruleset_ids,
+};
 use anyhow::{Context as _, bail};
 use aya::{Ebpf, programs::links::PinnedLink};
 
@@ -101,7 +104,8 @@ impl Kernel {
         mounts::ensure_bpffs(pin_dir)?;
         let root = pin_root(pin_dir);
         for d in ["maps", "links"] {
-            std::fs::create_dir_all(root.join(d)).with_context(|| format!("creating {}", root.join(d).display()))?;
+            std::fs::create_dir_all(root.join(d))
+                .with_context(|| format!("creating {}", root.join(d).display()))?;
         }
         raise_memlock_limit();
         let mut base = programs::load_object(&root.join("maps"), u32::MAX)?;
@@ -109,11 +113,19 @@ impl Kernel {
         let lsm_listed = match mounts::bpf_lsm_active() {
             Ok(a) => a,
             Err(e) => {
-                tracing::warn!("cannot tell whether the BPF LSM is active ({e:#}); assuming it is not");
+                tracing::warn!(
+                    "cannot tell whether the BPF LSM is active ({e:#}); assuming it is not"
+                );
                 false
             }
         };
-        Ok(Self { root, maps, object_id: programs::object_id(), lsm_listed, socket_guard: SocketGuard::None })
+        Ok(Self {
+            root,
+            maps,
+            object_id: programs::object_id(),
+            lsm_listed,
+            socket_guard: SocketGuard::None,
+        })
     }
 
     fn links_dir(&self) -> PathBuf {
@@ -132,13 +144,29 @@ impl Kernel {
             let st = states[slot as usize];
             let [a, b] = ruleset_ids(slot);
             let active = st.flags & STATE_ACTIVE != 0;
-            let (new, old) = if active && st.ruleset == a { (b, a) } else { (a, b) };
+            let (new, old) = if active && st.ruleset == a {
+                (b, a)
+            } else {
+                (a, b)
+            };
             self.maps.clear_ruleset(new)?;
             self.maps.write_ruleset(new, &t.compiled)?;
             let mut name = [0u8; POLICY_NAME_LEN];
             name[..t.name.len()].copy_from_slice(t.name.as_bytes());
-            let flags = STATE_ACTIVE | if t.mode == Mode::Audit { STATE_AUDIT } else { 0 };
-            self.maps.set_state(slot, &PolicyState { ruleset: new, flags, name })?;
+            let flags = STATE_ACTIVE
+                | if t.mode == Mode::Audit {
+                    STATE_AUDIT
+                } else {
+                    0
+                };
+            self.maps.set_state(
+                slot,
+                &PolicyState {
+                    ruleset: new,
+                    flags,
+                    name,
+                },
+            )?;
             self.maps.clear_ruleset(old)?;
             report.policies.push(AppliedPolicy {
                 name: t.name.clone(),
@@ -154,7 +182,9 @@ impl Kernel {
         let mut cgroup_ids = Vec::new();
         for (t, &slot) in targets.iter().zip(&slots) {
             for cg in &t.cgroups {
-                let id = std::fs::metadata(cg).with_context(|| format!("reading cgroup {}", cg.display()))?.ino();
+                let id = std::fs::metadata(cg)
+                    .with_context(|| format!("reading cgroup {}", cg.display()))?
+                    .ino();
                 guarded.insert(id, slot);
                 cgroup_ids.push((slot, cg, id));
             }
@@ -165,7 +195,8 @@ impl Kernel {
         let mut wanted = HashSet::new();
         let mut loaded: HashMap<u32, Ebpf> = HashMap::new();
         for &(slot, cg, id) in &cgroup_ids {
-            let cgroup = File::open(cg).with_context(|| format!("opening cgroup {}", cg.display()))?;
+            let cgroup =
+                File::open(cg).with_context(|| format!("opening cgroup {}", cg.display()))?;
             for hook in Hook::ALL {
                 let pin = format!("{}-{slot}-{id}-{}", hook.program(), self.object_id);
                 if existing.contains(&pin) {
@@ -173,11 +204,15 @@ impl Kernel {
                 } else {
                     let ebpf = match loaded.entry(slot) {
                         std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                        std::collections::hash_map::Entry::Vacant(v) => v.insert(programs::load_object(&self.root.join("maps"), slot)?),
+                        std::collections::hash_map::Entry::Vacant(v) => {
+                            v.insert(programs::load_object(&self.root.join("maps"), slot)?)
+                        }
                     };
-                    let link = programs::attach(ebpf, hook, &cgroup)
-                        .with_context(|| format!("attaching {} to {}", hook.program(), cg.display()))?;
-                    link.pin(self.links_dir().join(&pin)).with_context(|| format!("pinning link {pin}"))?;
+                    let link = programs::attach(ebpf, hook, &cgroup).with_context(|| {
+                        format!("attaching {} to {}", hook.program(), cg.display())
+                    })?;
+                    link.pin(self.links_dir().join(&pin))
+                        .with_context(|| format!("pinning link {pin}"))?;
                     report.attached += 1;
                 }
                 wanted.insert(pin);
@@ -249,8 +284,15 @@ impl Kernel {
 
 /// Slots: a policy keeps the slot it had (by name); a new one takes a slot that is neither
 /// active nor still has attachments, so it never briefly enforces another policy's links.
-fn assign_slots(targets: &[Target], states: &[PolicyState], pins: &HashSet<String>) -> anyhow::Result<Vec<u32>> {
-    let pinned_slots: HashSet<u32> = pins.iter().filter_map(|p| p.split('-').nth(1)?.parse().ok()).collect();
+fn assign_slots(
+    targets: &[Target],
+    states: &[PolicyState],
+    pins: &HashSet<String>,
+) -> anyhow::Result<Vec<u32>> {
+    let pinned_slots: HashSet<u32> = pins
+        .iter()
+        .filter_map(|p| p.split('-').nth(1)?.parse().ok())
+        .collect();
     let by_name: HashMap<String, u32> = states
         .iter()
         .enumerate()
@@ -264,7 +306,9 @@ fn assign_slots(targets: &[Target], states: &[PolicyState], pins: &HashSet<Strin
             Some(&s) => s,
             None => match (0..MAX_POLICIES).find(|s| !taken.contains(s)) {
                 Some(s) => s,
-                None => bail!("no free policy slot: {MAX_POLICIES} policies at most (stale pins? run `egress-guard uninstall`)"),
+                None => bail!(
+                    "no free policy slot: {MAX_POLICIES} policies at most (stale pins? run `egress-guard uninstall`)"
+                ),
             },
         };
         taken.insert(slot);
@@ -274,9 +318,13 @@ fn assign_slots(targets: &[Target], states: &[PolicyState], pins: &HashSet<Strin
 }
 
 fn detach_pin(path: &Path) -> anyhow::Result<()> {
-    let link = PinnedLink::from_pin(path).with_context(|| format!("opening pinned link {}", path.display()))?;
+    let link = PinnedLink::from_pin(path)
+        .with_context(|| format!("opening pinned link {}", path.display()))?;
     // Unpinning drops the last reference once the returned fd closes: the program detaches.
-    drop(link.unpin().with_context(|| format!("unpinning {}", path.display()))?);
+    drop(
+        link.unpin()
+            .with_context(|| format!("unpinning {}", path.display()))?,
+    );
     Ok(())
 }
 
@@ -313,9 +361,15 @@ pub fn uninstall(pin_dir: &Path) -> anyhow::Result<(usize, usize)> {
 
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK.
 fn raise_memlock_limit() {
-    let rlim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
     // SAFETY: plain syscall with a valid pointer.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
-        tracing::debug!("could not raise RLIMIT_MEMLOCK: {}", std::io::Error::last_os_error());
+        tracing::debug!(
+            "could not raise RLIMIT_MEMLOCK: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }

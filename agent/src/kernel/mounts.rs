@@ -7,7 +7,8 @@ use anyhow::{Context as _, bail};
 
 /// Mount points of `fstype` from /proc/self/mountinfo.
 fn mounts_of(fstype: &str) -> anyhow::Result<Vec<PathBuf>> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    let text =
+        std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
     Ok(parse_mountinfo(&text, fstype))
 }
 
@@ -24,7 +25,10 @@ fn parse_mountinfo(text: &str, fstype: &str) -> Vec<PathBuf> {
 
 /// mountinfo escapes space, tab, newline and backslash as octal.
 fn unescape(s: &str) -> String {
-    s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+    s.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
 }
 
 /// Where the cgroup v2 hierarchy is mounted (/sys/fs/cgroup on most hosts; elsewhere on
@@ -32,7 +36,9 @@ fn unescape(s: &str) -> String {
 pub fn cgroup2_root() -> anyhow::Result<PathBuf> {
     match mounts_of("cgroup2")?.into_iter().next() {
         Some(p) => Ok(p),
-        None => bail!("no cgroup2 filesystem is mounted; egress-guard needs the unified cgroup hierarchy (cgroup v2)"),
+        None => bail!(
+            "no cgroup2 filesystem is mounted; egress-guard needs the unified cgroup hierarchy (cgroup v2)"
+        ),
     }
 }
 
@@ -57,7 +63,15 @@ pub fn ensure_bpffs(dir: &Path) -> anyhow::Result<()> {
         bail!(
             "pin_dir {} is not on a bpf filesystem (bpffs is mounted at: {}); mount one or use a pin_dir under /sys/fs/bpf",
             dir.display(),
-            if mounts.is_empty() { "nowhere".into() } else { mounts.iter().map(|m| m.display().to_string()).collect::<Vec<_>>().join(", ") }
+            if mounts.is_empty() {
+                "nowhere".into()
+            } else {
+                mounts
+                    .iter()
+                    .map(|m| m.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }
         );
     }
     mount("bpf", default, "bpf").context("mounting bpffs at /sys/fs/bpf")?;
@@ -95,9 +109,15 @@ pub fn ensure_tracefs() -> anyhow::Result<()> {
 pub fn bpf_lsm_active() -> anyhow::Result<bool> {
     let lsm = Path::new("/sys/kernel/security/lsm");
     if !lsm.exists() && mounts_of("securityfs")?.is_empty() {
-        mount("securityfs", Path::new("/sys/kernel/security"), "securityfs").context("mounting securityfs")?;
+        mount(
+            "securityfs",
+            Path::new("/sys/kernel/security"),
+            "securityfs",
+        )
+        .context("mounting securityfs")?;
     }
-    let list = std::fs::read_to_string(lsm).with_context(|| format!("reading {}", lsm.display()))?;
+    let list =
+        std::fs::read_to_string(lsm).with_context(|| format!("reading {}", lsm.display()))?;
     Ok(list.trim().split(',').any(|l| l == "bpf"))
 }
 
@@ -113,8 +133,17 @@ mod tests {
 50 25 0:40 / /sys/fs/bpf rw shared:9 - bpf bpf rw,mode=700
 51 25 0:41 / /mnt/with\\040space rw - bpf bpf rw
 ";
-        assert_eq!(parse_mountinfo(text, "cgroup2"), vec![PathBuf::from("/sys/fs/cgroup/unified")]);
-        assert_eq!(parse_mountinfo(text, "bpf"), vec![PathBuf::from("/sys/fs/bpf"), PathBuf::from("/mnt/with space")]);
+        assert_eq!(
+            parse_mountinfo(text, "cgroup2"),
+            vec![PathBuf::from("/sys/fs/cgroup/unified")]
+        );
+        assert_eq!(
+            parse_mountinfo(text, "bpf"),
+            vec![
+                PathBuf::from("/sys/fs/bpf"),
+                PathBuf::from("/mnt/with space")
+            ]
+        );
         assert!(parse_mountinfo(text, "securityfs").is_empty());
     }
 }

@@ -7,9 +7,8 @@ use anyhow::{Context as _, anyhow};
 use aya::{
     Btf, Ebpf, EbpfLoader,
     programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, Lsm, TracePoint,
-        links::FdLink,
-        SockOps,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, Lsm, SockOps,
+        TracePoint, links::FdLink,
     },
 };
 
@@ -42,8 +41,15 @@ pub enum Hook {
 }
 
 impl Hook {
-    pub const ALL: [Hook; 7] =
-        [Hook::Inbound, Hook::Egress, Hook::SockCreate, Hook::Connect4, Hook::Connect6, Hook::Sendmsg4, Hook::Sendmsg6];
+    pub const ALL: [Hook; 7] = [
+        Hook::Inbound,
+        Hook::Egress,
+        Hook::SockCreate,
+        Hook::Connect4,
+        Hook::Connect6,
+        Hook::Sendmsg4,
+        Hook::Sendmsg6,
+    ];
 
     /// The program's function name in agent-ebpf, also used in pin names.
     pub fn program(self) -> &'static str {
@@ -75,7 +81,9 @@ pub fn load_object(maps_dir: &Path, slot: u32) -> anyhow::Result<Ebpf> {
 /// Loads (if needed) and attaches `hook` of `ebpf` to `cgroup`; returns the link to pin.
 pub fn attach(ebpf: &mut Ebpf, hook: Hook, cgroup: &File) -> anyhow::Result<FdLink> {
     let name = hook.program();
-    let prog = ebpf.program_mut(name).ok_or_else(|| anyhow!("the eBPF object has no program {name}"))?;
+    let prog = ebpf
+        .program_mut(name)
+        .ok_or_else(|| anyhow!("the eBPF object has no program {name}"))?;
     let mode = CgroupAttachMode::Single;
     let link: FdLink = match hook {
         Hook::Connect4 | Hook::Connect6 | Hook::Sendmsg4 | Hook::Sendmsg6 => {
@@ -118,9 +126,12 @@ pub fn attach(ebpf: &mut Ebpf, hook: Hook, cgroup: &File) -> anyhow::Result<FdLi
 /// through GUARDED_CGROUPS).
 pub fn attach_lsm(ebpf: &mut Ebpf) -> anyhow::Result<FdLink> {
     let btf = Btf::from_sys_fs().context("reading kernel BTF (/sys/kernel/btf/vmlinux)")?;
-    let prog = ebpf.program_mut(LSM_PROGRAM).ok_or_else(|| anyhow!("the eBPF object has no program {LSM_PROGRAM}"))?;
+    let prog = ebpf
+        .program_mut(LSM_PROGRAM)
+        .ok_or_else(|| anyhow!("the eBPF object has no program {LSM_PROGRAM}"))?;
     let p: &mut Lsm = prog.try_into()?;
-    p.load("socket_create", &btf).context("loading the LSM socket_create program")?;
+    p.load("socket_create", &btf)
+        .context("loading the LSM socket_create program")?;
     let id = p.attach()?;
     Ok(p.take_link(id)?.into())
 }

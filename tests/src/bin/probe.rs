@@ -60,7 +60,11 @@ fn tcp(to: SocketAddr) -> Outcome {
 }
 
 fn udp(to: SocketAddr) -> Outcome {
-    let bind: SocketAddr = if to.is_ipv4() { "0.0.0.0:0".parse().unwrap() } else { "[::]:0".parse().unwrap() };
+    let bind: SocketAddr = if to.is_ipv4() {
+        "0.0.0.0:0".parse().unwrap()
+    } else {
+        "[::]:0".parse().unwrap()
+    };
     classify(UdpSocket::bind(bind).and_then(|s| s.send_to(b"probe", to)))
 }
 
@@ -85,8 +89,16 @@ fn main() -> ExitCode {
     match a.as_slice() {
         ["tcp", to] => report(tcp(addr(to))),
         ["udp", to] => report(udp(addr(to))),
-        ["raw"] => report(raw_socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP)),
-        ["packet"] => report(raw_socket(libc::AF_PACKET, libc::SOCK_RAW, (libc::ETH_P_ALL as u16).to_be() as i32)),
+        ["raw"] => report(raw_socket(
+            libc::AF_INET,
+            libc::SOCK_RAW,
+            libc::IPPROTO_ICMP,
+        )),
+        ["packet"] => report(raw_socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW,
+            (libc::ETH_P_ALL as u16).to_be() as i32,
+        )),
         ["udp-presocket", to] => {
             let to = addr(to);
             let s = UdpSocket::bind("0.0.0.0:0").and_then(|s| s.connect(to).map(|_| s));
@@ -106,7 +118,9 @@ fn main() -> ExitCode {
             };
             println!("ready");
             let _ = std::io::stdout().flush();
-            report(classify(l.accept().and_then(|(mut c, _)| c.write_all(b"hello"))))
+            report(classify(
+                l.accept().and_then(|(mut c, _)| c.write_all(b"hello")),
+            ))
         }
         ["loop", "tcp", to, millis] => {
             let to = addr(to);
@@ -124,7 +138,9 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         _ => {
-            eprintln!("usage: probe tcp|udp ADDR:PORT | raw | packet | udp-presocket ADDR:PORT | serve ADDR:PORT | loop tcp ADDR:PORT MILLIS");
+            eprintln!(
+                "usage: probe tcp|udp ADDR:PORT | raw | packet | udp-presocket ADDR:PORT | serve ADDR:PORT | loop tcp ADDR:PORT MILLIS"
+            );
             ExitCode::from(3)
         }
     }

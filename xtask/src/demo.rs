@@ -1,0 +1,206 @@
+//! `cargo xtask demo`: a guarded cgroup, the agent with an example policy, one allowed and one
+//! refused connection from inside, the kernel's counters, then everything removed again.
+//! Loopback only: the "LLM API" is a local listener on 127.0.0.2, the "exfiltration target"
+//! one on 127.0.0.3.
+
+use std::{
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::{is_root, workspace_root};
+
+/// Everything the demo created; removed on drop, also when the demo fails half-way.
+struct Demo {
+    cgroup: PathBuf,
+    pin_dir: PathBuf,
+    dir: PathBuf,
+    agent: Option<Child>,
+    bin: PathBuf,
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        println!(
+            "\n==> cleaning up: stopping the agent, `egress-guard uninstall`, removing the cgroup"
+        );
+        if let Some(mut a) = self.agent.take() {
+            let _ = a.kill();
+            let _ = a.wait();
+        }
+        let _ = Command::new(&self.bin)
+            .args(["uninstall", "--pin-dir"])
+            .arg(&self.pin_dir)
+            .status();
+        let _ = std::fs::remove_dir(&self.cgroup);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn cgroup2_root() -> anyhow::Result<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo")?;
+    text.lines()
+        .find_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            right
+                .starts_with("cgroup2 ")
+                .then(|| PathBuf::from(left.split(' ').nth(4).unwrap_or("")))
+        })
+        .context("no cgroup2 filesystem is mounted")
+}
+
+fn listen(ip: &str) -> anyhow::Result<u16> {
+    let l = TcpListener::bind((ip, 0))?;
+    let port = l.local_addr()?.port();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            drop(c);
+        }
+    });
+    Ok(port)
+}
+
+/// Runs the probe inside `cgroup` and describes the outcome.
+fn connect_from(cgroup: Option<&Path>, probe: &Path, to: &str) -> anyhow::Result<String> {
+    let mut cmd = match cgroup {
+        Some(cg) => {
+            // Join the cgroup first (via a shell), so the socket belongs to it.
+            let mut c = Command::new("sh");
+            c.arg("-c").arg(format!(
+                "echo $$ > {}/cgroup.procs && exec \"$0\" tcp \"$1\"",
+                cg.display()
+            ));
+            c.arg(probe).arg(to);
+            c
+        }
+        None => {
+            let mut c = Command::new(probe);
+            c.args(["tcp", to]);
+            c
+        }
+    };
+    let out = cmd.output()?;
+    Ok(match String::from_utf8_lossy(&out.stdout).trim() {
+        "ok" => "connected".into(),
+        "EPERM" => {
+            "REFUSED by the kernel: connect() failed with EPERM (Operation not permitted)".into()
+        }
+        other => format!("error: {other}"),
+    })
+}
+
+pub fn run() -> anyhow::Result<()> {
+    if !is_root() {
+        bail!("the demo loads eBPF programs into the kernel: run `cargo xtask demo` as root");
+    }
+    crate::run(Command::new("cargo").args([
+        "build",
+        "-p",
+        "egress-guard",
+        "-p",
+        "egress-guard-e2e",
+        "--bins",
+    ]))?;
+    let target = workspace_root().join("target/debug");
+    let (bin, probe) = (target.join("egress-guard"), target.join("probe"));
+
+    let name = format!("egress-guard-demo-{}", std::process::id());
+    let cgroup = cgroup2_root()?.join(&name);
+    let dir = std::env::temp_dir().join(&name);
+    std::fs::create_dir_all(&dir)?;
+    std::fs::create_dir(&cgroup)
+        .with_context(|| format!("creating cgroup {}", cgroup.display()))?;
+    let mut demo = Demo {
+        cgroup,
+        pin_dir: PathBuf::from("/sys/fs/bpf").join(&name),
+        dir,
+        agent: None,
+        bin,
+    };
+
+    let llm_port = listen("127.0.0.2")?;
+    let other_port = listen("127.0.0.3")?;
+    let config = format!(
+        r#"# The demo's policy: the sandbox may reach its "LLM API" and nothing else.
+mode = "enforce"
+pin_dir = "{pin}"
+
+[[policy]]
+name = "openhands-sandbox"
+cgroups = ["{cg}"]
+allow = ["127.0.0.2:{llm_port}"]
+"#,
+        pin = demo.pin_dir.display(),
+        cg = name,
+    );
+    let config_path = demo.dir.join("config.toml");
+    std::fs::write(&config_path, &config)?;
+    println!("\n==> a guarded cgroup: {}", demo.cgroup.display());
+    println!("==> the policy ({}):\n{config}", config_path.display());
+
+    let log_path = demo.dir.join("agent.log");
+    let log = std::fs::File::create(&log_path)?;
+    println!(
+        "==> starting: egress-guard run --config {}",
+        config_path.display()
+    );
+    demo.agent = Some(
+        Command::new(&demo.bin)
+            .args(["run", "--config"])
+            .arg(&config_path)
+            .stderr(log)
+            .stdout(Stdio::null())
+            .spawn()?,
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+        if text.contains("enforcing;") {
+            for line in text.lines() {
+                println!("    agent | {line}");
+            }
+            break;
+        }
+        if let Some(status) = demo.agent.as_mut().unwrap().try_wait()? {
+            bail!("the agent exited ({status}):\n{text}");
+        }
+        if Instant::now() > deadline {
+            bail!("the agent did not start enforcing within 30 s:\n{text}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let allowed = format!("127.0.0.2:{llm_port}");
+    let refused = format!("127.0.0.3:{other_port}");
+    println!("\n==> from a process inside the guarded cgroup:");
+    println!(
+        "    connect {allowed:<16} (allowed by the policy) -> {}",
+        connect_from(Some(&demo.cgroup), &probe, &allowed)?
+    );
+    println!(
+        "    connect {refused:<16} (not in the policy)     -> {}",
+        connect_from(Some(&demo.cgroup), &probe, &refused)?
+    );
+    println!("\n==> from a process outside it, the same refused destination:");
+    println!(
+        "    connect {refused:<16}                          -> {}",
+        connect_from(None, &probe, &refused)?
+    );
+
+    println!(
+        "\n==> the kernel's decision counters (egress-guard stats --pin-dir {}):",
+        demo.pin_dir.display()
+    );
+    let stats = Command::new(&demo.bin)
+        .args(["stats", "--pin-dir"])
+        .arg(&demo.pin_dir)
+        .output()?;
+    for line in String::from_utf8_lossy(&stats.stdout).lines() {
+        println!("    {line}");
+    }
+    Ok(())
+}
