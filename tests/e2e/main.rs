@@ -10,3 +10,27 @@ pub fn setup() {
     egress_guard_e2e::require_root();
     egress_guard_e2e::sweep();
 }
+
+/// Runs last (tests run one at a time, in name order): nothing this run created is left.
+#[test]
+fn zz_nothing_is_left_behind() {
+    setup();
+    let mine = format!("{}-{}-", egress_guard_e2e::PREFIX, std::process::id());
+    for dir in [
+        egress_guard_e2e::cgroup2_root(),
+        std::path::PathBuf::from("/sys/fs/bpf"),
+    ] {
+        let left: Vec<_> = std::fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(&mine))
+            .collect();
+        assert!(
+            left.is_empty(),
+            "left behind in {}: {left:?}",
+            dir.display()
+        );
+    }
+}

@@ -260,7 +260,15 @@ fn test() -> anyhow::Result<()> {
     ]))?;
     // One at a time: the tests share the kernel (cgroups, bpffs, tracepoints).
     run(Command::new("cargo")
-        .args(["test", "-p", "egress-guard-e2e", "--test", "e2e", "--", "--test-threads=1"])
+        .args([
+            "test",
+            "-p",
+            "egress-guard-e2e",
+            "--test",
+            "e2e",
+            "--",
+            "--test-threads=1",
+        ])
         .env(
             "EGRESS_GUARD_BIN",
             workspace_root().join("target/debug/egress-guard"),
