@@ -17,7 +17,7 @@ pub const MAX_POLICIES: u32 = 64;
 pub const MAX_PORT_RULES: usize = 8;
 /// Entries in each address map (shared by all policies and both ruleset banks).
 pub const MAX_EXACT_ENTRIES: u32 = 262_144;
-pub const MAX_CIDR_ENTRIES: u32 = 65_536;
+pub const MAX_CIDR_ENTRIES: u32 = 262_144;
 /// Accepted TCP connections tracked so their replies pass the packet backstop.
 pub const MAX_INBOUND_SOCKETS: u32 = 65_536;
 /// Guarded cgroups, for the BPF LSM socket hook which sees tasks, not cgroup attachments.

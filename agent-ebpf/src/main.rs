@@ -314,24 +314,20 @@ pub fn egress(ctx: SkBuffContext) -> i32 {
         count(slot, Counter::PacketInboundReply);
         return PACKET_PASS;
     }
-    count_verdict(
-        slot,
-        &v,
-        [
-            Counter::PacketAllowed,
-            Counter::PacketDenied,
-            Counter::PacketWouldDeny,
-        ],
-    );
-    if v.passes() { PACKET_PASS } else { PACKET_DROP }
+    packet_verdict(slot, &v)
+}
+
+/// A packet no rule can allow (not IP, or unreadable).
+#[inline(always)]
+fn packet_denied(slot: u32) -> i32 {
+    packet_verdict(slot, &decide::verdict(decide::state(slot), false))
 }
 
 #[inline(always)]
-fn packet_denied(slot: u32) -> i32 {
-    let v = decide::verdict(decide::state(slot), false);
+fn packet_verdict(slot: u32, v: &Verdict) -> i32 {
     count_verdict(
         slot,
-        &v,
+        v,
         [
             Counter::PacketAllowed,
             Counter::PacketDenied,

@@ -15,11 +15,16 @@ use aya_ebpf::{
 #[map]
 pub static POLICY_STATE: Array<PolicyState> = Array::pinned(MAX_POLICIES, 0);
 
+/// Allocated as entries are written, so a large maximum costs nothing until used.
+const NO_PREALLOC: u32 = aya_ebpf::bindings::BPF_F_NO_PREALLOC;
+
 /// Exact addresses (and the rules of the CIDRs containing them, merged by the agent).
 #[map]
-pub static ALLOW_EXACT4: HashMap<Addr4Key, AllowValue> = HashMap::pinned(MAX_EXACT_ENTRIES, 0);
+pub static ALLOW_EXACT4: HashMap<Addr4Key, AllowValue> =
+    HashMap::pinned(MAX_EXACT_ENTRIES, NO_PREALLOC);
 #[map]
-pub static ALLOW_EXACT6: HashMap<Addr6Key, AllowValue> = HashMap::pinned(MAX_EXACT_ENTRIES, 0);
+pub static ALLOW_EXACT6: HashMap<Addr6Key, AllowValue> =
+    HashMap::pinned(MAX_EXACT_ENTRIES, NO_PREALLOC);
 
 /// CIDRs, longest prefix wins (the agent merges enclosing CIDRs' rules into each entry).
 #[map]

@@ -97,14 +97,7 @@ pub fn run() -> anyhow::Result<()> {
     if !is_root() {
         bail!("the demo loads eBPF programs into the kernel: run `cargo xtask demo` as root");
     }
-    crate::run(Command::new("cargo").args([
-        "build",
-        "-p",
-        "egress-guard",
-        "-p",
-        "egress-guard-e2e",
-        "--bins",
-    ]))?;
+    crate::build_binaries()?;
     let target = workspace_root().join("target/debug");
     let (bin, probe) = (target.join("egress-guard"), target.join("probe"));
 

@@ -4,6 +4,7 @@
 //! first). `test` is the whole check CI runs. `demo` shows the agent at work in a throwaway
 //! cgroup on loopback.
 
+mod bench;
 mod demo;
 
 use std::{
@@ -31,10 +32,14 @@ enum Task {
     Test,
     /// Set up, build, and show an allowed and a refused connection from a guarded cgroup (root).
     Demo,
+    /// connect() cost from a guarded cgroup vs bare, iptables and nftables, at 10 to 100,000
+    /// allowed addresses (root; loopback only). Writes docs/benchmarks/connect.{json,txt,svg}.
+    Bench,
 }
 
-/// Debian packages the tests and the demo need (checked with dpkg, installed with apt-get).
-const APT_PACKAGES: &[&str] = &["iproute2"];
+/// Debian packages the tests, demo and benchmarks need (checked with dpkg, installed with
+/// apt-get).
+const APT_PACKAGES: &[&str] = &["iproute2", "iptables", "nftables"];
 
 /// The bpf-linker release the build is known to work with.
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -46,6 +51,10 @@ fn main() -> anyhow::Result<()> {
         Task::Demo => {
             setup()?;
             demo::run()
+        }
+        Task::Bench => {
+            setup()?;
+            bench::run()
         }
     }
 }
@@ -250,14 +259,7 @@ fn test() -> anyhow::Result<()> {
     if !is_root() {
         bail!("the end-to-end tests load eBPF programs: run `cargo xtask test` as root");
     }
-    run(Command::new("cargo").args([
-        "build",
-        "-p",
-        "egress-guard",
-        "-p",
-        "egress-guard-e2e",
-        "--bins",
-    ]))?;
+    build_binaries()?;
     // One at a time: the tests share the kernel (cgroups, bpffs, tracepoints).
     run(Command::new("cargo")
         .args([
@@ -273,4 +275,16 @@ fn test() -> anyhow::Result<()> {
             "EGRESS_GUARD_BIN",
             workspace_root().join("target/debug/egress-guard"),
         ))
+}
+
+/// The agent and the test probe, in target/debug.
+pub fn build_binaries() -> anyhow::Result<()> {
+    run(Command::new("cargo").args([
+        "build",
+        "-p",
+        "egress-guard",
+        "-p",
+        "egress-guard-e2e",
+        "--bins",
+    ]))
 }

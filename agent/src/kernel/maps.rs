@@ -117,50 +117,26 @@ impl Maps {
         Ok(())
     }
 
-    /// Removes every entry of `ruleset`; returns how many there were.
-    pub fn clear_ruleset(&mut self, ruleset: u32) -> anyhow::Result<usize> {
-        let mut n = 0;
-        let keys: Vec<_> = self
-            .exact4
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.ruleset == ruleset)
-            .collect();
-        for k in &keys {
-            self.exact4.remove(k)?;
+    /// Removes every entry of `ruleset`.
+    pub fn clear_ruleset(&mut self, ruleset: u32) -> anyhow::Result<()> {
+        // Collect first: deleting while iterating a BPF map restarts the iteration.
+        macro_rules! clear {
+            ($map:expr, $ruleset_of:expr) => {{
+                let keys: Vec<_> = $map
+                    .keys()
+                    .filter_map(Result::ok)
+                    .filter(|k| $ruleset_of(k) == ruleset)
+                    .collect();
+                for k in &keys {
+                    $map.remove(k)?;
+                }
+            }};
         }
-        n += keys.len();
-        let keys: Vec<_> = self
-            .exact6
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.ruleset == ruleset)
-            .collect();
-        for k in &keys {
-            self.exact6.remove(k)?;
-        }
-        n += keys.len();
-        let keys: Vec<_> = self
-            .cidr4
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.data().ruleset == ruleset)
-            .collect();
-        for k in &keys {
-            self.cidr4.remove(k)?;
-        }
-        n += keys.len();
-        let keys: Vec<_> = self
-            .cidr6
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.data().ruleset == ruleset)
-            .collect();
-        for k in &keys {
-            self.cidr6.remove(k)?;
-        }
-        n += keys.len();
-        Ok(n)
+        clear!(self.exact4, |k: &Addr4Key| k.ruleset);
+        clear!(self.exact6, |k: &Addr6Key| k.ruleset);
+        clear!(self.cidr4, |k: &Key<Addr4Key>| k.data().ruleset);
+        clear!(self.cidr6, |k: &Key<Addr6Key>| k.data().ruleset);
+        Ok(())
     }
 
     /// Makes GUARDED_CGROUPS exactly `wanted` (cgroup id → slot).

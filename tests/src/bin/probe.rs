@@ -11,6 +11,7 @@
 //!                                  stdin, then send on it (the socket predates the guard)
 //! probe serve ADDR:PORT            listen, print `ready`, accept one connection, write `hello`
 //! probe loop tcp ADDR:PORT MILLIS  connect repeatedly for MILLIS; prints `ok=N eperm=M err=K`
+//! probe bench-connect ADDR:PORT N   N × (connect + close with RST); prints `ns_per_connect=X`
 
 use std::{
     io::{BufRead as _, Write as _},
@@ -78,6 +79,25 @@ fn raw_socket(family: i32, ty: i32, proto: i32) -> Outcome {
     Outcome::Ok
 }
 
+/// Closes with RST (SO_LINGER 0), so a connect loop leaves no TIME_WAIT sockets behind.
+fn close_with_reset(s: TcpStream) {
+    use std::os::fd::AsRawFd as _;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: valid fd and option struct for its size.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+}
+
 fn wait_for_line() {
     let mut line = String::new();
     let _ = std::io::stdin().lock().read_line(&mut line);
@@ -135,6 +155,22 @@ fn main() -> ExitCode {
                 std::thread::sleep(Duration::from_millis(1));
             }
             println!("ok={ok} eperm={eperm} err={err}");
+            ExitCode::SUCCESS
+        }
+        ["bench-connect", to, n] => {
+            let to = addr(to);
+            let n: u32 = n.parse().expect("count");
+            let start = Instant::now();
+            for _ in 0..n {
+                match TcpStream::connect(to) {
+                    Ok(s) => close_with_reset(s),
+                    Err(e) => return report(classify::<()>(Err(e))),
+                }
+            }
+            println!(
+                "ns_per_connect={}",
+                start.elapsed().as_nanos() / u128::from(n.max(1))
+            );
             ExitCode::SUCCESS
         }
         _ => {

@@ -1,0 +1,434 @@
+//! `cargo xtask bench`: connect() cost from a guarded cgroup against what users would use
+//! instead, at growing policy sizes. Loopback only.
+//!
+//! Variants, each with its own cgroup, run interleaved (round-robin, rotated each round):
+//! - `bare`: a cgroup with nothing attached;
+//! - `egress-guard`: the agent's programs, N allowed addresses (exact) + the target;
+//! - `iptables`: OUTPUT `-m cgroup --path` jumping to a chain of N ACCEPT rules + REJECT, as the
+//!   seed design's iptables allowlist would;
+//! - `nftables`: one rule matching the cgroup and an address set of N elements.
+//!
+//! Writes docs/benchmarks/connect.json and docs/benchmarks/connect.svg, prints a table.
+
+use std::{
+    fmt::Write as _,
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::{is_root, workspace_root};
+
+const SIZES: [usize; 4] = [10, 1_000, 10_000, 100_000];
+const ROUNDS: usize = 7;
+const CONNECTS: u32 = 20_000;
+const VARIANTS: [&str; 4] = ["bare", "egress-guard", "iptables", "nftables"];
+const CHAIN: &str = "EG_BENCH";
+const NFT_TABLE: &str = "egress_guard_bench";
+
+/// Everything the bench set up; torn down on drop, also on failure.
+struct Bench {
+    cgroups: Vec<PathBuf>,
+    agent: Option<Child>,
+    bin: PathBuf,
+    pin_dir: PathBuf,
+    dir: PathBuf,
+}
+
+impl Drop for Bench {
+    fn drop(&mut self) {
+        self.stop_agent();
+        let _ = Command::new(&self.bin)
+            .args(["uninstall", "--pin-dir"])
+            .arg(&self.pin_dir)
+            .output();
+        remove_iptables(&self.cgroup("iptables"));
+        let _ = Command::new("nft")
+            .args(["delete", "table", "inet", NFT_TABLE])
+            .output();
+        for cg in &self.cgroups {
+            let _ = std::fs::remove_dir(cg);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Bench {
+    fn cgroup(&self, variant: &str) -> String {
+        format!("egress-guard-bench-{}-{variant}", std::process::id())
+    }
+
+    fn stop_agent(&mut self) {
+        if let Some(mut a) = self.agent.take() {
+            let _ = a.kill();
+            let _ = a.wait();
+        }
+    }
+}
+
+fn remove_iptables(cgroup: &str) {
+    let _ = Command::new("iptables")
+        .args([
+            "-D", "OUTPUT", "-m", "cgroup", "--path", cgroup, "-j", CHAIN,
+        ])
+        .output();
+    let _ = Command::new("iptables").args(["-F", CHAIN]).output();
+    let _ = Command::new("iptables").args(["-X", CHAIN]).output();
+}
+
+/// The i-th address of 198.18.0.0/15 (RFC 2544's benchmarking range: never a destination here).
+fn bench_addr(i: usize) -> String {
+    let n = (198u32 << 24) | (18 << 16) | (i as u32 + 1);
+    std::net::Ipv4Addr::from(n).to_string()
+}
+
+fn cgroup2_root() -> anyhow::Result<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo")?;
+    text.lines()
+        .find_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            right
+                .starts_with("cgroup2 ")
+                .then(|| PathBuf::from(left.split(' ').nth(4).unwrap_or("")))
+        })
+        .context("no cgroup2 filesystem is mounted")
+}
+
+fn run_quiet(cmd: &mut Command) -> anyhow::Result<()> {
+    let out = cmd.output().with_context(|| format!("starting {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+/// One timed loop of connects from inside `cgroup`; ns per connect.
+fn measure(cgroup: &Path, probe: &Path, to: &str) -> anyhow::Result<f64> {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "echo $$ > {}/cgroup.procs && exec \"$0\" bench-connect \"$1\" {CONNECTS}",
+            cgroup.display()
+        ))
+        .arg(probe)
+        .arg(to)
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.trim()
+        .strip_prefix("ns_per_connect=")
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("probe in {} said {text:?}", cgroup.display()))
+}
+
+#[derive(serde::Serialize)]
+struct Row {
+    size: usize,
+    variant: String,
+    median_ns: f64,
+    min_ns: f64,
+    max_ns: f64,
+    ratio_to_bare: f64,
+    samples: Vec<f64>,
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    s[s.len() / 2]
+}
+
+pub fn run() -> anyhow::Result<()> {
+    if !is_root() {
+        bail!(
+            "the benchmark attaches eBPF programs and firewall rules: run `cargo xtask bench` as root"
+        );
+    }
+    crate::run(Command::new("cargo").args([
+        "build",
+        "--release",
+        "-p",
+        "egress-guard",
+        "-p",
+        "egress-guard-e2e",
+        "--bins",
+    ]))?;
+    let target = workspace_root().join("target/release");
+    let probe = target.join("probe");
+    let root = cgroup2_root()?;
+    let dir = std::env::temp_dir().join(format!("egress-guard-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let mut bench = Bench {
+        cgroups: Vec::new(),
+        agent: None,
+        bin: target.join("egress-guard"),
+        pin_dir: PathBuf::from(format!(
+            "/sys/fs/bpf/egress-guard-bench-{}",
+            std::process::id()
+        )),
+        dir,
+    };
+    for v in VARIANTS {
+        let p = root.join(bench.cgroup(v));
+        std::fs::create_dir(&p).with_context(|| format!("creating {}", p.display()))?;
+        bench.cgroups.push(p);
+    }
+    let listener = TcpListener::bind("127.0.0.2:0")?;
+    let port = listener.local_addr()?.port();
+    std::thread::spawn(move || {
+        for c in listener.incoming() {
+            drop(c);
+        }
+    });
+    let to = format!("127.0.0.2:{port}");
+
+    let mut rows = Vec::new();
+    let mut startup = Vec::new();
+    for size in SIZES {
+        eprintln!("==> policy size {size}");
+        let t = setup_size(&mut bench, size, port)?;
+        startup.push((size, t.as_secs_f64()));
+        let mut samples: Vec<Vec<f64>> = vec![Vec::new(); VARIANTS.len()];
+        for round in 0..ROUNDS {
+            for k in 0..VARIANTS.len() {
+                let i = (k + round) % VARIANTS.len();
+                samples[i].push(measure(&bench.cgroups[i], &probe, &to)?);
+            }
+        }
+        let bare = median(&samples[0]);
+        for (i, v) in VARIANTS.iter().enumerate() {
+            let s = &samples[i];
+            rows.push(Row {
+                size,
+                variant: v.to_string(),
+                median_ns: median(s),
+                min_ns: s.iter().copied().fold(f64::INFINITY, f64::min),
+                max_ns: s.iter().copied().fold(0.0, f64::max),
+                ratio_to_bare: median(s) / bare,
+                samples: s.clone(),
+            });
+        }
+    }
+    bench.stop_agent();
+
+    let mut table = String::new();
+    writeln!(
+        table,
+        "connect()+close to an allowed loopback destination, {CONNECTS} per sample, {ROUNDS} interleaved rounds"
+    )?;
+    writeln!(
+        table,
+        "{:>8} {:<13} {:>10} {:>10} {:>10} {:>8}",
+        "entries", "variant", "median ns", "min ns", "max ns", "x bare"
+    )?;
+    for r in &rows {
+        writeln!(
+            table,
+            "{:>8} {:<13} {:>10.0} {:>10.0} {:>10.0} {:>8.3}",
+            r.size, r.variant, r.median_ns, r.min_ns, r.max_ns, r.ratio_to_bare
+        )?;
+    }
+    writeln!(table, "\ntime from `egress-guard run` to enforcing:")?;
+    for (size, secs) in &startup {
+        writeln!(table, "{size:>8} entries: {secs:.2} s")?;
+    }
+    print!("{table}");
+
+    let out = workspace_root().join("docs/benchmarks");
+    std::fs::create_dir_all(&out)?;
+    let json = serde_json::json!({
+        "benchmark": "connect",
+        "connects_per_sample": CONNECTS,
+        "rounds": ROUNDS,
+        "rows": rows,
+        "startup_seconds": startup.iter().map(|(n, s)| serde_json::json!({"entries": n, "seconds": s})).collect::<Vec<_>>(),
+        "machine": machine(),
+    });
+    std::fs::write(
+        out.join("connect.json"),
+        serde_json::to_string_pretty(&json)?,
+    )?;
+    std::fs::write(out.join("connect.txt"), &table)?;
+    std::fs::write(out.join("connect.svg"), svg(&rows))?;
+    eprintln!("==> wrote {}/connect.{{json,txt,svg}}", out.display());
+    Ok(())
+}
+
+/// Applies one policy size to every variant; returns the agent's time to enforcing.
+fn setup_size(bench: &mut Bench, size: usize, port: u16) -> anyhow::Result<Duration> {
+    // egress-guard: a fresh agent on a fresh config (also measures start-up at this size).
+    bench.stop_agent();
+    let _ = Command::new(&bench.bin)
+        .args(["uninstall", "--pin-dir"])
+        .arg(&bench.pin_dir)
+        .output();
+    let mut allow = format!("\"127.0.0.2:{port}\"");
+    for i in 0..size {
+        write!(allow, ",\n  \"{}:443\"", bench_addr(i))?;
+    }
+    let config = bench.dir.join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "pin_dir = \"{}\"\nlog_level = \"warn\"\n[[policy]]\nname = \"bench\"\ncgroups = [\"{}\"]\nallow = [\n  {allow}\n]\n",
+            bench.pin_dir.display(),
+            bench.cgroup("egress-guard")
+        ),
+    )?;
+    let ready = bench.dir.join("ready.sock");
+    let _ = std::fs::remove_file(&ready);
+    let sock = std::os::unix::net::UnixDatagram::bind(&ready)?;
+    let started = Instant::now();
+    bench.agent = Some(
+        Command::new(&bench.bin)
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("NOTIFY_SOCKET", &ready)
+            .stdout(Stdio::null())
+            .spawn()?,
+    );
+    // Ready = the READY=1 notification, sent after the programs are attached.
+    sock.set_read_timeout(Some(Duration::from_secs(120)))?;
+    let mut buf = [0u8; 256];
+    loop {
+        let n = sock
+            .recv(&mut buf)
+            .context("waiting for the agent's READY=1")?;
+        if String::from_utf8_lossy(&buf[..n]).contains("READY=1") {
+            break;
+        }
+    }
+    let took = started.elapsed();
+
+    // iptables: OUTPUT -m cgroup → chain of N accepts + the target + REJECT.
+    let ipt_cg = bench.cgroup("iptables");
+    remove_iptables(&ipt_cg);
+    let mut rules = format!(
+        "*filter\n:{CHAIN} - [0:0]\n-A {CHAIN} -d 127.0.0.2/32 -p tcp --dport {port} -j ACCEPT\n"
+    );
+    for i in 0..size {
+        writeln!(
+            rules,
+            "-A {CHAIN} -d {}/32 -p tcp --dport 443 -j ACCEPT",
+            bench_addr(i)
+        )?;
+    }
+    writeln!(
+        rules,
+        "-A {CHAIN} -j REJECT\n-A OUTPUT -m cgroup --path {ipt_cg} -j {CHAIN}\nCOMMIT"
+    )?;
+    let path = bench.dir.join("iptables.rules");
+    std::fs::write(&path, rules)?;
+    run_quiet(Command::new("iptables-restore").arg("--noflush").arg(&path))?;
+
+    // nftables: one set, one rule. nft resolves cgroup paths under /sys/fs/cgroup whatever
+    // the cgroup2 mount is (it is /sys/fs/cgroup/unified on hybrid hosts).
+    let nft_cg = bench.cgroups[3]
+        .strip_prefix("/sys/fs/cgroup")
+        .context("cgroup2 is not under /sys/fs/cgroup")?
+        .display()
+        .to_string();
+    let _ = Command::new("nft")
+        .args(["delete", "table", "inet", NFT_TABLE])
+        .output();
+    let mut elems = String::from("127.0.0.2");
+    for i in 0..size {
+        write!(elems, ", {}", bench_addr(i))?;
+    }
+    let nft = format!(
+        "table inet {NFT_TABLE} {{\n set allowed {{ type ipv4_addr; elements = {{ {elems} }} }}\n chain out {{\n  type filter hook output priority 0;\n  socket cgroupv2 level 1 \"{nft_cg}\" ip daddr != @allowed reject\n }}\n}}\n"
+    );
+    let path = bench.dir.join("bench.nft");
+    std::fs::write(&path, nft)?;
+    run_quiet(Command::new("nft").arg("-f").arg(&path))?;
+    Ok(took)
+}
+
+fn machine() -> serde_json::Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    serde_json::json!({ "cpu": cpu, "cores": cores, "kernel": kernel })
+}
+
+/// ns per connect against policy size (log scale), one line per variant.
+fn svg(rows: &[Row]) -> String {
+    let (w, h, left, bottom, top, right) = (720.0, 420.0, 70.0, 50.0, 40.0, 150.0);
+    let max = rows.iter().map(|r| r.median_ns).fold(0.0, f64::max) * 1.1;
+    let x = |size: usize| {
+        let (lo, hi) = (
+            (SIZES[0] as f64).log10(),
+            (SIZES[SIZES.len() - 1] as f64).log10(),
+        );
+        left + ((size as f64).log10() - lo) / (hi - lo) * (w - left - right)
+    };
+    let y = |ns: f64| h - bottom - ns / max * (h - bottom - top);
+    let colors = ["#888888", "#1f77b4", "#d62728", "#2ca02c"];
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{left}\" y=\"24\" font-size=\"14\">connect()+close from a guarded cgroup: median ns vs allowed entries</text>\n"
+    );
+    let _ = writeln!(
+        s,
+        "<line x1=\"{left}\" y1=\"{0}\" x2=\"{1}\" y2=\"{0}\" stroke=\"black\"/>",
+        h - bottom,
+        w - right
+    );
+    let _ = writeln!(
+        s,
+        "<line x1=\"{left}\" y1=\"{top}\" x2=\"{left}\" y2=\"{}\" stroke=\"black\"/>",
+        h - bottom
+    );
+    for size in SIZES {
+        let _ = writeln!(
+            s,
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{size}</text>",
+            x(size),
+            h - bottom + 18.0
+        );
+    }
+    for i in 0..=4 {
+        let ns = max * f64::from(i) / 4.0;
+        let _ = writeln!(
+            s,
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{ns:.0}</text>",
+            left - 6.0,
+            y(ns) + 4.0
+        );
+    }
+    for (k, v) in VARIANTS.iter().enumerate() {
+        let pts: Vec<String> = rows
+            .iter()
+            .filter(|r| r.variant == *v)
+            .map(|r| format!("{:.1},{:.1}", x(r.size), y(r.median_ns)))
+            .collect();
+        let _ = writeln!(
+            s,
+            "<polyline fill=\"none\" stroke=\"{}\" stroke-width=\"2\" points=\"{}\"/>",
+            colors[k],
+            pts.join(" ")
+        );
+        let ly = top + 20.0 + k as f64 * 18.0;
+        let _ = writeln!(
+            s,
+            "<text x=\"{}\" y=\"{ly}\" fill=\"{}\">{v}</text>",
+            w - right + 15.0,
+            colors[k]
+        );
+    }
+    s.push_str("</svg>\n");
+    s
+}
