@@ -31,8 +31,9 @@ pub const PROTO_UDP: u8 = 2;
 pub const PROTO_ICMP: u8 = 4;
 
 /// Maps a kernel IP protocol number to its rule bit (0: a protocol no rule can allow).
+/// Takes the full number: IPPROTO_MPTCP (262) must not pass as TCP (6).
 #[inline(always)]
-pub const fn proto_bit(ip_proto: u8) -> u8 {
+pub const fn proto_bit(ip_proto: u32) -> u8 {
     match ip_proto {
         6 => PROTO_TCP,
         17 => PROTO_UDP,

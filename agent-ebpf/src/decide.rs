@@ -84,7 +84,7 @@ fn lookup(ruleset: u32, dest: &Dest) -> Option<&'static AllowValue> {
 
 /// Is `ip_proto` to `dest:port` allowed by the slot's active ruleset?
 #[inline(always)]
-pub fn allowed(state: &PolicyState, dest: &Dest, ip_proto: u8, port: u16) -> bool {
+pub fn allowed(state: &PolicyState, dest: &Dest, ip_proto: u32, port: u16) -> bool {
     let bit = proto_bit(ip_proto);
     if bit == 0 {
         return false;
@@ -107,7 +107,7 @@ pub fn verdict(state: Option<&PolicyState>, allowed: bool) -> Verdict {
 
 /// The full question for one destination.
 #[inline(always)]
-pub fn decide(slot: u32, dest: &Dest, ip_proto: u8, port: u16) -> Verdict {
+pub fn decide(slot: u32, dest: &Dest, ip_proto: u32, port: u16) -> Verdict {
     let st = state(slot);
     let ok = match st {
         Some(s) => allowed(s, dest, ip_proto, port),

@@ -30,12 +30,14 @@ use maps::{GUARDED_CGROUPS, INBOUND_SOCKETS};
 #[unsafe(no_mangle)]
 static POLICY_SLOT: Global<u32> = Global::new(u32::MAX);
 
-const AF_INET: u32 = 2;
-const AF_INET6: u32 = 10;
-const AF_PACKET: i32 = 17;
+const AF_UNIX: i32 = 1;
+const AF_INET: i32 = 2;
+const AF_INET6: i32 = 10;
+const AF_NETLINK: i32 = 16;
 const SOCK_STREAM: u32 = 1;
 const SOCK_DGRAM: u32 = 2;
 const SOCK_RAW: i32 = 3;
+const SOCK_PACKET: i32 = 10;
 const IPPROTO_ICMP: u32 = 1;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
@@ -64,10 +66,10 @@ const SEND_COUNTERS: [Counter; 3] = [
 ];
 
 #[inline(always)]
-fn sock_addr_dest(ctx: &SockAddrContext, v6: bool) -> (Dest, u8, u16) {
+fn sock_addr_dest(ctx: &SockAddrContext, v6: bool) -> (Dest, u32, u16) {
     let sa = unsafe { &*ctx.sock_addr };
     let port = u16::from_be(sa.user_port as u16);
-    let proto = sa.protocol as u8;
+    let proto = sa.protocol;
     let dest = if v6 {
         let w = sa.user_ip6;
         let mut a = [0u8; 16];
@@ -123,11 +125,13 @@ pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
 pub fn sock_create(ctx: SockContext) -> i32 {
     let slot = POLICY_SLOT.load();
     let sk = unsafe { &*ctx.sock };
-    let ok = match (sk.type_, sk.protocol as u8) {
-        (SOCK_STREAM, IPPROTO_TCP) => true,
-        (SOCK_DGRAM, IPPROTO_UDP) => true,
-        // Unprivileged ICMP echo sockets; their packets still meet the packet backstop.
-        (SOCK_DGRAM, p) => p as u32 == IPPROTO_ICMP || p as u32 == IPPROTO_ICMPV6,
+    // The full protocol number: MPTCP (262) truncated to u8 would read as TCP.
+    let ok = match (sk.type_, sk.protocol) {
+        (SOCK_STREAM, p) => p == IPPROTO_TCP as u32,
+        (SOCK_DGRAM, p) => {
+            // UDP, and unprivileged ICMP echo sockets (their packets meet the backstop).
+            p == IPPROTO_UDP as u32 || p == IPPROTO_ICMP || p == IPPROTO_ICMPV6
+        }
         // Raw sockets, SCTP, MPTCP and anything else the hooks cannot judge.
         _ => false,
     };
@@ -146,17 +150,30 @@ pub fn sock_create(ctx: SockContext) -> i32 {
     }
 }
 
-/// BPF LSM `socket_create`: AF_PACKET (and raw INET) sockets of guarded tasks. Cgroup
-/// `sock_create` never sees AF_PACKET, so this is the only guard for it. LSM programs are
-/// global: find the task's guarded ancestor cgroup first.
+/// Socket families a guarded task may create: INET and INET6 (judged by the cgroup hooks) and
+/// the host-local UNIX and NETLINK. Everything else (AF_PACKET, AF_XDP, AF_VSOCK, RDS, TIPC,
+/// ...) can reach the network past the cgroup hooks. `SOCK_PACKET` on an INET socket is
+/// the old spelling of AF_PACKET. Raw INET sockets are refused by `sock_create` already;
+/// `raw_inet` says whether this guard refuses them too.
+#[inline(always)]
+fn family_refused(family: i32, sock_type: i32, raw_inet: bool) -> bool {
+    let t = sock_type & 0xf;
+    match family {
+        AF_UNIX | AF_NETLINK => false,
+        AF_INET | AF_INET6 => t == SOCK_PACKET || (raw_inet && t == SOCK_RAW),
+        _ => true,
+    }
+}
+
+/// BPF LSM `socket_create`: socket families of guarded tasks the cgroup hooks cannot see
+/// (cgroup `sock_create` never runs for AF_PACKET). LSM programs are global: find the task's
+/// guarded ancestor cgroup first.
 #[lsm(hook = "socket_create")]
 pub fn lsm_socket_create(ctx: LsmContext) -> i32 {
     let family: i32 = ctx.arg(0);
     let sock_type: i32 = ctx.arg(1);
     let kern: i32 = ctx.arg(3);
-    let raw =
-        sock_type & 0xf == SOCK_RAW && (family == AF_INET as i32 || family == AF_INET6 as i32);
-    if kern != 0 || !(family == AF_PACKET || raw) {
+    if kern != 0 || !family_refused(family, sock_type, true) {
         return 0;
     }
     let Some(slot) = guarded_slot_of_current_task() else {
@@ -174,18 +191,24 @@ pub fn lsm_socket_create(ctx: LsmContext) -> i32 {
     }
 }
 
-/// Fallback where the BPF LSM is not active (most distributions leave it out of `lsm=`):
+/// Fallback where the BPF LSM is not available (most distributions leave it out of `lsm=`):
 /// the `syscalls:sys_enter_socket` tracepoint cannot fail the call, so a guarded task asking
-/// for an AF_PACKET socket is killed with SIGKILL before it can use it.
+/// for a refused socket family is killed with SIGKILL. Best effort: it does not see 32-bit
+/// (ia32) syscalls or io_uring, and a process sharing the caller's file table but not its
+/// thread group survives; the BPF LSM has none of these gaps.
 #[tracepoint]
 pub fn socket_enter(ctx: TracePointContext) -> u32 {
-    // struct trace_event_raw_sys_enter: 8 bytes common header, syscall nr, then args[6].
+    // struct trace_event_raw_sys_enter: 8 bytes common header, syscall nr, then args[6] as
+    // unsigned longs. The kernel takes `int` arguments: compare the low 32 bits only, or
+    // 0x1_0000_0011 would pass as "not AF_PACKET".
     const ARG0: usize = 16;
-    let family: u64 = match unsafe { ctx.read_at(ARG0) } {
-        Ok(f) => f,
-        Err(_) => return 0,
+    const ARG1: usize = 24;
+    let (family, sock_type) = match unsafe { (ctx.read_at::<u64>(ARG0), ctx.read_at::<u64>(ARG1)) }
+    {
+        (Ok(f), Ok(t)) => (f as u32 as i32, t as u32 as i32),
+        _ => return 0,
     };
-    if family != AF_PACKET as u64 {
+    if !family_refused(family, sock_type, false) {
         return 0;
     }
     let Some(slot) = guarded_slot_of_current_task() else {
@@ -228,55 +251,60 @@ const PACKET_DROP: i32 = 0;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 
-/// What the packet backstop reads from a packet.
-enum Packet {
-    /// Destination, IP protocol, destination port (0 without one).
-    To(Dest, u8, u16),
-    /// A non-first fragment: it has no transport header, and without raw or packet sockets
-    /// only the kernel fragmenting an already judged datagram can produce one.
-    LaterFragment,
-    /// Not IPv4/IPv6, or too short to read.
-    Unreadable,
+/// What the packet backstop reads from an outgoing packet.
+#[derive(Clone, Copy)]
+struct Packet {
+    dest: Dest,
+    proto: u8,
+    /// Destination port; 0 for protocols without one.
+    port: u16,
+    /// TCP flags; 0 for other protocols.
+    tcp_flags: u8,
+    /// No IPv4 options and no IPv6 routing header: the packet goes where its header says.
+    plain: bool,
+}
+
+/// Reads an outgoing packet; `None` if it cannot be judged: not IPv4/IPv6, too short, or a
+/// non-first fragment. The cgroup egress hook runs before the kernel fragments, so a
+/// fragment here was built by hand on a raw socket; it is judged as denied.
+#[inline(always)]
+fn read_packet(ctx: &SkBuffContext) -> Option<Packet> {
+    read_packet_inner(ctx).unwrap_or(None)
 }
 
 #[inline(always)]
-fn read_packet(ctx: &SkBuffContext) -> Packet {
-    match read_packet_inner(ctx) {
-        Ok(p) => p,
-        Err(_) => Packet::Unreadable,
-    }
-}
-
-#[inline(always)]
-fn read_packet_inner(ctx: &SkBuffContext) -> Result<Packet, i64> {
+fn read_packet_inner(ctx: &SkBuffContext) -> Result<Option<Packet>, i64> {
     let skb = &ctx.skb;
     let l3 = u16::from_be(unsafe { (*skb.skb).protocol } as u16);
-    let (dest, proto, l4) = if l3 == ETH_P_IP {
+    let (dest, proto, l4, plain) = if l3 == ETH_P_IP {
         let b0: u8 = skb.load(0)?;
         let frag: u16 = u16::from_be(skb.load(6)?);
         if frag & 0x1fff != 0 {
-            return Ok(Packet::LaterFragment);
+            return Ok(None);
         }
         let proto: u8 = skb.load(9)?;
         let dst: [u8; 4] = skb.load(16)?;
-        (Dest::v4(dst), proto, ((b0 & 0x0f) as usize) * 4)
+        let ihl = (b0 & 0x0f) as usize;
+        (Dest::v4(dst), proto, ihl * 4, ihl == 5)
     } else if l3 == ETH_P_IPV6 {
         let dst: [u8; 16] = skb.load(24)?;
         let mut next: u8 = skb.load(6)?;
         let mut off = 40usize;
+        let mut plain = true;
         // Walk a bounded number of extension headers.
         let mut i = 0;
         while i < 4 {
             match next {
                 0 | 43 | 60 => {
                     let hdr: [u8; 2] = skb.load(off)?;
+                    plain &= next != 43;
                     next = hdr[0];
                     off += (hdr[1] as usize + 1) * 8;
                 }
                 44 => {
                     let hdr: [u8; 4] = skb.load(off)?;
                     if u16::from_be_bytes([hdr[2], hdr[3]]) >> 3 != 0 {
-                        return Ok(Packet::LaterFragment);
+                        return Ok(None);
                     }
                     next = hdr[0];
                     off += 8;
@@ -285,39 +313,45 @@ fn read_packet_inner(ctx: &SkBuffContext) -> Result<Packet, i64> {
             }
             i += 1;
         }
-        (Dest::from_v6(dst), next, off)
+        (Dest::from_v6(dst), next, off, plain)
     } else {
-        return Ok(Packet::Unreadable);
+        return Ok(None);
     };
-    let port = if proto == IPPROTO_TCP || proto == IPPROTO_UDP {
-        u16::from_be(skb.load(l4 + 2)?)
-    } else {
-        0
-    };
-    Ok(Packet::To(dest, proto, port))
+    let (mut port, mut tcp_flags) = (0, 0);
+    if proto == IPPROTO_TCP || proto == IPPROTO_UDP {
+        port = u16::from_be(skb.load(l4 + 2)?);
+    }
+    if proto == IPPROTO_TCP {
+        tcp_flags = skb.load(l4 + 13)?;
+    }
+    Ok(Some(Packet {
+        dest,
+        proto,
+        port,
+        tcp_flags,
+        plain,
+    }))
 }
 
 #[cgroup_skb]
 pub fn egress(ctx: SkBuffContext) -> i32 {
     let slot = POLICY_SLOT.load();
-    let (dest, proto, port) = match read_packet(&ctx) {
-        Packet::To(d, p, port) => (d, p, port),
-        Packet::LaterFragment => return PACKET_PASS,
-        Packet::Unreadable => return packet_denied(slot),
+    let Some(p) = read_packet(&ctx) else {
+        return packet_denied(slot);
     };
-    let v = decide(slot, &dest, proto, port);
+    let v = decide(slot, &p.dest, p.proto as u32, p.port);
     if let Verdict::Allow = v {
         count(slot, Counter::PacketAllowed);
         return PACKET_PASS;
     }
-    if proto == IPPROTO_TCP && is_inbound_reply(&ctx) {
+    if p.proto == IPPROTO_TCP && p.plain && is_inbound_reply(&ctx, &p) {
         count(slot, Counter::PacketInboundReply);
         return PACKET_PASS;
     }
     packet_verdict(slot, &v)
 }
 
-/// A packet no rule can allow (not IP, or unreadable).
+/// A packet no rule can allow (not IP, unreadable, a hand-made fragment).
 #[inline(always)]
 fn packet_denied(slot: u32) -> i32 {
     packet_verdict(slot, &decide::verdict(decide::state(slot), false))
@@ -337,20 +371,44 @@ fn packet_verdict(slot: u32, v: &Verdict) -> i32 {
     if v.passes() { PACKET_PASS } else { PACKET_DROP }
 }
 
-/// A TCP packet that answers a connection that came *in*: a SYN-ACK (sent on behalf of a
-/// listening socket) or anything on a socket the `inbound` sock_ops program saw accepted.
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+
+/// A TCP packet that answers a connection that came *in*, and goes nowhere else: a SYN-ACK
+/// sent on behalf of a listening socket, or a packet of a socket the `inbound` sock_ops
+/// program saw accepted, addressed to that socket's own peer.
 #[inline(always)]
-fn is_inbound_reply(ctx: &SkBuffContext) -> bool {
+fn is_inbound_reply(ctx: &SkBuffContext, p: &Packet) -> bool {
     let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
     if sk.is_null() {
         return false;
     }
     let full = unsafe { bpf_sk_fullsock(sk) };
-    if !full.is_null() && unsafe { (*full).state } == TCP_LISTEN {
-        return true;
+    if full.is_null() {
+        return false;
+    }
+    let full = unsafe { &*full };
+    if full.state == TCP_LISTEN {
+        return p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK;
     }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
-    unsafe { INBOUND_SOCKETS.get(cookie) }.is_some()
+    if unsafe { INBOUND_SOCKETS.get(cookie) }.is_none() {
+        return false;
+    }
+    // bpf_sock.dst_port is in network byte order in its low 16 bits.
+    if u16::from_be(full.dst_port as u16) != p.port {
+        return false;
+    }
+    let a = &p.dest.addr;
+    if p.dest.v4 {
+        full.dst_ip4.to_ne_bytes() == [a[0], a[1], a[2], a[3]]
+    } else {
+        let w = full.dst_ip6;
+        w[0].to_ne_bytes() == [a[0], a[1], a[2], a[3]]
+            && w[1].to_ne_bytes() == [a[4], a[5], a[6], a[7]]
+            && w[2].to_ne_bytes() == [a[8], a[9], a[10], a[11]]
+            && w[3].to_ne_bytes() == [a[12], a[13], a[14], a[15]]
+    }
 }
 
 /// Marks accepted TCP sockets (passive open) and forgets them when they close.

@@ -131,6 +131,30 @@ fn the_packet_backstop_drops_sends_on_sockets_opened_before_the_guard() {
 }
 
 #[test]
+fn the_packet_backstop_stops_tcp_connections_opened_before_the_guard() {
+    setup();
+    let cg = TestCgroup::new("backstop-tcp");
+    let server = std::net::TcpListener::bind("127.0.0.3:0").unwrap();
+    let to = server.local_addr().unwrap().to_string();
+    // Established before any program is attached: no connect hook saw it, and it is an
+    // outbound connection, so the inbound-reply rule must not let it through either.
+    let mut early = RunningProbe::start(&cg.path, &["tcp-presocket", &to]);
+    let (mut conn, _) = server.accept().unwrap();
+    let agent = Agent::start(&policy(&cg, 1, 2, 3, "enforce"));
+    early.go();
+    let _ = early.finish();
+    conn.set_read_timeout(Some(std::time::Duration::from_millis(1500)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let got = std::io::Read::read(&mut conn, &mut buf).unwrap_or(0);
+    assert_eq!(
+        got, 0,
+        "data on a pre-existing connection to a refused destination arrived"
+    );
+    assert!(agent.counter("sandbox", "packet_denied") >= 1);
+}
+
+#[test]
 fn replies_to_inbound_tcp_connections_pass() {
     setup();
     let cg = TestCgroup::new("inbound");

@@ -103,18 +103,73 @@ fn sighup_applies_a_new_config_and_a_bad_one_keeps_the_old_policy() {
     assert!(probe_in(&cg.path, &["tcp", &b.to_string()]).ok());
     assert!(probe_in(&cg.path, &["tcp", &a.to_string()]).eperm());
 
-    // A bad config is refused with the reason, and b stays allowed, a refused.
-    agent.rewrite_config(&format!("{}bogus_key = 1\n", policy(&cg, &[a.to_string()])));
+    // Bad configs are refused with the reason, and b stays allowed, a refused: one that does
+    // not parse, one whose cgroup does not exist.
+    let bad = [
+        (
+            format!("{}bogus_key = 1\n", policy(&cg, &[a.to_string()])),
+            "unknown field `bogus_key`",
+        ),
+        (
+            policy(&cg, &[a.to_string()]).replace(&cg.rel(), "egress-guard-test-no-such-cgroup"),
+            "does not exist",
+        ),
+    ];
+    for (n, (text, reason)) in bad.iter().enumerate() {
+        agent.rewrite_config(text);
+        agent.signal(libc::SIGHUP);
+        agent.wait_for_log(
+            |l| {
+                l.matches("reload refused, the previous policy stays in force")
+                    .count()
+                    > n
+            },
+            "the reload to be refused",
+        );
+        assert!(agent.log_text().contains(reason), "{}", agent.log_text());
+        assert!(probe_in(&cg.path, &["tcp", &b.to_string()]).ok());
+        assert!(probe_in(&cg.path, &["tcp", &a.to_string()]).eperm());
+    }
+}
+
+#[test]
+fn a_policy_removed_on_reload_stops_guarding_its_cgroup() {
+    setup();
+    let (one, two) = (TestCgroup::new("keep"), TestCgroup::new("drop"));
+    let denied = tcp_listener("127.0.0.3");
+    let body = |cgs: &[&TestCgroup]| -> String {
+        cgs.iter()
+            .enumerate()
+            .map(|(i, cg)| {
+                format!(
+                    "[[policy]]\nname = \"p{i}\"\ncgroups = [\"{}\"]\nallow = [\"127.0.0.2:1\"]\n",
+                    cg.rel()
+                )
+            })
+            .collect()
+    };
+    let mut agent = Agent::start(&body(&[&one, &two]));
+    assert!(probe_in(&two.path, &["tcp", &denied.to_string()]).eperm());
+    agent.rewrite_config(&body(&[&one]));
+    let before = agent.log_text().matches("enforcing;").count();
     agent.signal(libc::SIGHUP);
     agent.wait_for_log(
-        |l| l.contains("reload refused, the previous policy stays in force"),
-        "the reload to be refused",
+        |l| l.matches("enforcing;").count() > before,
+        "the reload to apply",
     );
     assert!(
-        agent.log_text().contains("unknown field `bogus_key`"),
+        agent.log_text().contains("policy removed policy=p1"),
         "{}",
         agent.log_text()
     );
-    assert!(probe_in(&cg.path, &["tcp", &b.to_string()]).ok());
-    assert!(probe_in(&cg.path, &["tcp", &a.to_string()]).eperm());
+    assert!(
+        probe_in(&two.path, &["tcp", &denied.to_string()]).ok(),
+        "the removed policy still guards"
+    );
+    assert!(
+        probe_in(&one.path, &["tcp", &denied.to_string()]).eperm(),
+        "the kept policy stopped guarding"
+    );
+    let stats = String::from_utf8_lossy(&agent.cli(&["stats"]).stdout).into_owned();
+    assert!(stats.contains("p0") && !stats.contains("p1"), "{stats}");
 }

@@ -7,6 +7,8 @@
 //! probe udp ADDR:PORT              sendto one datagram
 //! probe raw                        socket(AF_INET, SOCK_RAW, IPPROTO_ICMP)
 //! probe packet                     socket(AF_PACKET, SOCK_RAW, ETH_P_ALL)
+//! probe socket FAMILY TYPE PROTO    the raw socket(2) syscall with 64-bit arguments
+//! probe tcp-presocket ADDR:PORT    connect, print `ready`, wait for a line, then write
 //! probe udp-presocket ADDR:PORT    connect a UDP socket, print `ready`, wait for a line on
 //!                                  stdin, then send on it (the socket predates the guard)
 //! probe serve ADDR:PORT            listen, print `ready`, accept one connection, write `hello`
@@ -119,6 +121,31 @@ fn main() -> ExitCode {
             libc::SOCK_RAW,
             (libc::ETH_P_ALL as u16).to_be() as i32,
         )),
+        ["socket", family, ty, proto] => {
+            let arg = |s: &str| -> i64 {
+                match s.strip_prefix("0x") {
+                    Some(hex) => i64::from_str_radix(hex, 16).expect("hex number"),
+                    None => s.parse().expect("number"),
+                }
+            };
+            // SAFETY: plain syscall; 64-bit arguments on purpose (the kernel takes ints).
+            let fd = unsafe { libc::syscall(libc::SYS_socket, arg(family), arg(ty), arg(proto)) };
+            if fd < 0 {
+                return report(classify::<()>(Err(std::io::Error::last_os_error())));
+            }
+            unsafe { libc::close(fd as i32) };
+            report(Outcome::Ok)
+        }
+        ["tcp-presocket", to] => {
+            let mut s = match TcpStream::connect_timeout(&addr(to), Duration::from_secs(2)) {
+                Ok(s) => s,
+                Err(e) => return report(classify::<()>(Err(e))),
+            };
+            println!("ready");
+            let _ = std::io::stdout().flush();
+            wait_for_line();
+            report(classify(s.write_all(b"presocket").and_then(|_| s.flush())))
+        }
         ["udp-presocket", to] => {
             let to = addr(to);
             let s = UdpSocket::bind("0.0.0.0:0").and_then(|s| s.connect(to).map(|_| s));
