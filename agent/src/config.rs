@@ -210,6 +210,27 @@ fn validate(raw: RawConfig, path: &Path, lines: &LineIndex, problems: &mut Vec<P
     });
     let pin_dir = match raw.pin_dir {
         Some(p) => {
+            let dir = Path::new(p.get_ref());
+            let own_dir = dir
+                .components()
+                .filter(|c| matches!(c, Component::Normal(_)))
+                .count()
+                >= 4
+                || !dir.starts_with("/sys/fs/bpf");
+            if dir
+                .components()
+                .any(|c| matches!(c, Component::ParentDir | Component::CurDir))
+                || !own_dir
+                || dir == Path::new("/")
+            {
+                problem(
+                    lines.of(&p),
+                    format!(
+                        "pin_dir {:?} must be a directory of its own on a bpf filesystem, without '..', e.g. {DEFAULT_PIN_DIR}",
+                        p.get_ref()
+                    ),
+                );
+            }
             if !p.get_ref().starts_with('/') {
                 problem(
                     lines.of(&p),
@@ -412,20 +433,24 @@ const ENTRY_SYNTAX: &str = "expected [tcp/|udp/|icmp/]DEST:PORTS with DEST an IP
 /// (`ADDRESS[:PORT]`) lists.
 pub fn parse_entry(text: &str, list: &str) -> Result<Dest, String> {
     let text = text.trim();
-    let (protos, rest, default_port) = match list {
-        "dns" => (PROTO_TCP | PROTO_UDP, text, Some(53)),
-        "ntp" => (PROTO_UDP, text, Some(123)),
-        _ => match text.split_once('/') {
-            Some(("tcp", rest)) => (PROTO_TCP, rest, None),
-            Some(("udp", rest)) => (PROTO_UDP, rest, None),
-            Some(("icmp", rest)) => (PROTO_ICMP, rest, None),
-            Some((p, _)) if !p.is_empty() && p.chars().all(|c| c.is_ascii_alphabetic()) => {
-                return Err(format!(
-                    "unknown protocol {p:?}: use tcp/, udp/ or icmp/ (no prefix means tcp)"
-                ));
-            }
-            _ => (PROTO_TCP, text, None),
-        },
+    let (protos, rest, default_port) = match (list, text.split_once('/')) {
+        ("dns" | "ntp", Some((p, _))) if looks_like_protocol(p) => {
+            let what = if list == "dns" { "UDP and TCP" } else { "UDP" };
+            return Err(format!(
+                "{list} entries take no protocol prefix ({p:?}): they allow {what}"
+            ));
+        }
+        ("dns", _) => (PROTO_TCP | PROTO_UDP, text, Some(53)),
+        ("ntp", _) => (PROTO_UDP, text, Some(123)),
+        (_, Some(("tcp", rest))) => (PROTO_TCP, rest, None),
+        (_, Some(("udp", rest))) => (PROTO_UDP, rest, None),
+        (_, Some(("icmp", rest))) => (PROTO_ICMP, rest, None),
+        (_, Some((p, _))) if looks_like_protocol(p) => {
+            return Err(format!(
+                "unknown protocol {p:?}: use tcp/, udp/ or icmp/ (no prefix means tcp)"
+            ));
+        }
+        _ => (PROTO_TCP, text, None),
     };
     if rest.is_empty() {
         return Err(ENTRY_SYNTAX.into());
@@ -443,6 +468,16 @@ pub fn parse_entry(text: &str, list: &str) -> Result<Dest, String> {
         }
     };
     if let Some(net) = parse_net(host)? {
+        if list != "allow" {
+            if net.prefix_len() != net.max_prefix_len() {
+                return Err(format!(
+                    "{list} servers are single addresses, not networks ({net})"
+                ));
+            }
+            if ports.0 != ports.1 {
+                return Err(format!("{list} servers take one port, not a range or *"));
+            }
+        }
         return Ok(Dest::Net { net, protos, ports });
     }
     if list != "allow" {
@@ -456,6 +491,14 @@ pub fn parse_entry(text: &str, list: &str) -> Result<Dest, String> {
         protos,
         ports,
     })
+}
+
+/// Whether the text before a '/' is meant as a protocol name (not an address or a prefix).
+fn looks_like_protocol(p: &str) -> bool {
+    !p.is_empty()
+        && !p.starts_with('[')
+        && !p.contains(['.', ':'])
+        && !p.chars().all(|c| c.is_ascii_digit())
 }
 
 /// Splits `DEST[:PORTS]`, where an IPv6 DEST must be in brackets.
@@ -876,6 +919,7 @@ allow_loopback = true
             ("sctp/192.0.2.1:80", "unknown protocol"),
             ("icmp/192.0.2.1:80", "take no port"),
             ("bad_*.example.com:443", "not a valid hostname"),
+            ("icmp6/192.0.2.1", "unknown protocol \"icmp6\""),
             ("localhost:443", "fully qualified"),
         ];
         for (entry, want) in cases {
@@ -886,6 +930,39 @@ allow_loopback = true
             assert_eq!(p.line, 6, "{entry}");
             assert!(p.reason.contains(want), "{entry}: {}", p.reason);
         }
+    }
+
+    #[test]
+    fn dns_and_ntp_take_one_address_and_one_port() {
+        for (list, entry, want) in [
+            ("dns", "0.0.0.0/0:*", "single addresses"),
+            ("dns", "192.0.2.53:53-60", "one port"),
+            ("ntp", "192.0.2.1:*", "one port"),
+            ("dns", "udp/192.0.2.53", "no protocol prefix"),
+        ] {
+            let text =
+                format!("[[policy]]\nname = \"a\"\ncgroups = [\"x\"]\n{list} = [\"{entry}\"]\n");
+            let p = one_problem(&text);
+            assert!(p.reason.contains(want), "{entry}: {}", p.reason);
+        }
+    }
+
+    #[test]
+    fn pin_dir_must_be_a_directory_of_its_own() {
+        for dir in [
+            "/sys/fs/bpf",
+            "/sys/fs/bpf/",
+            "/sys/fs/bpf/a/../b",
+            "relative",
+            "/",
+        ] {
+            let text =
+                format!("pin_dir = \"{dir}\"\n[[policy]]\nname = \"a\"\ncgroups = [\"x\"]\n");
+            let p = cfg(&text).expect_err(dir);
+            assert!(p[0].reason.contains("pin_dir"), "{dir}: {p:?}");
+        }
+        cfg("pin_dir = \"/sys/fs/bpf/eg\"\n[[policy]]\nname = \"a\"\ncgroups = [\"x\"]\n").unwrap();
+        cfg("pin_dir = \"/run/bpffs\"\n[[policy]]\nname = \"a\"\ncgroups = [\"x\"]\n").unwrap();
     }
 
     #[test]

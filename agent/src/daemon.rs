@@ -16,15 +16,28 @@ use crate::{
 };
 
 /// Everything about a config that can be checked without changing the kernel: cgroups
-/// resolved against the live hierarchy, rules compiled to map entries.
+/// resolved against the live hierarchy, rules compiled to map entries, and whether it all fits
+/// the kernel maps. Every problem is reported, sorted by line.
 pub fn prepare(config: &Config) -> anyhow::Result<Result<Vec<Target>, ConfigError>> {
     let root = kernel::mounts::cgroup2_root()?;
-    let own = kernel::mounts::own_cgroup(&root).ok();
-    let resolved = match config::resolve_cgroups(config, &root, own.as_deref()) {
-        Ok(r) => r,
-        Err(e) => return Ok(Err(e)),
+    let own = match kernel::mounts::own_cgroup(&root) {
+        Ok(own) => Some(own),
+        Err(e) => {
+            tracing::warn!(
+                "cannot tell which cgroup the agent runs in ({e:#}); not checking that it is outside the guarded ones"
+            );
+            None
+        }
     };
     let mut problems: Vec<Problem> = Vec::new();
+    let resolved = match config::resolve_cgroups(config, &root, own.as_deref()) {
+        Ok(r) => r,
+        Err(ConfigError::Invalid { problems: p, .. }) => {
+            problems.extend(p);
+            Vec::new()
+        }
+        Err(e) => return Ok(Err(e)),
+    };
     let mut targets = Vec::new();
     for p in &config.policies {
         match policy::compile(p) {
@@ -38,12 +51,14 @@ pub fn prepare(config: &Config) -> anyhow::Result<Result<Vec<Target>, ConfigErro
                     .map(|c| c.path.clone())
                     .collect(),
             }),
-            Err(mut e) => problems.append(&mut e),
+            Err(e) => problems.extend(e),
         }
     }
+    problems.extend(capacity_problems(&targets));
     if problems.is_empty() {
         Ok(Ok(targets))
     } else {
+        problems.sort_by_key(|p| p.line);
         Ok(Err(ConfigError::Invalid {
             file: config.path.display().to_string(),
             problems,
@@ -51,8 +66,47 @@ pub fn prepare(config: &Config) -> anyhow::Result<Result<Vec<Target>, ConfigErro
     }
 }
 
+/// The kernel maps are shared by all policies and, during a reload, hold the old and the new
+/// rules at once: refuse what could not be written, before anything is.
+fn capacity_problems(targets: &[Target]) -> Vec<Problem> {
+    use agent_common::{MAX_CIDR_ENTRIES, MAX_EXACT_ENTRIES, MAX_GUARDED_CGROUPS};
+    let mut counts = [0usize; 4]; // exact v4, exact v6, cidr v4, cidr v6
+    for t in targets {
+        for (net, _) in &t.compiled.entries {
+            let host = net.prefix_len() == net.max_prefix_len();
+            counts[usize::from(!host) * 2 + usize::from(matches!(net, ipnet::IpNet::V6(_)))] += 1;
+        }
+    }
+    let limits = [
+        ("exact IPv4 addresses", counts[0], MAX_EXACT_ENTRIES),
+        ("exact IPv6 addresses", counts[1], MAX_EXACT_ENTRIES),
+        ("IPv4 CIDRs", counts[2], MAX_CIDR_ENTRIES),
+        ("IPv6 CIDRs", counts[3], MAX_CIDR_ENTRIES),
+    ];
+    let mut problems = Vec::new();
+    for (what, n, max) in limits {
+        if n > max as usize / 2 {
+            problems.push(Problem {
+                line: 1,
+                reason: format!(
+                    "{n} {what} across all policies; at most {} fit (the kernel holds the old and the new policy during a reload)",
+                    max / 2
+                ),
+            });
+        }
+    }
+    let cgroups: usize = targets.iter().map(|t| t.cgroups.len()).sum();
+    if cgroups > MAX_GUARDED_CGROUPS as usize {
+        problems.push(Problem {
+            line: 1,
+            reason: format!("{cgroups} guarded cgroups; at most {MAX_GUARDED_CGROUPS}"),
+        });
+    }
+    problems
+}
+
 pub fn run(config_path: &Path, config: Config) -> anyhow::Result<()> {
-    let targets = prepare(&config)??;
+    let mut targets = prepare(&config)??;
     let mut kernel = Kernel::open(&config.pin_dir).context(
         "setting up the eBPF maps failed (egress-guard needs root, or CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON and CAP_SYS_RESOURCE)",
     )?;
@@ -77,8 +131,9 @@ pub fn run(config_path: &Path, config: Config) -> anyhow::Result<()> {
             tokio::select! {
                 _ = hup.recv() => {
                     notify("RELOADING=1");
-                    if let Some(new) = reload(config_path, &current, &mut kernel) {
+                    if let Some((new, new_targets)) = reload(config_path, &current, &targets, &mut kernel) {
                         current = new;
+                        targets = new_targets;
                     }
                     notify("READY=1");
                 }
@@ -96,7 +151,12 @@ pub fn run(config_path: &Path, config: Config) -> anyhow::Result<()> {
 }
 
 /// Re-reads the config; on any problem the running policy stays as it is.
-fn reload(path: &Path, current: &Config, kernel: &mut Kernel) -> Option<Config> {
+fn reload(
+    path: &Path,
+    current: &Config,
+    current_targets: &[Target],
+    kernel: &mut Kernel,
+) -> Option<(Config, Vec<Target>)> {
     tracing::info!("reloading {}", path.display());
     let new = match config::load(path) {
         Ok(c) => c,
@@ -127,12 +187,20 @@ fn reload(path: &Path, current: &Config, kernel: &mut Kernel) -> Option<Config> 
     match kernel.apply(&targets) {
         Ok(report) => {
             log_applied(&new, &report, kernel);
-            Some(new)
+            Some((new, targets))
         }
         Err(e) => {
-            // Attachments are added before old ones are removed, so the kernel still guards
-            // every cgroup; the maps may hold a mix of old and new policies.
-            tracing::error!("reload failed while applying to the kernel: {e:#}");
+            // Attachments are added before old ones are removed, so every cgroup stayed
+            // guarded; put the previous policy back in full.
+            tracing::error!(
+                "reload failed while applying to the kernel, restoring the previous policy: {e:#}"
+            );
+            match kernel.apply(current_targets) {
+                Ok(report) => log_applied(current, &report, kernel),
+                Err(e) => tracing::error!(
+                    "restoring the previous policy failed too; the kernel may hold a mix of both: {e:#}"
+                ),
+            }
             None
         }
     }

@@ -51,6 +51,10 @@ fn enforcement_survives_kill9_and_a_restart_adopts_the_pins_without_a_gap() {
         std::thread::spawn(move || probe_in(&cg_path, &["loop", "tcp", &a, "3000"]).stdout);
     std::thread::sleep(Duration::from_millis(300));
     agent.spawn();
+    // While an agent runs, nobody else may take its pins: not a second agent, not uninstall.
+    let out = agent.cli(&["uninstall"]);
+    assert!(!out.status.success(), "uninstall ran beside a live agent");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("another egress-guard agent is using"));
     let (ok, eperm, err) = loop_counts(&denied_loop.join().unwrap());
     assert_eq!(ok, 0, "a denied connection got through during the restart");
     assert!(eperm > 10, "the denied loop barely ran: eperm={eperm}");

@@ -122,12 +122,10 @@ impl Maps {
         // Collect first: deleting while iterating a BPF map restarts the iteration.
         macro_rules! clear {
             ($map:expr, $ruleset_of:expr) => {{
-                let keys: Vec<_> = $map
-                    .keys()
-                    .filter_map(Result::ok)
-                    .filter(|k| $ruleset_of(k) == ruleset)
-                    .collect();
-                for k in &keys {
+                // An iteration error must not leave entries behind: they would become allowed
+                // when this ruleset id is next flipped to.
+                let keys: Vec<_> = $map.keys().collect::<Result<Vec<_>, _>>()?;
+                for k in keys.iter().filter(|k| $ruleset_of(k) == ruleset) {
                     $map.remove(k)?;
                 }
             }};
@@ -147,10 +145,9 @@ impl Maps {
         for (id, slot) in wanted {
             self.guarded.insert(id, slot, 0)?;
         }
-        let stale: Vec<u64> = self
-            .guarded
-            .keys()
-            .filter_map(Result::ok)
+        let keys: Vec<u64> = self.guarded.keys().collect::<Result<_, _>>()?;
+        let stale: Vec<u64> = keys
+            .into_iter()
             .filter(|id| !wanted.contains_key(id))
             .collect();
         for id in stale {

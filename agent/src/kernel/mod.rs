@@ -63,6 +63,8 @@ pub struct AppliedPolicy {
 }
 
 pub struct Kernel {
+    /// Held for the agent's lifetime (see [`lock_pin_dir`]).
+    _lock: File,
     root: PathBuf,
     maps: Maps,
     object_id: String,
@@ -93,6 +95,10 @@ impl SocketGuard {
     }
 }
 
+/// How long old rulesets stay after a flip. A program decides in microseconds; this is
+/// far longer than any decision in flight.
+const FLIP_GRACE: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// `<pin_dir>/v<LAYOUT_VERSION>`.
 pub fn pin_root(pin_dir: &Path) -> PathBuf {
     pin_dir.join(format!("v{LAYOUT_VERSION}"))
@@ -102,6 +108,9 @@ impl Kernel {
     /// Mounts what is missing, and creates or reopens the pinned maps.
     pub fn open(pin_dir: &Path) -> anyhow::Result<Self> {
         mounts::ensure_bpffs(pin_dir)?;
+        std::fs::create_dir_all(pin_dir)
+            .with_context(|| format!("creating {}", pin_dir.display()))?;
+        let lock = lock_pin_dir(pin_dir)?;
         let root = pin_root(pin_dir);
         for d in ["maps", "links"] {
             std::fs::create_dir_all(root.join(d))
@@ -120,6 +129,7 @@ impl Kernel {
             }
         };
         Ok(Self {
+            _lock: lock,
             root,
             maps,
             object_id: programs::object_id(),
@@ -139,7 +149,9 @@ impl Kernel {
         let existing = self.link_pins()?;
         let slots = assign_slots(targets, &states, &existing)?;
 
-        // 1. Rulesets: write the new one, flip, drop the old.
+        // 1. Rulesets: write the new one and flip to it; drop the old ones after a grace
+        // period, so a program that read the old id just before the flip still finds it.
+        let mut retired = Vec::new();
         for (t, &slot) in targets.iter().zip(&slots) {
             let st = states[slot as usize];
             let [a, b] = ruleset_ids(slot);
@@ -167,7 +179,7 @@ impl Kernel {
                     name,
                 },
             )?;
-            self.maps.clear_ruleset(old)?;
+            retired.push(old);
             report.policies.push(AppliedPolicy {
                 name: t.name.clone(),
                 slot,
@@ -175,6 +187,13 @@ impl Kernel {
                 entries: t.compiled.len(),
                 cgroups: t.cgroups.len(),
             });
+        }
+
+        if !retired.is_empty() {
+            std::thread::sleep(FLIP_GRACE);
+        }
+        for old in retired {
+            self.maps.clear_ruleset(old)?;
         }
 
         // 2. Which cgroups are guarded, for the LSM hook.
@@ -250,10 +269,39 @@ impl Kernel {
             }
         }
 
-        // 4. Detach what is no longer wanted.
+        if self.socket_guard == SocketGuard::None {
+            // Keep whatever guard an earlier run attached rather than end up with none.
+            for g in guards {
+                if let Some(old) = existing
+                    .iter()
+                    .find(|p| p.starts_with(&format!("{}-", g.pin_program())))
+                {
+                    tracing::warn!("keeping the earlier AF_PACKET guard {old}");
+                    wanted.insert(old.clone());
+                    self.socket_guard = g;
+                    break;
+                }
+            }
+        }
+
+        // 4. Detach what is no longer wanted, including everything pinned under an older
+        // layout version (its programs use maps this agent no longer writes).
+
         for pin in existing.difference(&wanted) {
             detach_pin(&self.links_dir().join(pin))?;
             report.detached += 1;
+        }
+        if let Some(pin_dir) = self.root.parent() {
+            for dir in version_dirs(pin_dir)? {
+                if dir != self.root {
+                    let (links, _) = remove_version_dir(&dir)?;
+                    tracing::info!(
+                        "removed pins of an older layout: {} ({links} attachments)",
+                        dir.display()
+                    );
+                    report.detached += links;
+                }
+            }
         }
 
         // 5. Retire policies that are gone (their links are detached now).
@@ -328,35 +376,82 @@ fn detach_pin(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The `v<N>` layout directories under `pin_dir`.
+fn version_dirs(pin_dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(pin_dir).with_context(|| format!("listing {}", pin_dir.display()))? {
+        let e = e?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if e.file_type()?.is_dir()
+            && name
+                .strip_prefix('v')
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        {
+            out.push(e.path());
+        }
+    }
+    Ok(out)
+}
+
+/// Detaches every link and removes every map pin of one layout directory.
+fn remove_version_dir(dir: &Path) -> anyhow::Result<(usize, usize)> {
+    let (mut links, mut maps) = (0, 0);
+    let links_dir = dir.join("links");
+    if links_dir.is_dir() {
+        for e in std::fs::read_dir(&links_dir)? {
+            detach_pin(&e?.path())?;
+            links += 1;
+        }
+        std::fs::remove_dir(&links_dir)?;
+    }
+    let maps_dir = dir.join("maps");
+    if maps_dir.is_dir() {
+        for e in std::fs::read_dir(&maps_dir)? {
+            std::fs::remove_file(e?.path())?;
+            maps += 1;
+        }
+        std::fs::remove_dir(&maps_dir)?;
+    }
+    std::fs::remove_dir(dir).with_context(|| format!("removing {}", dir.display()))?;
+    Ok((links, maps))
+}
+
 /// Removes every attachment and map pin under `pin_dir` on purpose. Returns (links, maps).
+/// Touches only egress-guard's own `v<N>` directories, and refuses while an agent holds
+/// the pin directory.
 pub fn uninstall(pin_dir: &Path) -> anyhow::Result<(usize, usize)> {
-    let mut links = 0;
-    let mut maps = 0;
     if !pin_dir.exists() {
         return Ok((0, 0));
     }
-    for version in std::fs::read_dir(pin_dir)? {
-        let version = version?.path();
-        let links_dir = version.join("links");
-        if links_dir.is_dir() {
-            for e in std::fs::read_dir(&links_dir)? {
-                detach_pin(&e?.path())?;
-                links += 1;
-            }
-            std::fs::remove_dir(&links_dir)?;
-        }
-        let maps_dir = version.join("maps");
-        if maps_dir.is_dir() {
-            for e in std::fs::read_dir(&maps_dir)? {
-                std::fs::remove_file(e?.path())?;
-                maps += 1;
-            }
-            std::fs::remove_dir(&maps_dir)?;
-        }
-        std::fs::remove_dir(&version).with_context(|| format!("removing {}", version.display()))?;
+    let _lock = lock_pin_dir(pin_dir)?;
+    let (mut links, mut maps) = (0, 0);
+    for dir in version_dirs(pin_dir)? {
+        let (l, m) = remove_version_dir(&dir)?;
+        links += l;
+        maps += m;
     }
-    std::fs::remove_dir(pin_dir).with_context(|| format!("removing {}", pin_dir.display()))?;
+    // Only if nothing else lives there.
+    let _ = std::fs::remove_dir(pin_dir);
     Ok((links, maps))
+}
+
+/// An exclusive lock on the pin directory, held for as long as the returned file lives: two
+/// agents on one pin_dir would undo each other's work.
+pub fn lock_pin_dir(pin_dir: &Path) -> anyhow::Result<File> {
+    use std::os::fd::AsRawFd as _;
+    let dir = File::open(pin_dir).with_context(|| format!("opening {}", pin_dir.display()))?;
+    // SAFETY: plain syscall on an fd we own.
+    if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            bail!(
+                "another egress-guard agent is using {} (stop it first: systemctl stop egress-guard)",
+                pin_dir.display()
+            );
+        }
+        return Err(e).with_context(|| format!("locking {}", pin_dir.display()));
+    }
+    Ok(dir)
 }
 
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK.
