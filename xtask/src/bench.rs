@@ -22,9 +22,13 @@ use anyhow::{Context as _, bail};
 
 use crate::{is_root, workspace_root};
 
+/// Policy sizes (allowed addresses); `EG_BENCH_SIZES=10,1000` picks others.
 const SIZES: [usize; 4] = [10, 1_000, 10_000, 100_000];
-const ROUNDS: usize = 7;
-const CONNECTS: u32 = 20_000;
+const ROUNDS: usize = 21;
+/// The probe runs on this CPU, the listener (this process) on CPU 0, to cut scheduling noise.
+const PROBE_CPU: usize = 1;
+/// How long one sample connects in a loop.
+const SAMPLE_MILLIS: u32 = 400;
 const VARIANTS: [&str; 4] = ["bare", "egress-guard", "iptables", "nftables"];
 const CHAIN: &str = "EG_BENCH";
 const NFT_TABLE: &str = "egress_guard_bench";
@@ -110,7 +114,7 @@ fn measure(cgroup: &Path, probe: &Path, to: &str) -> anyhow::Result<f64> {
     let out = Command::new("sh")
         .arg("-c")
         .arg(format!(
-            "echo $$ > {}/cgroup.procs && exec \"$0\" bench-connect \"$1\" {CONNECTS}",
+            "echo $$ > {}/cgroup.procs && exec taskset -c {PROBE_CPU} \"$0\" bench-connect \"$1\" {SAMPLE_MILLIS}",
             cgroup.display()
         ))
         .arg(probe)
@@ -121,6 +125,30 @@ fn measure(cgroup: &Path, probe: &Path, to: &str) -> anyhow::Result<f64> {
         .strip_prefix("ns_per_connect=")
         .and_then(|v| v.parse().ok())
         .with_context(|| format!("probe in {} said {text:?}", cgroup.display()))
+}
+
+/// Keeps this process (the listener's accept threads) on CPU 0.
+fn pin_to_cpu0() {
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET and sched_setaffinity take valid pointers.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// Whether one connect from inside `cgroup` succeeds.
+fn connects(cgroup: &Path, probe: &Path, to: &str) -> anyhow::Result<bool> {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "echo $$ > {}/cgroup.procs && exec \"$0\" tcp \"$1\"",
+            cgroup.display()
+        ))
+        .arg(probe)
+        .arg(to)
+        .output()?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim() == "ok")
 }
 
 #[derive(serde::Serialize)]
@@ -175,21 +203,57 @@ pub fn run() -> anyhow::Result<()> {
         std::fs::create_dir(&p).with_context(|| format!("creating {}", p.display()))?;
         bench.cgroups.push(p);
     }
+    pin_to_cpu0();
     let listener = TcpListener::bind("127.0.0.2:0")?;
     let port = listener.local_addr()?.port();
-    std::thread::spawn(move || {
-        for c in listener.incoming() {
-            drop(c);
-        }
-    });
+    // A deep accept queue and two acceptors: an overflowing queue drops SYNs, and one
+    // retransmitted SYN (1 s) would swamp a sample.
+    {
+        use std::os::fd::AsRawFd as _;
+        // SAFETY: plain syscall on a listening socket we own.
+        unsafe { libc::listen(listener.as_raw_fd(), 4096) };
+    }
+    for _ in 0..2 {
+        let l = listener.try_clone()?;
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                drop(c);
+            }
+        });
+    }
     let to = format!("127.0.0.2:{port}");
+    let other = TcpListener::bind("127.0.0.3:0")?;
+    let refused = other.local_addr()?.to_string();
 
     let mut rows = Vec::new();
     let mut startup = Vec::new();
-    for size in SIZES {
+    let sizes: Vec<usize> = match std::env::var("EG_BENCH_SIZES") {
+        Ok(v) => v
+            .split(',')
+            .map(|n| n.trim().parse())
+            .collect::<Result<_, _>>()
+            .context("EG_BENCH_SIZES")?,
+        Err(_) => SIZES.to_vec(),
+    };
+    for &size in &sizes {
         eprintln!("==> policy size {size}");
         let t = setup_size(&mut bench, size, port)?;
         startup.push((size, t.as_secs_f64()));
+        // Every filter must really be in force: a destination none allows gets through only
+        // from the bare cgroup.
+        for (i, v) in VARIANTS.iter().enumerate() {
+            let passed = connects(&bench.cgroups[i], &probe, &refused)?;
+            if passed != (*v == "bare") {
+                bail!(
+                    "sanity check: {v} at {size} entries {} 127.0.0.3",
+                    if passed {
+                        "let through a connection to"
+                    } else {
+                        "refused"
+                    }
+                );
+            }
+        }
         let mut samples: Vec<Vec<f64>> = vec![Vec::new(); VARIANTS.len()];
         for round in 0..ROUNDS {
             for k in 0..VARIANTS.len() {
@@ -216,7 +280,7 @@ pub fn run() -> anyhow::Result<()> {
     let mut table = String::new();
     writeln!(
         table,
-        "connect()+close to an allowed loopback destination, {CONNECTS} per sample, {ROUNDS} interleaved rounds"
+        "connect()+close to an allowed loopback destination, {SAMPLE_MILLIS} ms per sample, {ROUNDS} interleaved rounds"
     )?;
     writeln!(
         table,
@@ -240,7 +304,7 @@ pub fn run() -> anyhow::Result<()> {
     std::fs::create_dir_all(&out)?;
     let json = serde_json::json!({
         "benchmark": "connect",
-        "connects_per_sample": CONNECTS,
+        "sample_millis": SAMPLE_MILLIS,
         "rounds": ROUNDS,
         "rows": rows,
         "startup_seconds": startup.iter().map(|(n, s)| serde_json::json!({"entries": n, "seconds": s})).collect::<Vec<_>>(),
@@ -251,7 +315,7 @@ pub fn run() -> anyhow::Result<()> {
         serde_json::to_string_pretty(&json)?,
     )?;
     std::fs::write(out.join("connect.txt"), &table)?;
-    std::fs::write(out.join("connect.svg"), svg(&rows))?;
+    std::fs::write(out.join("connect.svg"), svg(&rows, &sizes))?;
     eprintln!("==> wrote {}/connect.{{json,txt,svg}}", out.display());
     Ok(())
 }
@@ -302,12 +366,11 @@ fn setup_size(bench: &mut Bench, size: usize, port: u16) -> anyhow::Result<Durat
     }
     let took = started.elapsed();
 
-    // iptables: OUTPUT -m cgroup → chain of N accepts + the target + REJECT.
+    // iptables: OUTPUT -m cgroup → chain of N accepts, then the target, then REJECT. The target
+    // comes last, as one endpoint among many would: iptables walks its rules in order.
     let ipt_cg = bench.cgroup("iptables");
     remove_iptables(&ipt_cg);
-    let mut rules = format!(
-        "*filter\n:{CHAIN} - [0:0]\n-A {CHAIN} -d 127.0.0.2/32 -p tcp --dport {port} -j ACCEPT\n"
-    );
+    let mut rules = format!("*filter\n:{CHAIN} - [0:0]\n");
     for i in 0..size {
         writeln!(
             rules,
@@ -315,6 +378,10 @@ fn setup_size(bench: &mut Bench, size: usize, port: u16) -> anyhow::Result<Durat
             bench_addr(i)
         )?;
     }
+    writeln!(
+        rules,
+        "-A {CHAIN} -d 127.0.0.2/32 -p tcp --dport {port} -j ACCEPT"
+    )?;
     writeln!(
         rules,
         "-A {CHAIN} -j REJECT\n-A OUTPUT -m cgroup --path {ipt_cg} -j {CHAIN}\nCOMMIT"
@@ -366,20 +433,35 @@ fn machine() -> serde_json::Value {
 }
 
 /// ns per connect against policy size (log scale), one line per variant.
-fn svg(rows: &[Row]) -> String {
+fn svg(rows: &[Row], sizes: &[usize]) -> String {
     let (w, h, left, bottom, top, right) = (720.0, 420.0, 70.0, 50.0, 40.0, 150.0);
-    let max = rows.iter().map(|r| r.median_ns).fold(0.0, f64::max) * 1.1;
+    // Log scale on both axes: iptables grows by orders of magnitude, the others stay flat.
+    let lo = rows
+        .iter()
+        .map(|r| r.median_ns)
+        .fold(f64::INFINITY, f64::min)
+        .log10()
+        .floor();
+    let hi = rows
+        .iter()
+        .map(|r| r.median_ns)
+        .fold(1.0, f64::max)
+        .log10()
+        .ceil()
+        .max(lo + 1.0);
     let x = |size: usize| {
         let (lo, hi) = (
-            (SIZES[0] as f64).log10(),
-            (SIZES[SIZES.len() - 1] as f64).log10(),
+            (sizes[0] as f64).log10(),
+            (sizes[sizes.len() - 1] as f64)
+                .log10()
+                .max((sizes[0] as f64).log10() + 1.0),
         );
         left + ((size as f64).log10() - lo) / (hi - lo) * (w - left - right)
     };
-    let y = |ns: f64| h - bottom - ns / max * (h - bottom - top);
+    let y = |ns: f64| h - bottom - (ns.log10() - lo) / (hi - lo) * (h - bottom - top);
     let colors = ["#888888", "#1f77b4", "#d62728", "#2ca02c"];
     let mut s = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{left}\" y=\"24\" font-size=\"14\">connect()+close from a guarded cgroup: median ns vs allowed entries</text>\n"
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{left}\" y=\"24\" font-size=\"14\">connect()+close from a filtered cgroup: median time vs allowed entries (log-log)</text>\n"
     );
     let _ = writeln!(
         s,
@@ -392,7 +474,7 @@ fn svg(rows: &[Row]) -> String {
         "<line x1=\"{left}\" y1=\"{top}\" x2=\"{left}\" y2=\"{}\" stroke=\"black\"/>",
         h - bottom
     );
-    for size in SIZES {
+    for &size in sizes {
         let _ = writeln!(
             s,
             "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{size}</text>",
@@ -400,14 +482,27 @@ fn svg(rows: &[Row]) -> String {
             h - bottom + 18.0
         );
     }
-    for i in 0..=4 {
-        let ns = max * f64::from(i) / 4.0;
+    let mut e = lo;
+    while e <= hi {
+        let ns = 10f64.powf(e);
+        let label = if ns >= 1e6 {
+            format!("{} ms", ns / 1e6)
+        } else {
+            format!("{} µs", ns / 1e3)
+        };
         let _ = writeln!(
             s,
-            "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{ns:.0}</text>",
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{label}</text>",
             left - 6.0,
             y(ns) + 4.0
         );
+        let _ = writeln!(
+            s,
+            "<line x1=\"{left}\" y1=\"{0}\" x2=\"{1}\" y2=\"{0}\" stroke=\"#ddd\"/>",
+            y(ns),
+            w - right
+        );
+        e += 1.0;
     }
     for (k, v) in VARIANTS.iter().enumerate() {
         let pts: Vec<String> = rows

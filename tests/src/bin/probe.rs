@@ -13,7 +13,7 @@
 //!                                  stdin, then send on it (the socket predates the guard)
 //! probe serve ADDR:PORT            listen, print `ready`, accept one connection, write `hello`
 //! probe loop tcp ADDR:PORT MILLIS  connect repeatedly for MILLIS; prints `ok=N eperm=M err=K`
-//! probe bench-connect ADDR:PORT N   N × (connect + close with RST); prints `ns_per_connect=X`
+//! probe bench-connect ADDR:PORT MILLIS  connect + close (RST) for MILLIS; prints `ns_per_connect=X`
 
 use std::{
     io::{BufRead as _, Write as _},
@@ -184,20 +184,19 @@ fn main() -> ExitCode {
             println!("ok={ok} eperm={eperm} err={err}");
             ExitCode::SUCCESS
         }
-        ["bench-connect", to, n] => {
+        ["bench-connect", to, millis] => {
             let to = addr(to);
-            let n: u32 = n.parse().expect("count");
+            let budget = Duration::from_millis(millis.parse().expect("millis"));
             let start = Instant::now();
-            for _ in 0..n {
+            let mut n = 0u128;
+            while start.elapsed() < budget {
                 match TcpStream::connect(to) {
                     Ok(s) => close_with_reset(s),
                     Err(e) => return report(classify::<()>(Err(e))),
                 }
+                n += 1;
             }
-            println!(
-                "ns_per_connect={}",
-                start.elapsed().as_nanos() / u128::from(n.max(1))
-            );
+            println!("ns_per_connect={}", start.elapsed().as_nanos() / n.max(1));
             ExitCode::SUCCESS
         }
         _ => {
