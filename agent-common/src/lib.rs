@@ -4,6 +4,7 @@
 //! the user half (feature `user`) gets `aya::Pod` impls to do the same from the agent.
 #![cfg_attr(target_arch = "bpf", no_std)]
 
+pub mod event;
 pub mod policy;
 
 pub use policy::*;

@@ -206,7 +206,9 @@ pub mod map_names {
     pub const COUNTERS: &str = "COUNTERS";
     pub const GUARDED_CGROUPS: &str = "GUARDED_CGROUPS";
     pub const INBOUND_SOCKETS: &str = "INBOUND_SOCKETS";
-    pub const ALL: [&str; 8] = [
+    pub const EVENTS: &str = "EVENTS";
+    pub const LOST_EVENTS: &str = "LOST_EVENTS";
+    pub const ALL: [&str; 10] = [
         POLICY_STATE,
         ALLOW_EXACT4,
         ALLOW_EXACT6,
@@ -215,6 +217,8 @@ pub mod map_names {
         COUNTERS,
         GUARDED_CGROUPS,
         INBOUND_SOCKETS,
+        EVENTS,
+        LOST_EVENTS,
     ];
 }
 

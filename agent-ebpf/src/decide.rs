@@ -18,6 +18,15 @@ pub struct Dest {
 }
 
 impl Dest {
+    /// No destination (socket refusals, unreadable packets).
+    #[inline(always)]
+    pub fn none() -> Dest {
+        Dest {
+            v4: false,
+            addr: [0; 16],
+        }
+    }
+
     #[inline(always)]
     pub fn v4(a: [u8; 4]) -> Dest {
         Dest {

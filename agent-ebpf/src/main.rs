@@ -7,8 +7,10 @@
 #![no_main]
 
 mod decide;
+mod emit;
 mod maps;
 
+use agent_common::event::kind;
 use agent_common::{Counter, MAX_CGROUP_DEPTH};
 use aya_ebpf::{
     Global,
@@ -16,7 +18,8 @@ use aya_ebpf::{
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
     },
     helpers::{
-        bpf_get_current_ancestor_cgroup_id, bpf_get_socket_cookie, bpf_send_signal, bpf_sk_fullsock,
+        bpf_get_current_ancestor_cgroup_id, bpf_get_socket_cookie, bpf_send_signal,
+        bpf_sk_fullsock, generated::bpf_skb_cgroup_id,
     },
     macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, lsm, sock_ops, tracepoint},
     programs::{
@@ -24,6 +27,7 @@ use aya_ebpf::{
     },
 };
 use decide::{Dest, Verdict, count, count_verdict, decide};
+use emit::Origin;
 use maps::{GUARDED_CGROUPS, INBOUND_SOCKETS};
 
 /// The policy slot this copy of the programs enforces. The default (no slot) denies.
@@ -85,11 +89,12 @@ fn sock_addr_dest(ctx: &SockAddrContext, v6: bool) -> (Dest, u32, u16) {
 }
 
 #[inline(always)]
-fn judge_sock_addr(ctx: &SockAddrContext, v6: bool, counters: [Counter; 3]) -> i32 {
+fn judge_sock_addr(ctx: &SockAddrContext, v6: bool, kind: u16, counters: [Counter; 3]) -> i32 {
     let slot = POLICY_SLOT.load();
     let (dest, proto, port) = sock_addr_dest(ctx, v6);
     let v = decide(slot, &dest, proto, port);
     count_verdict(slot, &v, counters);
+    emit::net(kind, slot, &v, Origin::Task, &dest, proto, port, [0; 3]);
     if v.passes() {
         SYSCALL_OK
     } else {
@@ -99,22 +104,22 @@ fn judge_sock_addr(ctx: &SockAddrContext, v6: bool, counters: [Counter; 3]) -> i
 
 #[cgroup_sock_addr(connect4)]
 pub fn connect4(ctx: SockAddrContext) -> i32 {
-    judge_sock_addr(&ctx, false, CONNECT_COUNTERS)
+    judge_sock_addr(&ctx, false, kind::NET_CONNECT, CONNECT_COUNTERS)
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn connect6(ctx: SockAddrContext) -> i32 {
-    judge_sock_addr(&ctx, true, CONNECT_COUNTERS)
+    judge_sock_addr(&ctx, true, kind::NET_CONNECT, CONNECT_COUNTERS)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
-    judge_sock_addr(&ctx, false, SEND_COUNTERS)
+    judge_sock_addr(&ctx, false, kind::NET_SEND, SEND_COUNTERS)
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
-    judge_sock_addr(&ctx, true, SEND_COUNTERS)
+    judge_sock_addr(&ctx, true, kind::NET_SEND, SEND_COUNTERS)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -135,18 +140,10 @@ pub fn sock_create(ctx: SockContext) -> i32 {
         // Raw sockets, SCTP, MPTCP and anything else the hooks cannot judge.
         _ => false,
     };
-    if ok {
-        return SYSCALL_OK;
-    }
-    match decide::verdict(decide::state(slot), false) {
-        Verdict::WouldDeny => {
-            count(slot, Counter::SocketWouldDeny);
-            SYSCALL_OK
-        }
-        _ => {
-            count(slot, Counter::SocketDenied);
-            SYSCALL_EPERM
-        }
+    if ok || refuse_socket(slot, [sk.family, sk.type_, sk.protocol]).passes() {
+        SYSCALL_OK
+    } else {
+        SYSCALL_EPERM
     }
 }
 
@@ -179,16 +176,35 @@ pub fn lsm_socket_create(ctx: LsmContext) -> i32 {
     let Some(slot) = guarded_slot_of_current_task() else {
         return 0;
     };
-    match decide::verdict(decide::state(slot), false) {
-        Verdict::WouldDeny => {
-            count(slot, Counter::SocketWouldDeny);
-            0
-        }
-        _ => {
-            count(slot, Counter::SocketDenied);
-            -EPERM
-        }
+    let protocol: i32 = ctx.arg(2);
+    if refuse_socket(slot, [family as u32, sock_type as u32, protocol as u32]).passes() {
+        0
+    } else {
+        -EPERM
     }
+}
+
+/// Counts and records a refused socket(); the verdict says whether audit mode lets it pass.
+#[inline(always)]
+fn refuse_socket(slot: u32, args: [u32; 3]) -> Verdict {
+    let v = decide::verdict(decide::state(slot), false);
+    let c = if v.passes() {
+        Counter::SocketWouldDeny
+    } else {
+        Counter::SocketDenied
+    };
+    count(slot, c);
+    emit::net(
+        kind::NET_SOCKET,
+        slot,
+        &v,
+        Origin::Task,
+        &Dest::none(),
+        0,
+        0,
+        args,
+    );
+    v
 }
 
 /// Fallback where the BPF LSM is not available (most distributions leave it out of `lsm=`):
@@ -203,9 +219,16 @@ pub fn socket_enter(ctx: TracePointContext) -> u32 {
     // 0x1_0000_0011 would pass as "not AF_PACKET".
     const ARG0: usize = 16;
     const ARG1: usize = 24;
-    let (family, sock_type) = match unsafe { (ctx.read_at::<u64>(ARG0), ctx.read_at::<u64>(ARG1)) }
-    {
-        (Ok(f), Ok(t)) => (f as u32 as i32, t as u32 as i32),
+    const ARG2: usize = 32;
+    let args = unsafe {
+        (
+            ctx.read_at::<u64>(ARG0),
+            ctx.read_at::<u64>(ARG1),
+            ctx.read_at::<u64>(ARG2),
+        )
+    };
+    let (family, sock_type, protocol) = match args {
+        (Ok(f), Ok(t), Ok(p)) => (f as u32 as i32, t as u32 as i32, p as u32),
         _ => return 0,
     };
     if !family_refused(family, sock_type, false) {
@@ -214,13 +237,9 @@ pub fn socket_enter(ctx: TracePointContext) -> u32 {
     let Some(slot) = guarded_slot_of_current_task() else {
         return 0;
     };
-    match decide::verdict(decide::state(slot), false) {
-        Verdict::WouldDeny => count(slot, Counter::SocketWouldDeny),
-        _ => {
-            count(slot, Counter::SocketDenied);
-            const SIGKILL: u32 = 9;
-            unsafe { bpf_send_signal(SIGKILL) };
-        }
+    if !refuse_socket(slot, [family as u32, sock_type as u32, protocol]).passes() {
+        const SIGKILL: u32 = 9;
+        unsafe { bpf_send_signal(SIGKILL) };
     }
     0
 }
@@ -337,7 +356,8 @@ fn read_packet_inner(ctx: &SkBuffContext) -> Result<Option<Packet>, i64> {
 pub fn egress(ctx: SkBuffContext) -> i32 {
     let slot = POLICY_SLOT.load();
     let Some(p) = read_packet(&ctx) else {
-        return packet_denied(slot);
+        let v = decide::verdict(decide::state(slot), false);
+        return packet_verdict(&ctx, slot, &v, &Dest::none(), 0, 0);
     };
     let v = decide(slot, &p.dest, p.proto as u32, p.port);
     if let Verdict::Allow = v {
@@ -348,25 +368,36 @@ pub fn egress(ctx: SkBuffContext) -> i32 {
         count(slot, Counter::PacketInboundReply);
         return PACKET_PASS;
     }
-    packet_verdict(slot, &v)
+    packet_verdict(&ctx, slot, &v, &p.dest, p.proto, p.port)
 }
 
-/// A packet no rule can allow (not IP, unreadable, a hand-made fragment).
+/// Counts and records a packet no rule allowed (or that could not be read: not IP, too
+/// short, a hand-made fragment).
 #[inline(always)]
-fn packet_denied(slot: u32) -> i32 {
-    packet_verdict(slot, &decide::verdict(decide::state(slot), false))
-}
-
-#[inline(always)]
-fn packet_verdict(slot: u32, v: &Verdict) -> i32 {
-    count_verdict(
+fn packet_verdict(
+    ctx: &SkBuffContext,
+    slot: u32,
+    v: &Verdict,
+    dest: &Dest,
+    proto: u8,
+    port: u16,
+) -> i32 {
+    let c = if v.passes() {
+        Counter::PacketWouldDeny
+    } else {
+        Counter::PacketDenied
+    };
+    count(slot, c);
+    let cgroup = Origin::Cgroup(unsafe { bpf_skb_cgroup_id(ctx.skb.skb) });
+    emit::net(
+        kind::NET_PACKET,
         slot,
         v,
-        [
-            Counter::PacketAllowed,
-            Counter::PacketDenied,
-            Counter::PacketWouldDeny,
-        ],
+        cgroup,
+        dest,
+        proto as u32,
+        port,
+        [0; 3],
     );
     if v.passes() { PACKET_PASS } else { PACKET_DROP }
 }

@@ -4,11 +4,11 @@
 
 use agent_common::{
     Addr4Key, Addr6Key, AllowValue, COUNTERS_PER_POLICY, MAX_CIDR_ENTRIES, MAX_EXACT_ENTRIES,
-    MAX_GUARDED_CGROUPS, MAX_INBOUND_SOCKETS, MAX_POLICIES, PolicyState,
+    MAX_GUARDED_CGROUPS, MAX_INBOUND_SOCKETS, MAX_POLICIES, PolicyState, event::DEFAULT_RING_BYTES,
 };
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 
 /// Per slot: active ruleset id, mode and name.
@@ -44,3 +44,12 @@ pub static GUARDED_CGROUPS: HashMap<u64, u32> = HashMap::pinned(MAX_GUARDED_CGRO
 /// replies through. LRU: a flood can only evict entries, which fails closed.
 #[map]
 pub static INBOUND_SOCKETS: LruHashMap<u64, u8> = LruHashMap::pinned(MAX_INBOUND_SOCKETS, 0);
+
+/// Audit records (see agent-common's `event`). Its size is set by the agent at creation.
+#[map]
+pub static EVENTS: RingBuf = RingBuf::pinned(DEFAULT_RING_BYTES, 0);
+
+/// `[0]`: records that did not fit in `EVENTS` (kernel, per CPU). `[1]`: how many of them the
+/// agent has reported (written by the agent), so a restarted agent reports only the rest.
+#[map]
+pub static LOST_EVENTS: PerCpuArray<u64> = PerCpuArray::pinned(2, 0);

@@ -42,7 +42,40 @@ pub struct Config {
     pub path: PathBuf,
     pub log_level: Option<String>,
     pub pin_dir: PathBuf,
+    pub audit: Audit,
     pub policies: Vec<Policy>,
+}
+
+pub const DEFAULT_AUDIT_FILE: &str = "/var/log/egress-guard/audit.jsonl";
+
+/// `[audit]`: where and how the audit trail is written.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Audit {
+    /// JSON-lines file sink.
+    pub file: PathBuf,
+    /// Rotate the file when it reaches this size.
+    pub file_max_bytes: u64,
+    /// Rotated files kept (`audit.jsonl.1` … `.N`); older ones are deleted.
+    pub file_keep: u32,
+    /// Size of the kernel ring buffer (a power of two, at least 4096); takes effect when the
+    /// pinned ring is created (after `egress-guard uninstall`).
+    pub ring_buffer_bytes: u32,
+    /// Allowed UDP sends to one destination are written as one record per this many seconds,
+    /// with a count.
+    pub udp_aggregate_seconds: u64,
+}
+
+impl Default for Audit {
+    fn default() -> Self {
+        Self {
+            file: PathBuf::from(DEFAULT_AUDIT_FILE),
+            file_max_bytes: 100 << 20,
+            file_keep: 5,
+            ring_buffer_bytes: agent_common::event::DEFAULT_RING_BYTES,
+            udp_aggregate_seconds: 10,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -124,6 +157,7 @@ struct RawConfig {
     mode: Option<Spanned<Mode>>,
     log_level: Option<Spanned<String>>,
     pin_dir: Option<Spanned<String>>,
+    audit: Option<Spanned<Audit>>,
     #[serde(default)]
     policy: Vec<Spanned<RawPolicy>>,
 }
@@ -243,6 +277,42 @@ fn validate(raw: RawConfig, path: &Path, lines: &LineIndex, problems: &mut Vec<P
             PathBuf::from(p.into_inner())
         }
         None => PathBuf::from(DEFAULT_PIN_DIR),
+    };
+
+    let audit = match raw.audit {
+        Some(a) => {
+            let line = lines.of(&a);
+            let a = a.into_inner();
+            let r = a.ring_buffer_bytes;
+            if !r.is_power_of_two() || !(4096..=1 << 30).contains(&r) {
+                problem(
+                    line,
+                    format!(
+                        "[audit] ring_buffer_bytes = {r}: must be a power of two from 4096 to 1073741824"
+                    ),
+                );
+            }
+            if !a.file.is_absolute() {
+                problem(
+                    line,
+                    format!("[audit] file {:?} must be an absolute path", a.file),
+                );
+            }
+            if a.file_max_bytes < 4096 {
+                problem(line, "[audit] file_max_bytes must be at least 4096".into());
+            }
+            if a.file_keep == 0 {
+                problem(line, "[audit] file_keep must be at least 1".into());
+            }
+            if a.udp_aggregate_seconds == 0 {
+                problem(
+                    line,
+                    "[audit] udp_aggregate_seconds must be at least 1".into(),
+                );
+            }
+            a
+        }
+        None => Audit::default(),
     };
 
     if raw.policy.is_empty() {
@@ -380,6 +450,7 @@ fn validate(raw: RawConfig, path: &Path, lines: &LineIndex, problems: &mut Vec<P
         path: path.to_path_buf(),
         log_level,
         pin_dir,
+        audit,
         policies,
     }
 }
@@ -890,6 +961,21 @@ allow_loopback = true
         let c = cfg(include_str!("../../packaging/config.toml")).unwrap();
         assert_eq!(c.policies.len(), 2);
         assert_eq!(c.policies[0].hostnames.len(), 3);
+    }
+
+    #[test]
+    fn audit_settings_are_checked() {
+        let base = "[[policy]]\nname = \"a\"\ncgroups = [\"x\"]\n";
+        let c = cfg(&format!(
+            "[audit]\nfile = \"/tmp/a.jsonl\"\nring_buffer_bytes = 65536\n{base}"
+        ))
+        .unwrap();
+        assert_eq!(c.audit.ring_buffer_bytes, 65536);
+        assert_eq!(c.audit.file_keep, 5);
+        let p = one_problem(&format!("[audit]\nring_buffer_bytes = 5000\n{base}"));
+        assert!(p.reason.contains("power of two"), "{}", p.reason);
+        let p = one_problem(&format!("[audit]\nfiel = \"/x\"\n{base}"));
+        assert!(p.reason.contains("unknown field `fiel`"), "{}", p.reason);
     }
 
     #[test]

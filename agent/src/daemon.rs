@@ -7,11 +7,16 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
-use tokio::signal::unix::{SignalKind, signal};
+use serde_json::json;
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+};
 
 use crate::{
+    audit::{Audit, Notice},
     config::{self, Config, ConfigError, Problem},
-    kernel::{self, ApplyReport, Kernel, SocketGuard, Target, programs::Hook},
+    kernel::{self, ApplyReport, AuditMaps, Kernel, SocketGuard, Target, programs::Hook},
     policy,
 };
 
@@ -107,22 +112,36 @@ fn capacity_problems(targets: &[Target]) -> Vec<Problem> {
 
 pub fn run(config_path: &Path, config: Config) -> anyhow::Result<()> {
     let mut targets = prepare(&config)??;
-    let mut kernel = Kernel::open(&config.pin_dir).context(
+    let mut kernel = Kernel::open(&config.pin_dir, config.audit.ring_buffer_bytes).context(
         "setting up the eBPF maps failed (egress-guard needs root, or CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON and CAP_SYS_RESOURCE)",
     )?;
     let report = kernel
         .apply(&targets)
         .context("attaching the policy to the kernel failed")?;
     log_applied(&config, &report, &kernel);
-    notify(&format!(
-        "READY=1\nSTATUS=enforcing {} policies",
-        report.policies.len()
-    ));
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     rt.block_on(async move {
+        // The audit trail, before READY: nothing the guarded processes do goes unrecorded.
+        let AuditMaps { events, lost } = kernel.take_audit_maps().context("audit maps already taken")?;
+        let audit = Audit::new(lost, &config.audit, kernel::mounts::cgroup2_root()?)
+            .context("starting the audit trail (see [audit] in the config)")?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let say = |n: Notice| {
+            // The receiver lives until after the loop below.
+            let _ = tx.send(n);
+        };
+        say(Notice::Agent(
+            "agent.start",
+            json!({ "agent_version": env!("CARGO_PKG_VERSION"), "config": config_path.display().to_string(),
+                    "socket_guard": kernel.socket_guard }),
+        ));
+        announce(&say, &kernel, &targets, &report);
+        let audit_task = tokio::spawn(audit.run(events, rx));
+        notify(&format!("READY=1\nSTATUS=enforcing {} policies", report.policies.len()));
+
         let mut hup = signal(SignalKind::hangup())?;
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
@@ -131,9 +150,14 @@ pub fn run(config_path: &Path, config: Config) -> anyhow::Result<()> {
             tokio::select! {
                 _ = hup.recv() => {
                     notify("RELOADING=1");
-                    if let Some((new, new_targets)) = reload(config_path, &current, &targets, &mut kernel) {
-                        current = new;
-                        targets = new_targets;
+                    match reload(config_path, &current, &targets, &mut kernel) {
+                        Ok((new, new_targets, report)) => {
+                            say(Notice::Agent("agent.reload", json!({ "result": "applied" })));
+                            announce(&say, &kernel, &new_targets, &report);
+                            current = new;
+                            targets = new_targets;
+                        }
+                        Err(reason) => say(Notice::Agent("agent.reload", json!({ "result": "refused", "reason": reason }))),
                     }
                     notify("READY=1");
                 }
@@ -146,62 +170,79 @@ pub fn run(config_path: &Path, config: Config) -> anyhow::Result<()> {
             kernel::pin_root(&current.pin_dir).display()
         );
         notify("STOPPING=1");
-        anyhow::Ok(())
+        say(Notice::Agent("agent.stop", json!({ "enforcement": "stays in force (pinned)" })));
+        drop(tx);
+        audit_task.await.context("the audit task panicked")?.context("audit trail")
     })
 }
 
-/// Re-reads the config; on any problem the running policy stays as it is.
+/// Tells the audit trail which policies are in force (names by slot, guarded cgroups) and
+/// records each as an `agent.policy` event.
+fn announce(say: &impl Fn(Notice), kernel: &Kernel, targets: &[Target], report: &ApplyReport) {
+    match kernel.policy_names() {
+        Ok(names) => say(Notice::Policies(
+            names,
+            targets.iter().flat_map(|t| t.cgroups.clone()).collect(),
+        )),
+        Err(e) => tracing::error!("reading policy names for the audit trail: {e:#}"),
+    }
+    for p in &report.policies {
+        say(Notice::Agent(
+            "agent.policy",
+            json!({ "policy": p.name, "change": "applied", "mode": p.mode, "map_entries": p.entries, "cgroups": p.cgroups }),
+        ));
+    }
+    for name in &report.removed_policies {
+        say(Notice::Agent(
+            "agent.policy",
+            json!({ "policy": name, "change": "removed" }),
+        ));
+    }
+}
+
+/// Re-reads the config; on any problem the running policy stays as it is, and the reason
+/// is returned.
 fn reload(
     path: &Path,
     current: &Config,
     current_targets: &[Target],
     kernel: &mut Kernel,
-) -> Option<(Config, Vec<Target>)> {
+) -> Result<(Config, Vec<Target>, ApplyReport), String> {
     tracing::info!("reloading {}", path.display());
-    let new = match config::load(path) {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!("reload refused, the previous policy stays in force:\n{e}");
-            return None;
-        }
+    let refused = |reason: String| {
+        tracing::error!("reload refused, the previous policy stays in force:\n{reason}");
+        reason
     };
+    let new = config::load(path).map_err(|e| refused(e.to_string()))?;
     if new.pin_dir != current.pin_dir {
-        tracing::error!(
-            "reload refused, the previous policy stays in force: pin_dir changed ({} → {}); this needs a restart",
+        return Err(refused(format!(
+            "pin_dir changed ({} → {}); this needs a restart",
             current.pin_dir.display(),
             new.pin_dir.display()
-        );
-        return None;
+        )));
     }
     let targets = match prepare(&new) {
         Ok(Ok(t)) => t,
-        Ok(Err(e)) => {
-            tracing::error!("reload refused, the previous policy stays in force:\n{e}");
-            return None;
-        }
-        Err(e) => {
-            tracing::error!("reload refused, the previous policy stays in force: {e:#}");
-            return None;
-        }
+        Ok(Err(e)) => return Err(refused(e.to_string())),
+        Err(e) => return Err(refused(format!("{e:#}"))),
     };
     match kernel.apply(&targets) {
         Ok(report) => {
             log_applied(&new, &report, kernel);
-            Some((new, targets))
+            Ok((new, targets, report))
         }
         Err(e) => {
             // Attachments are added before old ones are removed, so every cgroup stayed
             // guarded; put the previous policy back in full.
-            tracing::error!(
-                "reload failed while applying to the kernel, restoring the previous policy: {e:#}"
-            );
+            let reason = format!("applying to the kernel failed: {e:#}");
+            tracing::error!("reload failed, restoring the previous policy: {reason}");
             match kernel.apply(current_targets) {
                 Ok(report) => log_applied(current, &report, kernel),
                 Err(e) => tracing::error!(
                     "restoring the previous policy failed too; the kernel may hold a mix of both: {e:#}"
                 ),
             }
-            None
+            Err(reason)
         }
     }
 }

@@ -5,6 +5,7 @@
 //! maps and attachments in `kernel/`, the daemon loop in `daemon.rs`; the per-packet decision
 //! itself is in `agent-ebpf/src/decide.rs`.
 
+mod audit;
 mod config;
 mod daemon;
 mod kernel;

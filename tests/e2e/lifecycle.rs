@@ -134,6 +134,30 @@ fn sighup_applies_a_new_config_and_a_bad_one_keeps_the_old_policy() {
         assert!(probe_in(&cg.path, &["tcp", &b.to_string()]).ok());
         assert!(probe_in(&cg.path, &["tcp", &a.to_string()]).eperm());
     }
+    // The audit trail has each reload, applied or refused with its reason.
+    agent.stop();
+    let records = agent.records();
+    let schema = Schema::load();
+    for r in &records {
+        schema.check(r);
+    }
+    let reloads: Vec<_> = records
+        .iter()
+        .filter(|r| r["type"] == "agent.reload")
+        .collect();
+    assert_eq!(reloads.len(), 3, "{reloads:?}");
+    assert_eq!(reloads[0]["result"], "applied");
+    assert!(
+        reloads[1]["reason"].as_str().unwrap().contains("bogus_key"),
+        "{reloads:?}"
+    );
+    assert!(
+        reloads[2]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("does not exist"),
+        "{reloads:?}"
+    );
 }
 
 #[test]
@@ -176,4 +200,12 @@ fn a_policy_removed_on_reload_stops_guarding_its_cgroup() {
     );
     let stats = String::from_utf8_lossy(&agent.cli(&["stats"]).stdout).into_owned();
     assert!(stats.contains("p0") && !stats.contains("p1"), "{stats}");
+    agent.stop();
+    let removed: Vec<_> = agent
+        .records()
+        .into_iter()
+        .filter(|r| r["type"] == "agent.policy" && r["change"] == "removed")
+        .collect();
+    assert_eq!(removed.len(), 1, "{removed:?}");
+    assert_eq!(removed[0]["policy"], "p1");
 }

@@ -1,6 +1,7 @@
 //! Privileged end-to-end tests: the real `egress-guard` binary, real cgroups, real kernel
 //! decisions, loopback traffic only. Run by `cargo xtask test` (as root, one at a time).
 
+mod audit;
 mod config_errors;
 mod enforce;
 mod lifecycle;

@@ -271,19 +271,56 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Writes `body` (a config without `pin_dir`) to a file of its own, with a unique pin dir.
+    /// Writes `body` (a config without `pin_dir` and `[audit]`) to a file of its own, with a
+    /// unique pin dir and audit file in the same directory.
     pub fn config_file(body: &str) -> (PathBuf, PathBuf, PathBuf) {
         let name = unique("agent");
         let dir = std::env::temp_dir().join(&name);
         std::fs::create_dir_all(&dir).unwrap();
         let pin_dir = PathBuf::from("/sys/fs/bpf").join(&name);
         let config = dir.join("config.toml");
-        std::fs::write(
-            &config,
-            format!("pin_dir = \"{}\"\n{body}", pin_dir.display()),
-        )
-        .unwrap();
+        std::fs::write(&config, Self::full_config(&pin_dir, &dir, body)).unwrap();
         (dir, config, pin_dir)
+    }
+
+    /// `body` with the test's pin dir in front and its audit file in the `[audit]` table
+    /// (added at the end if `body` has none).
+    fn full_config(pin_dir: &Path, dir: &Path, body: &str) -> String {
+        let audit = format!(
+            "[audit]\nfile = \"{}\"\nudp_aggregate_seconds = 1\n",
+            dir.join("audit.jsonl").display()
+        );
+        let body = if body.contains("[audit]\n") {
+            body.replace("[audit]\n", &audit)
+        } else {
+            format!("{body}\n{audit}")
+        };
+        format!("pin_dir = \"{}\"\n{body}", pin_dir.display())
+    }
+
+    /// The audit file's records.
+    pub fn records(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.dir.join("audit.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| {
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("bad audit line {l:?}: {e}"))
+            })
+            .collect()
+    }
+
+    /// SIGTERM and wait: the agent flushes its audit trail and exits; pins stay.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: plain syscall on our own child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let status = c.wait().unwrap();
+            assert!(
+                status.success(),
+                "egress-guard exited with {status}; log:\n{}",
+                self.log_text()
+            );
+        }
     }
 
     /// Starts the agent and waits until it reports that it is enforcing.
@@ -399,11 +436,11 @@ impl Agent {
         self.counters(policy)[name].as_u64().unwrap()
     }
 
-    /// Rewrites the config (keeping the pin dir) for a reload.
+    /// Rewrites the config (keeping the pin dir and audit file) for a reload.
     pub fn rewrite_config(&self, body: &str) {
         std::fs::write(
             &self.config,
-            format!("pin_dir = \"{}\"\n{body}", self.pin_dir.display()),
+            Self::full_config(&self.pin_dir, &self.dir, body),
         )
         .unwrap();
     }
@@ -472,5 +509,98 @@ impl Drop for RunningProbe {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// The record schema of docs/events.md: field → allowed JSON types, per section.
+pub struct Schema {
+    common: Vec<(String, Vec<String>)>,
+    net: Vec<(String, Vec<String>)>,
+    types: std::collections::HashMap<String, Vec<(String, Vec<String>)>>,
+}
+
+impl Schema {
+    pub fn load() -> Self {
+        let text = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/events.md"),
+        )
+        .unwrap();
+        let mut schema = Schema {
+            common: Vec::new(),
+            net: Vec::new(),
+            types: Default::default(),
+        };
+        let mut section = String::new();
+        for line in text.lines() {
+            if let Some(h) = line.strip_prefix("## ") {
+                section = h.to_string();
+            } else if let Some(h) = line.strip_prefix("### ") {
+                section = h.trim_matches('`').to_string();
+            } else if let Some(row) = line.strip_prefix("| `") {
+                let row = row.replace("\\|", "/");
+                let cols: Vec<&str> = row.split('|').map(str::trim).collect();
+                let field = cols[0].trim_end_matches('`').to_string();
+                let types = cols[1].split('/').map(str::to_string).collect();
+                let target = match section.as_str() {
+                    "Common fields" => &mut schema.common,
+                    s if s.starts_with("Fields of kernel records") => &mut schema.net,
+                    s => schema.types.entry(s.to_string()).or_default(),
+                };
+                target.push((field, types));
+            }
+        }
+        assert!(
+            schema.common.len() >= 4 && schema.types.len() >= 9,
+            "docs/events.md did not parse"
+        );
+        schema
+    }
+
+    /// Panics with the reason if `record` does not follow the documented schema.
+    pub fn check(&self, record: &serde_json::Value) {
+        let obj = record
+            .as_object()
+            .unwrap_or_else(|| panic!("not an object: {record}"));
+        let ty = obj
+            .get("type")
+            .and_then(|t| t.as_str())
+            .unwrap_or_else(|| panic!("no type: {record}"));
+        let specific = self
+            .types
+            .get(ty)
+            .unwrap_or_else(|| panic!("undocumented type {ty}: {record}"));
+        let mut required: Vec<&(String, Vec<String>)> = self.common.iter().collect();
+        if ty.starts_with("net.") {
+            required.extend(self.net.iter());
+        }
+        for (field, types) in required.iter().copied().chain(specific.iter()) {
+            match obj.get(field) {
+                Some(v) => assert!(
+                    types.iter().any(|t| json_type(v) == t),
+                    "{ty}.{field} is {v}, documented as {types:?}: {record}"
+                ),
+                None => assert!(
+                    !required.iter().any(|(f, _)| f == field),
+                    "{ty} lacks {field}: {record}"
+                ),
+            }
+        }
+        for key in obj.keys() {
+            let documented =
+                required.iter().any(|(f, _)| f == key) || specific.iter().any(|(f, _)| f == key);
+            assert!(documented, "{ty}.{key} is not in docs/events.md: {record}");
+        }
+    }
+}
+
+fn json_type(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "boolean",
+        serde_json::Value::Number(n) if n.is_u64() || n.is_i64() => "integer",
+        serde_json::Value::Number(_) => "number",
+        serde_json::Value::String(_) => "string",
+        serde_json::Value::Array(_) => "array",
+        serde_json::Value::Object(_) => "object",
     }
 }

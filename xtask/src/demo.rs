@@ -117,10 +117,14 @@ pub fn run() -> anyhow::Result<()> {
 
     let llm_port = listen("127.0.0.2")?;
     let other_port = listen("127.0.0.3")?;
+    let audit_file = demo.dir.join("audit.jsonl");
     let config = format!(
         r#"# The demo's policy: the sandbox may reach its "LLM API" and nothing else.
 mode = "enforce"
 pin_dir = "{pin}"
+
+[audit]
+file = "{audit}"
 
 [[policy]]
 name = "openhands-sandbox"
@@ -128,6 +132,7 @@ cgroups = ["{cg}"]
 allow = ["127.0.0.2:{llm_port}"]
 "#,
         pin = demo.pin_dir.display(),
+        audit = audit_file.display(),
         cg = name,
     );
     let config_path = demo.dir.join("config.toml");
@@ -195,5 +200,26 @@ allow = ["127.0.0.2:{llm_port}"]
     for line in String::from_utf8_lossy(&stats.stdout).lines() {
         println!("    {line}");
     }
+
+    // Stop the agent (SIGTERM) so it flushes the audit trail, then show it.
+    if let Some(agent) = demo.agent.take() {
+        let mut agent = agent;
+        // SAFETY: plain syscall on our own child.
+        unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
+        agent.wait()?;
+    }
+    println!(
+        "\n==> the audit trail ({}), one JSON record per line:",
+        audit_file.display()
+    );
+    for line in std::fs::read_to_string(&audit_file)
+        .unwrap_or_default()
+        .lines()
+    {
+        println!("    {line}");
+    }
+    println!(
+        "\n(the agent is stopped; its pinned programs would keep enforcing until `egress-guard uninstall`)"
+    );
     Ok(())
 }

@@ -25,7 +25,7 @@ use std::{
 
 use agent_common::{
     LAYOUT_VERSION, MAX_POLICIES, POLICY_NAME_LEN, PolicyState, STATE_ACTIVE, STATE_AUDIT,
-    ruleset_ids,
+    map_names, ruleset_ids,
 };
 use anyhow::{Context as _, bail};
 use aya::{Ebpf, programs::links::PinnedLink};
@@ -67,11 +67,19 @@ pub struct Kernel {
     _lock: File,
     root: PathBuf,
     maps: Maps,
+    ring_bytes: u32,
+    audit_maps: Option<AuditMaps>,
     object_id: String,
     /// Whether the kernel lists the BPF LSM as active.
     lsm_listed: bool,
     /// How AF_PACKET sockets of guarded tasks are stopped.
     pub socket_guard: SocketGuard,
+}
+
+/// The audit trail's kernel side: the record ring and the count of records it dropped.
+pub struct AuditMaps {
+    pub events: aya::maps::RingBuf<aya::maps::MapData>,
+    pub lost: aya::maps::PerCpuArray<aya::maps::MapData, u64>,
 }
 
 /// The guard against AF_PACKET sockets, which no cgroup hook sees.
@@ -106,7 +114,7 @@ pub fn pin_root(pin_dir: &Path) -> PathBuf {
 
 impl Kernel {
     /// Mounts what is missing, and creates or reopens the pinned maps.
-    pub fn open(pin_dir: &Path) -> anyhow::Result<Self> {
+    pub fn open(pin_dir: &Path, ring_bytes: u32) -> anyhow::Result<Self> {
         mounts::ensure_bpffs(pin_dir)?;
         std::fs::create_dir_all(pin_dir)
             .with_context(|| format!("creating {}", pin_dir.display()))?;
@@ -117,8 +125,30 @@ impl Kernel {
                 .with_context(|| format!("creating {}", root.join(d).display()))?;
         }
         raise_memlock_limit();
-        let mut base = programs::load_object(&root.join("maps"), u32::MAX)?;
+        // A pinned ring keeps its size; use it, or the user-space view would not match.
+        let ring_pin = root.join("maps").join(map_names::EVENTS);
+        let ring_bytes = match aya::maps::MapInfo::from_pin(&ring_pin) {
+            Ok(info) => {
+                let pinned = info.max_entries();
+                if pinned != ring_bytes {
+                    tracing::warn!(
+                        "the pinned audit ring holds {pinned} bytes, not the configured {ring_bytes}; the new size takes effect after `egress-guard uninstall`"
+                    );
+                }
+                pinned
+            }
+            Err(_) => ring_bytes,
+        };
+        let mut base = programs::load_object(&root.join("maps"), u32::MAX, ring_bytes)?;
         let maps = Maps::from_ebpf(&mut base)?;
+        let events = base
+            .take_map(map_names::EVENTS)
+            .context("the eBPF object has no EVENTS map")?
+            .try_into()?;
+        let lost = base
+            .take_map(map_names::LOST_EVENTS)
+            .context("the eBPF object has no LOST_EVENTS map")?
+            .try_into()?;
         let lsm_listed = match mounts::bpf_lsm_active() {
             Ok(a) => a,
             Err(e) => {
@@ -132,10 +162,22 @@ impl Kernel {
             _lock: lock,
             root,
             maps,
+            ring_bytes,
+            audit_maps: Some(AuditMaps { events, lost }),
             object_id: programs::object_id(),
             lsm_listed,
             socket_guard: SocketGuard::None,
         })
+    }
+
+    /// Hands the audit maps to the audit pipeline (once).
+    pub fn take_audit_maps(&mut self) -> Option<AuditMaps> {
+        self.audit_maps.take()
+    }
+
+    /// Policy names by slot, as the kernel holds them.
+    pub fn policy_names(&self) -> anyhow::Result<Vec<String>> {
+        Ok(self.maps.states()?.iter().map(state_name).collect())
     }
 
     fn links_dir(&self) -> PathBuf {
@@ -223,9 +265,9 @@ impl Kernel {
                 } else {
                     let ebpf = match loaded.entry(slot) {
                         std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                        std::collections::hash_map::Entry::Vacant(v) => {
-                            v.insert(programs::load_object(&self.root.join("maps"), slot)?)
-                        }
+                        std::collections::hash_map::Entry::Vacant(v) => v.insert(
+                            programs::load_object(&self.root.join("maps"), slot, self.ring_bytes)?,
+                        ),
                     };
                     let link = programs::attach(ebpf, hook, &cgroup).with_context(|| {
                         format!("attaching {} to {}", hook.program(), cg.display())
@@ -251,12 +293,13 @@ impl Kernel {
                     continue;
                 }
                 let pin = pin_of(g);
-                let attached = programs::load_object(&self.root.join("maps"), u32::MAX)
-                    .and_then(|mut ebpf| match g {
-                        SocketGuard::Lsm => programs::attach_lsm(&mut ebpf),
-                        _ => programs::attach_socket_tracepoint(&mut ebpf),
-                    })
-                    .and_then(|link| Ok(link.pin(self.links_dir().join(&pin))?));
+                let attached =
+                    programs::load_object(&self.root.join("maps"), u32::MAX, self.ring_bytes)
+                        .and_then(|mut ebpf| match g {
+                            SocketGuard::Lsm => programs::attach_lsm(&mut ebpf),
+                            _ => programs::attach_socket_tracepoint(&mut ebpf),
+                        })
+                        .and_then(|link| Ok(link.pin(self.links_dir().join(&pin))?));
                 match attached {
                     Ok(_) => {
                         report.attached += 1;

@@ -2,7 +2,7 @@
 
 use std::{fs::File, path::Path};
 
-use agent_common::POLICY_SLOT_GLOBAL;
+use agent_common::{POLICY_SLOT_GLOBAL, map_names};
 use anyhow::{Context as _, anyhow};
 use aya::{
     Btf, Ebpf, EbpfLoader,
@@ -69,10 +69,12 @@ pub const LSM_PROGRAM: &str = "lsm_socket_create";
 pub const SOCKET_TRACEPOINT_PROGRAM: &str = "socket_enter";
 
 /// Loads the object: maps come from (or go to) their pins in `maps_dir`; the cgroup
-/// programs, once loaded, enforce policy `slot`.
-pub fn load_object(maps_dir: &Path, slot: u32) -> anyhow::Result<Ebpf> {
+/// programs, once loaded, enforce policy `slot`. `ring_bytes` sizes the audit ring buffer
+/// (it must match a pinned ring's size).
+pub fn load_object(maps_dir: &Path, slot: u32, ring_bytes: u32) -> anyhow::Result<Ebpf> {
     EbpfLoader::new()
         .default_map_pin_directory(maps_dir)
+        .map_max_entries(map_names::EVENTS, ring_bytes)
         .override_global(POLICY_SLOT_GLOBAL, &slot, true)
         .load(OBJECT)
         .context("loading the eBPF object")

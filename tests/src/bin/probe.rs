@@ -4,7 +4,7 @@
 //! attempt succeeded, 1 if any was refused with EPERM, 2 on other errors.
 //!
 //! probe tcp ADDR:PORT              connect (and close)
-//! probe udp ADDR:PORT              sendto one datagram
+//! probe udp ADDR:PORT [N]          sendto one (or N) datagrams from one socket
 //! probe raw                        socket(AF_INET, SOCK_RAW, IPPROTO_ICMP)
 //! probe packet                     socket(AF_PACKET, SOCK_RAW, ETH_P_ALL)
 //! probe socket FAMILY TYPE PROTO    the raw socket(2) syscall with 64-bit arguments
@@ -111,6 +111,21 @@ fn main() -> ExitCode {
     match a.as_slice() {
         ["tcp", to] => report(tcp(addr(to))),
         ["udp", to] => report(udp(addr(to))),
+        ["udp", to, n] => {
+            let n: u32 = n.parse().expect("count");
+            let bind = if addr(to).is_ipv4() {
+                "0.0.0.0:0"
+            } else {
+                "[::]:0"
+            };
+            let sock = UdpSocket::bind(bind).expect("bind");
+            for _ in 0..n {
+                if let Err(e) = sock.send_to(b"probe", addr(to)) {
+                    return report(classify::<()>(Err(e)));
+                }
+            }
+            report(Outcome::Ok)
+        }
         ["raw"] => report(raw_socket(
             libc::AF_INET,
             libc::SOCK_RAW,

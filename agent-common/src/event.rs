@@ -1,0 +1,87 @@
+//! Records the programs write to the `EVENTS` ring buffer for the audit trail.
+//!
+//! Every record starts with an [`EventHeader`]; `kind` says which struct follows. A change
+//! to a record's layout bumps [`EVENT_VERSION`] (and `LAYOUT_VERSION`, since the ring is pinned).
+
+pub const EVENT_VERSION: u16 = 1;
+
+/// Default size of the ring buffer (bytes, a power of two).
+pub const DEFAULT_RING_BYTES: u32 = 1 << 20;
+
+/// `EventHeader::kind`.
+pub mod kind {
+    /// connect() decision: [`super::NetEvent`].
+    pub const NET_CONNECT: u16 = 1;
+    /// sendmsg() decision on an unconnected UDP socket: [`super::NetEvent`].
+    pub const NET_SEND: u16 = 2;
+    /// A packet the backstop refused: [`super::NetEvent`] (no process: packets can leave
+    /// from interrupt context).
+    pub const NET_PACKET: u16 = 3;
+    /// A socket() refusal: [`super::NetEvent`] with the family, type and protocol.
+    pub const NET_SOCKET: u16 = 4;
+}
+
+/// `NetEvent::verdict`.
+pub const VERDICT_ALLOW: u8 = 0;
+pub const VERDICT_DENY: u8 = 1;
+/// Audit mode: would have been denied, was let through.
+pub const VERDICT_WOULD_DENY: u8 = 2;
+
+pub const COMM_LEN: usize = 16;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventHeader {
+    pub kind: u16,
+    pub version: u16,
+    /// Policy slot whose program decided.
+    pub slot: u32,
+    /// CLOCK_BOOTTIME, ns.
+    pub ts_ns: u64,
+    /// Thread id and process id (tgid) of the caller; 0 where there is no process.
+    pub pid: u32,
+    pub tgid: u32,
+    pub uid: u32,
+    pub _pad: u32,
+    /// The cgroup v2 id of the caller (or of the packet's socket).
+    pub cgroup_id: u64,
+    pub comm: [u8; COMM_LEN],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetEvent {
+    pub hdr: EventHeader,
+    /// Destination, network byte order; IPv4 in the first four bytes when `v4` is 1.
+    pub addr: [u8; 16],
+    pub port: u16,
+    /// IP protocol number (6 TCP, 17 UDP, 1/58 ICMP), or 0.
+    pub proto: u8,
+    pub verdict: u8,
+    pub v4: u8,
+    pub _pad: [u8; 3],
+    /// NET_SOCKET only: socket(2) arguments.
+    pub sock_family: u32,
+    pub sock_type: u32,
+    pub sock_protocol: u32,
+    pub _pad2: u32,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: repr(C) plain data with explicit padding.
+    unsafe impl aya::Pod for EventHeader {}
+    unsafe impl aya::Pod for NetEvent {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_layouts_have_no_hidden_padding() {
+        assert_eq!(core::mem::size_of::<EventHeader>(), 56);
+        assert_eq!(core::mem::size_of::<NetEvent>(), 56 + 16 + 8 + 16);
+    }
+}

@@ -1,0 +1,97 @@
+//! Audit records: written to the `EVENTS` ring buffer; when it is full, `LOST_EVENTS` counts
+//! what could not be written, so the agent can say how many records are missing.
+
+use agent_common::event::{
+    EVENT_VERSION, EventHeader, NetEvent, VERDICT_ALLOW, VERDICT_DENY, VERDICT_WOULD_DENY,
+};
+use aya_ebpf::helpers::{
+    bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
+    generated::{bpf_get_current_cgroup_id, bpf_ktime_get_boot_ns},
+};
+
+use crate::{
+    decide::{Dest, Verdict},
+    maps::{EVENTS, LOST_EVENTS},
+};
+
+/// Who the record is about.
+pub enum Origin {
+    /// The calling task (syscall hooks).
+    Task,
+    /// A packet: no reliable task (it may leave from interrupt context); the socket's cgroup.
+    Cgroup(u64),
+}
+
+#[inline(always)]
+fn verdict_byte(v: &Verdict) -> u8 {
+    match v {
+        Verdict::Allow => VERDICT_ALLOW,
+        Verdict::Deny => VERDICT_DENY,
+        Verdict::WouldDeny => VERDICT_WOULD_DENY,
+    }
+}
+
+#[inline(always)]
+fn header(kind: u16, slot: u32, origin: &Origin) -> EventHeader {
+    let mut h = EventHeader {
+        kind,
+        version: EVENT_VERSION,
+        slot,
+        ts_ns: unsafe { bpf_ktime_get_boot_ns() },
+        ..EventHeader::default()
+    };
+    match origin {
+        Origin::Task => {
+            let pid_tgid = bpf_get_current_pid_tgid();
+            h.pid = pid_tgid as u32;
+            h.tgid = (pid_tgid >> 32) as u32;
+            h.uid = bpf_get_current_uid_gid() as u32;
+            h.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+            if let Ok(comm) = bpf_get_current_comm() {
+                h.comm = comm;
+            }
+        }
+        Origin::Cgroup(id) => h.cgroup_id = *id,
+    }
+    h
+}
+
+/// A network decision (`kind::NET_*`). `sock` holds socket(2)'s family, type and protocol for
+/// socket refusals, zeros otherwise.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub fn net(
+    kind: u16,
+    slot: u32,
+    v: &Verdict,
+    origin: Origin,
+    dest: &Dest,
+    proto: u32,
+    port: u16,
+    sock: [u32; 3],
+) {
+    let event = NetEvent {
+        hdr: header(kind, slot, &origin),
+        addr: dest.addr,
+        port,
+        proto: proto as u8,
+        verdict: verdict_byte(v),
+        v4: dest.v4 as u8,
+        _pad: [0; 3],
+        sock_family: sock[0],
+        sock_type: sock[1],
+        sock_protocol: sock[2],
+        _pad2: 0,
+    };
+    if EVENTS.output::<NetEvent>(&event, 0).is_err() {
+        lost();
+    }
+}
+
+#[inline(always)]
+fn lost() {
+    if let Some(n) = LOST_EVENTS.get_ptr_mut(0) {
+        // Per-CPU slot: no other writer.
+        unsafe { *n += 1 };
+    }
+}

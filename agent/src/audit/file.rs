@@ -1,0 +1,109 @@
+//! The JSON-lines file sink, rotated by size: `audit.jsonl`, then `.1` … `.N` (oldest last).
+
+use std::{
+    fs::{File, OpenOptions},
+    io::{BufWriter, Write as _},
+    path::{Path, PathBuf},
+};
+
+use anyhow::Context as _;
+use serde_json::Value;
+
+pub struct FileSink {
+    path: PathBuf,
+    max_bytes: u64,
+    keep: u32,
+    out: BufWriter<File>,
+    size: u64,
+}
+
+fn open(path: &Path) -> anyhow::Result<(BufWriter<File>, u64)> {
+    let f = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("opening the audit file {}", path.display()))?;
+    let size = f.metadata()?.len();
+    Ok((BufWriter::new(f), size))
+}
+
+impl FileSink {
+    pub fn open(path: &Path, max_bytes: u64, keep: u32) -> anyhow::Result<Self> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let (out, size) = open(path)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            max_bytes,
+            keep,
+            out,
+            size,
+        })
+    }
+
+    pub fn write(&mut self, record: &Value) -> anyhow::Result<()> {
+        let mut line = serde_json::to_vec(record)?;
+        line.push(b'\n');
+        if self.size > 0 && self.size + line.len() as u64 > self.max_bytes {
+            self.rotate()?;
+        }
+        self.out.write_all(&line)?;
+        self.size += line.len() as u64;
+        Ok(())
+    }
+
+    pub fn flush(&mut self) -> anyhow::Result<()> {
+        self.out
+            .flush()
+            .with_context(|| format!("writing {}", self.path.display()))
+    }
+
+    fn numbered(&self, n: u32) -> PathBuf {
+        let mut p = self.path.clone().into_os_string();
+        p.push(format!(".{n}"));
+        PathBuf::from(p)
+    }
+
+    fn rotate(&mut self) -> anyhow::Result<()> {
+        self.flush()?;
+        let _ = std::fs::remove_file(self.numbered(self.keep));
+        for n in (1..self.keep).rev() {
+            let _ = std::fs::rename(self.numbered(n), self.numbered(n + 1));
+        }
+        std::fs::rename(&self.path, self.numbered(1))
+            .with_context(|| format!("rotating {}", self.path.display()))?;
+        (self.out, self.size) = open(&self.path)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rotates_by_size_and_keeps_n_files() {
+        let dir = std::env::temp_dir().join(format!("eg-file-sink-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("audit.jsonl");
+        let mut sink = FileSink::open(&path, 4096, 2).unwrap();
+        let rec = serde_json::json!({ "pad": "x".repeat(1000) });
+        for _ in 0..20 {
+            sink.write(&rec).unwrap();
+        }
+        sink.flush().unwrap();
+        let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+        assert!(size(&path) <= 4096 && size(&path) > 0);
+        assert!(size(&dir.join("audit.jsonl.1")) > 3000);
+        assert!(size(&dir.join("audit.jsonl.2")) > 3000);
+        assert!(
+            !dir.join("audit.jsonl.3").exists(),
+            "keeps only 2 rotated files"
+        );
+        for line in std::fs::read_to_string(&path).unwrap().lines() {
+            serde_json::from_str::<Value>(line).unwrap();
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,227 @@
+//! The audit trail: kernel records from the `EVENTS` ring and the agent's own happenings,
+//! decoded and enriched once (`record`), written to the sinks (`file`).
+//!
+//! Nothing is dropped silently: the kernel counts records that did not fit in the ring
+//! (`LOST_EVENTS`), and every increase becomes an `agent.events_lost` record.
+
+pub mod file;
+pub mod record;
+
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use agent_common::event::NetEvent;
+use anyhow::Context as _;
+use serde_json::{Value, json};
+use tokio::{io::unix::AsyncFd, sync::mpsc};
+
+use aya::maps::{MapData, PerCpuArray, PerCpuValues, RingBuf};
+
+use crate::config;
+use record::Enricher;
+
+/// `LOST_EVENTS` indexes: counted by the kernel, reported by the agent.
+const LOST_TOTAL: u32 = 0;
+const LOST_REPORTED: u32 = 1;
+
+/// What the daemon tells the audit task.
+pub enum Notice {
+    /// An `agent.*` record to write: its type and fields.
+    Agent(&'static str, Value),
+    /// Policy names by slot and the guarded cgroups, after a (re)load.
+    Policies(Vec<String>, Vec<PathBuf>),
+}
+
+/// Allowed UDP sends to one destination, waiting to be written as one record.
+struct Flow {
+    record: Value,
+    count: u64,
+    since: Instant,
+}
+
+pub struct Audit {
+    lost: PerCpuArray<MapData, u64>,
+    enricher: Enricher,
+    file: file::FileSink,
+    flows: HashMap<(u64, u32, [u8; 16], u16), Flow>,
+    aggregate: Duration,
+    lost_reported: u64,
+}
+
+impl Audit {
+    pub fn new(
+        lost: PerCpuArray<MapData, u64>,
+        cfg: &config::Audit,
+        cgroup_root: PathBuf,
+    ) -> anyhow::Result<Self> {
+        let file = file::FileSink::open(&cfg.file, cfg.file_max_bytes, cfg.file_keep)?;
+        let mut audit = Self {
+            lost,
+            enricher: Enricher::new(cgroup_root),
+            file,
+            flows: HashMap::new(),
+            aggregate: Duration::from_secs(cfg.udp_aggregate_seconds),
+            lost_reported: 0,
+        };
+        // What earlier agents already reported; the rest (lost while no agent was reading)
+        // is reported at the first check.
+        audit.lost_reported = audit.lost_counter(LOST_REPORTED)?;
+        Ok(audit)
+    }
+
+    /// `LOST_EVENTS[index]`, summed over CPUs.
+    fn lost_counter(&self, index: u32) -> anyhow::Result<u64> {
+        Ok(self
+            .lost
+            .get(&index, 0)
+            .context("reading LOST_EVENTS")?
+            .iter()
+            .sum())
+    }
+
+    /// Records how many lost records have been reported, for the next agent.
+    fn store_reported(&mut self) -> anyhow::Result<()> {
+        let mut values = vec![0u64; aya::util::nr_cpus().map_err(|(_, e)| e)?];
+        values[0] = self.lost_reported;
+        self.lost
+            .set(LOST_REPORTED, PerCpuValues::try_from(values)?, 0)
+            .context("writing LOST_EVENTS")?;
+        Ok(())
+    }
+
+    fn write(&mut self, record: &Value) {
+        if let Err(e) = self.file.write(record) {
+            tracing::error!("audit file sink: {e:#}");
+        }
+    }
+
+    fn on_event(&mut self, e: &NetEvent) {
+        if record::is_allowed_send(e) {
+            let key = record::flow_key(e);
+            if let Some(f) = self.flows.get_mut(&key) {
+                f.count += 1;
+                return;
+            }
+            let rec = self.enricher.net(e);
+            self.flows.insert(
+                key,
+                Flow {
+                    record: rec,
+                    count: 1,
+                    since: Instant::now(),
+                },
+            );
+            return;
+        }
+        let rec = self.enricher.net(e);
+        self.write(&rec);
+    }
+
+    /// Writes aggregated sends whose interval is over (all of them with `all`).
+    fn flush_flows(&mut self, all: bool) {
+        let due: Vec<_> = self
+            .flows
+            .iter()
+            .filter(|(_, f)| all || f.since.elapsed() >= self.aggregate)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in due {
+            if let Some(mut f) = self.flows.remove(&k) {
+                f.record["count"] = f.count.into();
+                let rec = f.record;
+                self.write(&rec);
+            }
+        }
+    }
+
+    fn check_lost(&mut self) {
+        match self.lost_counter(LOST_TOTAL) {
+            Ok(total) if total > self.lost_reported => {
+                let count = total - self.lost_reported;
+                self.lost_reported = total;
+                tracing::warn!("{count} audit records were lost: the kernel ring buffer was full");
+                let rec = self.enricher.agent(
+                    "agent.events_lost",
+                    json!({ "count": count, "total": total }),
+                );
+                self.write(&rec);
+                if let Err(e) = self.store_reported() {
+                    tracing::error!("{e:#}");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!("{e:#}"),
+        }
+    }
+
+    fn on_notice(&mut self, n: Notice) {
+        match n {
+            Notice::Agent(type_, fields) => {
+                let rec = self.enricher.agent(type_, fields);
+                self.write(&rec);
+            }
+            Notice::Policies(names, guarded) => self.enricher.set_policies(names, guarded),
+        }
+    }
+
+    /// Runs until the notice channel closes (the daemon is stopping), then drains the ring.
+    pub async fn run(
+        mut self,
+        ring: RingBuf<MapData>,
+        mut notices: mpsc::UnboundedReceiver<Notice>,
+    ) -> anyhow::Result<()> {
+        // SAFETY: the ring buffer owns its fd for as long as it lives, and the AsyncFd owns it.
+        let mut ring =
+            unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+                .map_err(|e| anyhow::anyhow!("watching the audit ring buffer: {e}"))?;
+        self.check_lost();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                guard = ring.readable_mut() => {
+                    let mut guard = guard?;
+                    self.drain(guard.get_inner_mut());
+                    guard.clear_ready();
+                }
+                n = notices.recv() => match n {
+                    Some(n) => {
+                        if matches!(n, Notice::Agent("agent.stop", _)) {
+                            // Everything the kernel recorded comes before the stop record.
+                            self.drain(ring.get_mut());
+                            self.flush_flows(true);
+                            self.check_lost();
+                        }
+                        self.on_notice(n);
+                    }
+                    None => break,
+                },
+                _ = tick.tick() => {
+                    self.flush_flows(false);
+                    self.check_lost();
+                    if let Err(e) = self.file.flush() {
+                        tracing::error!("audit file sink: {e:#}");
+                    }
+                }
+            }
+        }
+        self.drain(ring.get_mut());
+        self.flush_flows(true);
+        self.check_lost();
+        self.file.flush()
+    }
+
+    fn drain(&mut self, ring: &mut RingBuf<MapData>) {
+        while let Some(item) = ring.next() {
+            if item.len() >= std::mem::size_of::<NetEvent>() {
+                // SAFETY: the kernel wrote a NetEvent (the only record kind so far); unaligned
+                // read because ring records are only 8-byte aligned by contract.
+                let e: NetEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+                drop(item);
+                self.on_event(&e);
+            }
+        }
+    }
+}

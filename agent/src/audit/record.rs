@@ -1,0 +1,309 @@
+//! Kernel events and agent happenings become JSON records of one documented schema
+//! (docs/events.md): decode, then enrich once (policy name, cgroup, container, host, time).
+
+use std::{
+    collections::HashMap,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+    time::{Duration, Instant, SystemTime},
+};
+
+use agent_common::event::{NetEvent, VERDICT_ALLOW, VERDICT_DENY, kind};
+use serde_json::{Map, Value};
+
+/// Version of the record schema (docs/events.md).
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Everything a record is enriched with.
+pub struct Enricher {
+    host: String,
+    /// Wall clock minus CLOCK_BOOTTIME, to turn kernel timestamps into wall-clock time.
+    boot_to_wall_ns: i128,
+    /// Policy names by slot.
+    policies: Vec<String>,
+    cgroup_root: PathBuf,
+    guarded: Vec<PathBuf>,
+    /// Cgroup id → path relative to the cgroup2 root (None: not found under a guarded cgroup).
+    cgroups: HashMap<u64, Option<String>>,
+    last_scan: Option<Instant>,
+}
+
+fn clock_ns(clock: libc::clockid_t) -> i128 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid pointer; the clocks used here always exist on Linux.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
+}
+
+pub fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length.
+    if unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } != 0 {
+        return "unknown".into();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+impl Enricher {
+    pub fn new(cgroup_root: PathBuf) -> Self {
+        Self {
+            host: hostname(),
+            boot_to_wall_ns: clock_ns(libc::CLOCK_REALTIME) - clock_ns(libc::CLOCK_BOOTTIME),
+            policies: Vec::new(),
+            cgroup_root,
+            guarded: Vec::new(),
+            cgroups: HashMap::new(),
+            last_scan: None,
+        }
+    }
+
+    /// After a (re)load: policy names by slot, and the guarded cgroups.
+    pub fn set_policies(&mut self, by_slot: Vec<String>, guarded: Vec<PathBuf>) {
+        self.policies = by_slot;
+        self.guarded = guarded;
+        self.cgroups.clear();
+        self.last_scan = None;
+    }
+
+    fn ts(&self, boot_ns: u64) -> String {
+        let wall = i128::from(boot_ns) + self.boot_to_wall_ns;
+        let t = SystemTime::UNIX_EPOCH + Duration::from_nanos(wall.max(0) as u64);
+        humantime::format_rfc3339_nanos(t).to_string()
+    }
+
+    fn now(&self) -> String {
+        humantime::format_rfc3339_nanos(SystemTime::now()).to_string()
+    }
+
+    /// The record's common fields.
+    fn base(&self, ts: String, type_: &str) -> Map<String, Value> {
+        let mut m = Map::new();
+        m.insert("version".into(), SCHEMA_VERSION.into());
+        m.insert("ts".into(), ts.into());
+        m.insert("type".into(), type_.into());
+        m.insert("host".into(), self.host.clone().into());
+        m
+    }
+
+    /// An `agent.*` record.
+    pub fn agent(&self, type_: &str, fields: Value) -> Value {
+        let mut m = self.base(self.now(), type_);
+        if let Value::Object(f) = fields {
+            m.extend(f);
+        }
+        Value::Object(m)
+    }
+
+    /// A `net.*` record from the kernel.
+    pub fn net(&mut self, e: &NetEvent) -> Value {
+        let h = &e.hdr;
+        let type_ = match h.kind {
+            kind::NET_CONNECT => "net.connect",
+            kind::NET_SEND => "net.send",
+            kind::NET_PACKET => "net.packet",
+            kind::NET_SOCKET => "net.socket",
+            _ => "net.unknown",
+        };
+        let mut m = self.base(self.ts(h.ts_ns), type_);
+        let policy = self
+            .policies
+            .get(h.slot as usize)
+            .filter(|n| !n.is_empty())
+            .cloned();
+        m.insert("policy".into(), policy.map_or(Value::Null, Value::from));
+        let cgroup = self.cgroup_path(h.cgroup_id);
+        m.insert(
+            "container".into(),
+            cgroup
+                .as_deref()
+                .and_then(container_of)
+                .map_or(Value::Null, Value::from),
+        );
+        m.insert("cgroup".into(), cgroup.map_or(Value::Null, Value::from));
+        if h.tgid != 0 {
+            m.insert("pid".into(), h.tgid.into());
+            m.insert("tid".into(), h.pid.into());
+            m.insert("uid".into(), h.uid.into());
+            m.insert("comm".into(), comm(&h.comm).into());
+        } else {
+            for k in ["pid", "tid", "uid", "comm"] {
+                m.insert(k.into(), Value::Null);
+            }
+        }
+        m.insert("verdict".into(), verdict(e.verdict).into());
+        if h.kind == kind::NET_SOCKET {
+            m.insert("family".into(), family(e.sock_family));
+            m.insert("sock_type".into(), (e.sock_type & 0xf).into());
+            m.insert("protocol".into(), e.sock_protocol.into());
+        } else {
+            m.insert("proto".into(), proto(e.proto));
+            m.insert("dst".into(), dst(e));
+            m.insert("port".into(), e.port.into());
+        }
+        Value::Object(m)
+    }
+
+    /// The cgroup of `id` relative to the cgroup2 root, found under a guarded cgroup.
+    fn cgroup_path(&mut self, id: u64) -> Option<String> {
+        if let Some(p) = self.cgroups.get(&id) {
+            return p.clone();
+        }
+        // Rescan at most twice a second: a storm of unknown ids must not walk the tree each time.
+        if self
+            .last_scan
+            .is_none_or(|t| t.elapsed() > Duration::from_millis(500))
+        {
+            self.last_scan = Some(Instant::now());
+            for g in self.guarded.clone() {
+                self.scan(&g, 0);
+            }
+        }
+        self.cgroups.entry(id).or_insert(None).clone()
+    }
+
+    fn scan(&mut self, dir: &Path, depth: usize) {
+        if let Ok(meta) = std::fs::metadata(dir) {
+            let rel = dir.strip_prefix(&self.cgroup_root).unwrap_or(dir);
+            self.cgroups
+                .insert(meta.ino(), Some(format!("/{}", rel.display())));
+        }
+        if depth >= 16 {
+            return;
+        }
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    self.scan(&e.path(), depth + 1);
+                }
+            }
+        }
+    }
+}
+
+fn comm(raw: &[u8]) -> String {
+    let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+    String::from_utf8_lossy(&raw[..end]).into_owned()
+}
+
+fn verdict(v: u8) -> &'static str {
+    match v {
+        VERDICT_ALLOW => "allow",
+        VERDICT_DENY => "deny",
+        _ => "would_deny",
+    }
+}
+
+fn proto(p: u8) -> Value {
+    match p {
+        6 => "tcp".into(),
+        17 => "udp".into(),
+        1 | 58 => "icmp".into(),
+        0 => Value::Null,
+        n => n.into(),
+    }
+}
+
+fn family(f: u32) -> Value {
+    match f {
+        2 => "inet".into(),
+        10 => "inet6".into(),
+        17 => "packet".into(),
+        n => n.into(),
+    }
+}
+
+fn dst(e: &NetEvent) -> Value {
+    if e.addr == [0; 16] && e.port == 0 && e.proto == 0 {
+        return Value::Null;
+    }
+    if e.v4 != 0 {
+        std::net::Ipv4Addr::new(e.addr[0], e.addr[1], e.addr[2], e.addr[3])
+            .to_string()
+            .into()
+    } else {
+        std::net::Ipv6Addr::from(e.addr).to_string().into()
+    }
+}
+
+/// The container of a cgroup path: Docker's systemd driver names the scope
+/// `docker-<id>.scope`, its cgroupfs driver uses `.../docker/<id>`; the short (12-char) id.
+pub fn container_of(path: &str) -> Option<String> {
+    let mut parts = path.rsplit('/');
+    let last = parts.next()?;
+    let id = if let Some(id) = last
+        .strip_prefix("docker-")
+        .and_then(|r| r.strip_suffix(".scope"))
+    {
+        id
+    } else if parts.next() == Some("docker") {
+        last
+    } else {
+        return None;
+    };
+    (id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit())).then(|| id[..12].to_string())
+}
+
+/// Whether a record is an allowed UDP send (aggregated per flow).
+pub fn is_allowed_send(e: &NetEvent) -> bool {
+    e.hdr.kind == kind::NET_SEND && e.verdict == VERDICT_ALLOW
+}
+
+/// Aggregation key of an allowed UDP send: process, cgroup and destination.
+pub fn flow_key(e: &NetEvent) -> (u64, u32, [u8; 16], u16) {
+    (e.hdr.cgroup_id, e.hdr.tgid, e.addr, e.port)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn container_ids_from_docker_cgroup_paths() {
+        let id = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+        assert_eq!(
+            container_of(&format!("/system.slice/docker-{id}.scope")).as_deref(),
+            Some("0123456789ab")
+        );
+        assert_eq!(
+            container_of(&format!("/openhands.slice/docker-{id}.scope")).as_deref(),
+            Some("0123456789ab")
+        );
+        assert_eq!(
+            container_of(&format!("/docker/{id}")).as_deref(),
+            Some("0123456789ab")
+        );
+        assert_eq!(container_of("/openhands.slice/something"), None);
+        assert_eq!(container_of("/docker/short"), None);
+    }
+
+    #[test]
+    fn net_records_carry_the_schema_fields() {
+        let mut en = Enricher::new(PathBuf::from("/nonexistent"));
+        en.set_policies(vec!["app".into()], Vec::new());
+        let mut e = NetEvent::default();
+        e.hdr.kind = kind::NET_CONNECT;
+        e.hdr.tgid = 42;
+        e.hdr.pid = 43;
+        e.hdr.comm[..5].copy_from_slice(b"curl\0");
+        e.addr[..4].copy_from_slice(&[192, 0, 2, 7]);
+        e.v4 = 1;
+        e.port = 443;
+        e.proto = 6;
+        e.verdict = VERDICT_DENY;
+        let r = en.net(&e);
+        assert_eq!(r["type"], "net.connect");
+        assert_eq!(r["policy"], "app");
+        assert_eq!(r["pid"], 42);
+        assert_eq!(r["comm"], "curl");
+        assert_eq!(r["dst"], "192.0.2.7");
+        assert_eq!(r["port"], 443);
+        assert_eq!(r["proto"], "tcp");
+        assert_eq!(r["verdict"], "deny");
+        assert_eq!(r["version"], SCHEMA_VERSION);
+        assert!(r["ts"].as_str().unwrap().ends_with('Z'));
+    }
+}

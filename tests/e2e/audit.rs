@@ -1,0 +1,155 @@
+//! The audit trail: what guarded processes did arrives in the file sink, nothing else does,
+//! every record follows docs/events.md, and lost records are counted and reported.
+
+use egress_guard_e2e::*;
+use serde_json::Value;
+
+use crate::setup;
+
+fn of_type<'a>(records: &'a [Value], ty: &str) -> Vec<&'a Value> {
+    records.iter().filter(|r| r["type"] == ty).collect()
+}
+
+#[test]
+fn decisions_of_guarded_processes_are_recorded_and_nothing_else() {
+    setup();
+    let cg = TestCgroup::new("audit-trail");
+    let allowed = tcp_listener("127.0.0.2");
+    let denied = tcp_listener("127.0.0.3");
+    let udp = udp_receiver("127.0.0.2");
+    let udp_addr = udp.local_addr().unwrap();
+    let mut agent = Agent::start(&format!(
+        "[[policy]]\nname = \"sandbox\"\ncgroups = [\"{}\"]\nallow = [\"127.0.0.2:{}\", \"udp/127.0.0.2:{}\"]\n",
+        cg.rel(),
+        allowed.port(),
+        udp_addr.port()
+    ));
+    assert!(probe_in(&cg.path, &["tcp", &allowed.to_string()]).ok());
+    assert!(probe_in(&cg.path, &["tcp", &denied.to_string()]).eperm());
+    assert!(probe_in(&cg.path, &["udp", &udp_addr.to_string(), "3"]).ok());
+    assert!(probe_in(&cg.path, &["raw"]).eperm());
+    // Outside the guarded cgroup: not recorded.
+    assert!(probe_outside(&["tcp", &denied.to_string()]).ok());
+    agent.stop();
+
+    let records = agent.records();
+    let schema = Schema::load();
+    for r in &records {
+        schema.check(r);
+    }
+    let cgroup = format!("/{}", cg.rel());
+    let net: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["type"].as_str().unwrap().starts_with("net."))
+        .collect();
+    for r in &net {
+        assert_eq!(r["policy"], "sandbox", "{r}");
+        assert_eq!(r["cgroup"], cgroup.as_str(), "{r}");
+    }
+    let connects = of_type(&records, "net.connect");
+    assert_eq!(connects.len(), 2, "{connects:?}");
+    let ok = connects
+        .iter()
+        .find(|r| r["verdict"] == "allow")
+        .expect("the allowed connect");
+    assert_eq!(
+        (ok["dst"].as_str(), ok["port"].as_u64()),
+        (Some("127.0.0.2"), Some(u64::from(allowed.port())))
+    );
+    assert_eq!(
+        (ok["proto"].as_str(), ok["comm"].as_str()),
+        (Some("tcp"), Some("probe"))
+    );
+    assert!(ok["pid"].as_u64().unwrap() > 0);
+    let no = connects
+        .iter()
+        .find(|r| r["verdict"] == "deny")
+        .expect("the denied connect");
+    assert_eq!(
+        (no["dst"].as_str(), no["port"].as_u64()),
+        (Some("127.0.0.3"), Some(u64::from(denied.port())))
+    );
+    let sends = of_type(&records, "net.send");
+    assert_eq!(
+        sends.len(),
+        1,
+        "three allowed sends are one record: {sends:?}"
+    );
+    assert_eq!(
+        (sends[0]["count"].as_u64(), sends[0]["verdict"].as_str()),
+        (Some(3), Some("allow"))
+    );
+    let sockets = of_type(&records, "net.socket");
+    assert_eq!(sockets.len(), 1, "{sockets:?}");
+    assert_eq!(
+        (
+            sockets[0]["family"].as_str(),
+            sockets[0]["sock_type"].as_u64()
+        ),
+        (Some("inet"), Some(3))
+    );
+    assert!(
+        of_type(&records, "net.packet").is_empty(),
+        "no packet needed the backstop"
+    );
+    assert_eq!(records.first().unwrap()["type"], "agent.start");
+    assert_eq!(records.last().unwrap()["type"], "agent.stop");
+    let policies = of_type(&records, "agent.policy");
+    assert_eq!(
+        (policies.len(), policies[0]["change"].as_str()),
+        (1, Some("applied"))
+    );
+}
+
+#[test]
+fn records_lost_to_a_full_ring_are_counted_and_reported_once() {
+    setup();
+    let cg = TestCgroup::new("audit-lost");
+    let denied = tcp_listener("127.0.0.3");
+    let mut agent = Agent::start(&format!(
+        "[[policy]]\nname = \"sandbox\"\ncgroups = [\"{}\"]\nallow = []\n[audit]\nring_buffer_bytes = 4096\n",
+        cg.rel()
+    ));
+    // Nobody reads the ring while the agent is down: a denied-connect storm overflows it.
+    agent.kill9();
+    let out = probe_in(&cg.path, &["loop", "tcp", &denied.to_string(), "300"]).stdout;
+    let attempts: u64 = out
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("eperm="))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        attempts > 100,
+        "the storm was too small to overflow a 4 KiB ring: {out}"
+    );
+    agent.spawn();
+    agent.stop();
+
+    let records = agent.records();
+    let schema = Schema::load();
+    for r in &records {
+        schema.check(r);
+    }
+    let kept = of_type(&records, "net.connect").len() as u64;
+    let lost: u64 = of_type(&records, "agent.events_lost")
+        .iter()
+        .map(|r| r["count"].as_u64().unwrap())
+        .sum();
+    assert!(kept > 0 && lost > 0, "kept {kept}, lost {lost}");
+    assert_eq!(
+        kept + lost,
+        attempts,
+        "every attempt is either recorded or counted as lost"
+    );
+    // The kernel's own counter says the same, and nothing was written twice.
+    let reports = of_type(&records, "agent.events_lost");
+    assert_eq!(reports.last().unwrap()["total"].as_u64(), Some(lost));
+    let mut seen = std::collections::HashSet::new();
+    for r in of_type(&records, "net.connect") {
+        assert!(
+            seen.insert((r["ts"].to_string(), r["tid"].to_string())),
+            "duplicate record {r}"
+        );
+    }
+}
