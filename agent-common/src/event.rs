@@ -19,7 +19,16 @@ pub mod kind {
     pub const NET_PACKET: u16 = 3;
     /// A socket() refusal: [`super::NetEvent`] with the family, type and protocol.
     pub const NET_SOCKET: u16 = 4;
+    /// A successful execve() in a guarded cgroup: [`super::ExecEvent`].
+    pub const PROC_EXEC: u16 = 5;
+    /// A guarded process ended (its thread group leader exited): [`super::ExitEvent`].
+    pub const PROC_EXIT: u16 = 6;
 }
+
+/// Bytes of the executable path kept (NUL included).
+pub const FILENAME_LEN: usize = 256;
+/// Bytes of the NUL-separated argument list kept; longer lists are cut (and say so).
+pub const ARGS_LEN: usize = 1024;
 
 /// `NetEvent::verdict`.
 pub const VERDICT_ALLOW: u8 = 0;
@@ -67,12 +76,60 @@ pub struct NetEvent {
     pub _pad2: u32,
 }
 
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ExecEvent {
+    pub hdr: EventHeader,
+    /// The parent's process id (0 if it could not be read).
+    pub ppid: u32,
+    /// Bytes of `args` filled, and the full length of the argument list.
+    pub args_len: u32,
+    pub args_total: u32,
+    /// Bytes of `filename` filled, NUL included.
+    pub filename_len: u32,
+    pub filename: [u8; FILENAME_LEN],
+    /// argv, each argument NUL-terminated, as the process's memory holds it.
+    pub args: [u8; ARGS_LEN],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExitEvent {
+    pub hdr: EventHeader,
+    /// The kernel's `task_struct::exit_code`: `status << 8`, or the signal number.
+    pub exit_code: u32,
+    pub _pad: u32,
+    /// Time since the process started, ns (0 if unknown).
+    pub lifetime_ns: u64,
+}
+
+/// Where the process-event programs find kernel fields (bytes), read from the kernel's BTF
+/// by the agent and passed in as the load-time constant [`TASK_OFFSETS_GLOBAL`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TaskOffsets {
+    pub task_real_parent: u32,
+    pub task_tgid: u32,
+    pub task_exit_code: u32,
+    pub task_start_boottime: u32,
+    pub task_mm: u32,
+    pub mm_arg_start: u32,
+    pub mm_arg_end: u32,
+    /// 1 when the offsets were found; the programs read no fields otherwise.
+    pub valid: u32,
+}
+
+pub const TASK_OFFSETS_GLOBAL: &str = "TASK_OFFSETS";
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
     // SAFETY: repr(C) plain data with explicit padding.
     unsafe impl aya::Pod for EventHeader {}
     unsafe impl aya::Pod for NetEvent {}
+    unsafe impl aya::Pod for ExecEvent {}
+    unsafe impl aya::Pod for ExitEvent {}
+    unsafe impl aya::Pod for TaskOffsets {}
 }
 
 #[cfg(test)]
@@ -83,5 +140,11 @@ mod tests {
     fn event_layouts_have_no_hidden_padding() {
         assert_eq!(core::mem::size_of::<EventHeader>(), 56);
         assert_eq!(core::mem::size_of::<NetEvent>(), 56 + 16 + 8 + 16);
+        assert_eq!(
+            core::mem::size_of::<ExecEvent>(),
+            56 + 16 + FILENAME_LEN + ARGS_LEN
+        );
+        assert_eq!(core::mem::size_of::<ExitEvent>(), 56 + 16);
+        assert_eq!(core::mem::size_of::<TaskOffsets>(), 32);
     }
 }

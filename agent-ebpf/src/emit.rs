@@ -32,7 +32,7 @@ fn verdict_byte(v: &Verdict) -> u8 {
 }
 
 #[inline(always)]
-fn header(kind: u16, slot: u32, origin: &Origin) -> EventHeader {
+pub fn header(kind: u16, slot: u32, origin: &Origin) -> EventHeader {
     let mut h = EventHeader {
         kind,
         version: EVENT_VERSION,
@@ -89,7 +89,7 @@ pub fn net(
 }
 
 #[inline(always)]
-fn lost() {
+pub fn lost() {
     if let Some(n) = LOST_EVENTS.get_ptr_mut(0) {
         // Per-CPU slot: no other writer.
         unsafe { *n += 1 };

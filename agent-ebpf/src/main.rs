@@ -9,6 +9,7 @@
 mod decide;
 mod emit;
 mod maps;
+mod process;
 
 use agent_common::event::kind;
 use agent_common::{Counter, MAX_CGROUP_DEPTH};
@@ -245,7 +246,7 @@ pub fn socket_enter(ctx: TracePointContext) -> u32 {
 }
 
 #[inline(always)]
-fn guarded_slot_of_current_task() -> Option<u32> {
+pub(crate) fn guarded_slot_of_current_task() -> Option<u32> {
     let mut level = 1;
     while level <= MAX_CGROUP_DEPTH as i32 {
         let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };

@@ -131,7 +131,15 @@ fn records_lost_to_a_full_ring_are_counted_and_reported_once() {
     for r in &records {
         schema.check(r);
     }
-    let kept = of_type(&records, "net.connect").len() as u64;
+    // The probe's exec and exit are kernel records too.
+    let kernel_records = attempts + 2;
+    let kept = records
+        .iter()
+        .filter(|r| {
+            r["type"].as_str().unwrap().starts_with("net.")
+                || r["type"].as_str().unwrap().starts_with("proc.")
+        })
+        .count() as u64;
     let lost: u64 = of_type(&records, "agent.events_lost")
         .iter()
         .map(|r| r["count"].as_u64().unwrap())
@@ -139,8 +147,8 @@ fn records_lost_to_a_full_ring_are_counted_and_reported_once() {
     assert!(kept > 0 && lost > 0, "kept {kept}, lost {lost}");
     assert_eq!(
         kept + lost,
-        attempts,
-        "every attempt is either recorded or counted as lost"
+        kernel_records,
+        "every record is either written or counted as lost"
     );
     // The kernel's own counter says the same, and nothing was written twice.
     let reports = of_type(&records, "agent.events_lost");
@@ -152,4 +160,119 @@ fn records_lost_to_a_full_ring_are_counted_and_reported_once() {
             "duplicate record {r}"
         );
     }
+}
+
+#[test]
+fn a_script_in_a_container_leaves_exactly_its_exec_connect_and_exit_records() {
+    setup();
+    let cg = TestCgroup::new("audit-script");
+    let id = "0123456789abcdef".repeat(4);
+    let container = cg.child(&format!("docker-{id}.scope"));
+    let allowed = tcp_listener("127.0.0.2");
+    let denied = tcp_listener("127.0.0.3");
+    let mut agent = Agent::start(&format!(
+        "[[policy]]\nname = \"sandbox\"\ncgroups = [\"{}\"]\nallow = [\"127.0.0.2:{}\"]\n",
+        cg.rel(),
+        allowed.port()
+    ));
+    let probe = probe_bin().display().to_string();
+    // sh and three commands: true, an allowed and a denied connection; then exit 3.
+    let script = format!("/bin/true; {probe} tcp {allowed}; {probe} tcp {denied}; exit 3");
+    let status = in_cgroup(&container, std::path::Path::new("/bin/sh"))
+        .args(["-c", &script])
+        .status()
+        .unwrap();
+    assert_eq!(status.code(), Some(3));
+    // The same commands outside the guarded cgroup leave nothing.
+    assert!(
+        std::process::Command::new("/bin/sh")
+            .args(["-c", &script])
+            .status()
+            .unwrap()
+            .code()
+            == Some(3)
+    );
+    agent.stop();
+
+    let records = agent.records();
+    let schema = Schema::load();
+    for r in &records {
+        schema.check(r);
+    }
+    let cgroup = format!(
+        "/{}",
+        container.strip_prefix(cgroup2_root()).unwrap().display()
+    );
+    let ours: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["type"].as_str().unwrap().contains('.') && r.get("cgroup").is_some())
+        .collect();
+    for r in &ours {
+        assert_eq!(
+            r["cgroup"],
+            cgroup.as_str(),
+            "a record from outside the container: {r}"
+        );
+        assert_eq!(r["container"], &id[..12], "{r}");
+        assert_eq!(r["policy"], "sandbox", "{r}");
+    }
+    let execs = of_type(&records, "proc.exec");
+    let argv: Vec<Vec<&str>> = execs
+        .iter()
+        .map(|r| {
+            r["argv"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|a| a.as_str().unwrap())
+                .collect()
+        })
+        .collect();
+    assert_eq!(
+        argv,
+        vec![
+            vec!["/bin/sh", "-c", script.as_str()],
+            vec!["/bin/true"],
+            vec![probe.as_str(), "tcp", &allowed.to_string()],
+            vec![probe.as_str(), "tcp", &denied.to_string()],
+        ],
+        "{execs:?}"
+    );
+    assert!(execs.iter().all(|r| r["argv_truncated"] == false));
+    let sh_pid = &execs[0]["pid"];
+    for r in &execs[1..] {
+        assert_eq!(
+            &r["ppid"], sh_pid,
+            "the commands are the shell's children: {r}"
+        );
+    }
+    let connects = of_type(&records, "net.connect");
+    let verdicts: Vec<(&str, u64)> = connects
+        .iter()
+        .map(|r| (r["verdict"].as_str().unwrap(), r["port"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(
+        verdicts,
+        vec![
+            ("allow", u64::from(allowed.port())),
+            ("deny", u64::from(denied.port()))
+        ]
+    );
+    let exits = of_type(&records, "proc.exit");
+    let codes: Vec<(&Value, Option<u64>)> = exits
+        .iter()
+        .map(|r| (&r["pid"], r["exit_code"].as_u64()))
+        .collect();
+    let expected: Vec<(&Value, Option<u64>)> = vec![
+        (&execs[1]["pid"], Some(0)),
+        (&execs[2]["pid"], Some(0)),
+        (&execs[3]["pid"], Some(1)),
+        (sh_pid, Some(3)),
+    ];
+    assert_eq!(codes, expected, "{exits:?}");
+    assert!(
+        exits
+            .iter()
+            .all(|r| r["signal"].is_null() && r["lifetime_ms"].as_f64().is_some())
+    );
 }

@@ -570,7 +570,7 @@ impl Schema {
             .get(ty)
             .unwrap_or_else(|| panic!("undocumented type {ty}: {record}"));
         let mut required: Vec<&(String, Vec<String>)> = self.common.iter().collect();
-        if ty.starts_with("net.") {
+        if ty.starts_with("net.") || ty.starts_with("proc.") {
             required.extend(self.net.iter());
         }
         for (field, types) in required.iter().copied().chain(specific.iter()) {

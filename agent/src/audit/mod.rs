@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agent_common::event::NetEvent;
+use agent_common::event::{ExecEvent, ExitEvent, NetEvent, kind};
 use anyhow::Context as _;
 use serde_json::{Value, json};
 use tokio::{io::unix::AsyncFd, sync::mpsc};
@@ -22,6 +22,14 @@ use aya::maps::{MapData, PerCpuArray, PerCpuValues, RingBuf};
 
 use crate::config;
 use record::Enricher;
+
+/// A record of type `T` from ring bytes, if they are long enough.
+fn read<T: aya::Pod>(bytes: &[u8]) -> Option<T> {
+    // SAFETY: T is plain data and the slice holds at least size_of::<T>() bytes; unaligned
+    // because ring records are only 8-byte aligned by contract.
+    (bytes.len() >= std::mem::size_of::<T>())
+        .then(|| unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) })
+}
 
 /// `LOST_EVENTS` indexes: counted by the kernel, reported by the agent.
 const LOST_TOTAL: u32 = 0;
@@ -215,12 +223,29 @@ impl Audit {
 
     fn drain(&mut self, ring: &mut RingBuf<MapData>) {
         while let Some(item) = ring.next() {
-            if item.len() >= std::mem::size_of::<NetEvent>() {
-                // SAFETY: the kernel wrote a NetEvent (the only record kind so far); unaligned
-                // read because ring records are only 8-byte aligned by contract.
-                let e: NetEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-                drop(item);
-                self.on_event(&e);
+            // The header's first field says which record follows.
+            let kind = item.get(..2).map(|b| u16::from_ne_bytes([b[0], b[1]]));
+            match kind {
+                Some(kind::PROC_EXEC) => {
+                    if let Some(e) = read::<ExecEvent>(&item) {
+                        drop(item);
+                        let rec = self.enricher.exec(&e);
+                        self.write(&rec);
+                    }
+                }
+                Some(kind::PROC_EXIT) => {
+                    if let Some(e) = read::<ExitEvent>(&item) {
+                        drop(item);
+                        let rec = self.enricher.exit(&e);
+                        self.write(&rec);
+                    }
+                }
+                _ => {
+                    if let Some(e) = read::<NetEvent>(&item) {
+                        drop(item);
+                        self.on_event(&e);
+                    }
+                }
             }
         }
     }

@@ -8,7 +8,10 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use agent_common::event::{NetEvent, VERDICT_ALLOW, VERDICT_DENY, kind};
+use agent_common::event::{
+    ARGS_LEN, EventHeader, ExecEvent, ExitEvent, FILENAME_LEN, NetEvent, VERDICT_ALLOW,
+    VERDICT_DENY, kind,
+};
 use serde_json::{Map, Value};
 
 /// Version of the record schema (docs/events.md).
@@ -109,6 +112,22 @@ impl Enricher {
             _ => "net.unknown",
         };
         let mut m = self.base(self.ts(h.ts_ns), type_);
+        self.task_fields(&mut m, h);
+        m.insert("verdict".into(), verdict(e.verdict).into());
+        if h.kind == kind::NET_SOCKET {
+            m.insert("family".into(), family(e.sock_family));
+            m.insert("sock_type".into(), (e.sock_type & 0xf).into());
+            m.insert("protocol".into(), e.sock_protocol.into());
+        } else {
+            m.insert("proto".into(), proto(e.proto));
+            m.insert("dst".into(), dst(e));
+            m.insert("port".into(), e.port.into());
+        }
+        Value::Object(m)
+    }
+
+    /// The fields every record about a process carries (`net.*` and `proc.*`).
+    fn task_fields(&mut self, m: &mut Map<String, Value>, h: &EventHeader) {
         let policy = self
             .policies
             .get(h.slot as usize)
@@ -134,16 +153,56 @@ impl Enricher {
                 m.insert(k.into(), Value::Null);
             }
         }
-        m.insert("verdict".into(), verdict(e.verdict).into());
-        if h.kind == kind::NET_SOCKET {
-            m.insert("family".into(), family(e.sock_family));
-            m.insert("sock_type".into(), (e.sock_type & 0xf).into());
-            m.insert("protocol".into(), e.sock_protocol.into());
-        } else {
-            m.insert("proto".into(), proto(e.proto));
-            m.insert("dst".into(), dst(e));
-            m.insert("port".into(), e.port.into());
+    }
+
+    /// A `proc.exec` record.
+    pub fn exec(&mut self, e: &ExecEvent) -> Value {
+        let mut m = self.base(self.ts(e.hdr.ts_ns), "proc.exec");
+        self.task_fields(&mut m, &e.hdr);
+        m.insert(
+            "ppid".into(),
+            if e.ppid == 0 {
+                Value::Null
+            } else {
+                e.ppid.into()
+            },
+        );
+        let name_len = (e.filename_len as usize).min(FILENAME_LEN);
+        m.insert("filename".into(), comm(&e.filename[..name_len]).into());
+        let args_len = (e.args_len as usize).min(ARGS_LEN);
+        let mut argv: Vec<String> = e.args[..args_len]
+            .split(|&b| b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        // The list ends with a NUL; a cut list ends inside an argument.
+        if argv.last().is_some_and(String::is_empty) {
+            argv.pop();
         }
+        m.insert("argv".into(), argv.into());
+        m.insert("argv_truncated".into(), (e.args_total > e.args_len).into());
+        Value::Object(m)
+    }
+
+    /// A `proc.exit` record.
+    pub fn exit(&mut self, e: &ExitEvent) -> Value {
+        let mut m = self.base(self.ts(e.hdr.ts_ns), "proc.exit");
+        self.task_fields(&mut m, &e.hdr);
+        let signal = e.exit_code & 0x7f;
+        let (code, sig) = if signal != 0 {
+            (Value::Null, signal.into())
+        } else {
+            (((e.exit_code >> 8) & 0xff).into(), Value::Null)
+        };
+        m.insert("exit_code".into(), code);
+        m.insert("signal".into(), sig);
+        m.insert(
+            "lifetime_ms".into(),
+            if e.lifetime_ns == 0 {
+                Value::Null
+            } else {
+                (e.lifetime_ns as f64 / 1e6).into()
+            },
+        );
         Value::Object(m)
     }
 

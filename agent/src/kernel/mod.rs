@@ -12,6 +12,7 @@
 //! attach what is missing, then detach what is no longer wanted (new before old, so there is
 //! never a moment without a guard).
 
+pub mod btf;
 pub mod maps;
 pub mod mounts;
 pub mod programs;
@@ -67,13 +68,15 @@ pub struct Kernel {
     _lock: File,
     root: PathBuf,
     maps: Maps,
-    ring_bytes: u32,
+    params: programs::LoadParams,
     audit_maps: Option<AuditMaps>,
     object_id: String,
     /// Whether the kernel lists the BPF LSM as active.
     lsm_listed: bool,
     /// How AF_PACKET sockets of guarded tasks are stopped.
     pub socket_guard: SocketGuard,
+    /// Whether exec/exit of guarded processes is recorded.
+    pub process_events: bool,
 }
 
 /// The audit trail's kernel side: the record ring and the count of records it dropped.
@@ -139,7 +142,11 @@ impl Kernel {
             }
             Err(_) => ring_bytes,
         };
-        let mut base = programs::load_object(&root.join("maps"), u32::MAX, ring_bytes)?;
+        let params = programs::LoadParams {
+            ring_bytes,
+            offsets: programs::task_offsets(),
+        };
+        let mut base = programs::load_object(&root.join("maps"), u32::MAX, &params)?;
         let maps = Maps::from_ebpf(&mut base)?;
         let events = base
             .take_map(map_names::EVENTS)
@@ -162,11 +169,12 @@ impl Kernel {
             _lock: lock,
             root,
             maps,
-            ring_bytes,
+            params,
             audit_maps: Some(AuditMaps { events, lost }),
             object_id: programs::object_id(),
             lsm_listed,
             socket_guard: SocketGuard::None,
+            process_events: false,
         })
     }
 
@@ -266,7 +274,7 @@ impl Kernel {
                     let ebpf = match loaded.entry(slot) {
                         std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                         std::collections::hash_map::Entry::Vacant(v) => v.insert(
-                            programs::load_object(&self.root.join("maps"), slot, self.ring_bytes)?,
+                            programs::load_object(&self.root.join("maps"), slot, &self.params)?,
                         ),
                     };
                     let link = programs::attach(ebpf, hook, &cgroup).with_context(|| {
@@ -294,7 +302,7 @@ impl Kernel {
                 }
                 let pin = pin_of(g);
                 let attached =
-                    programs::load_object(&self.root.join("maps"), u32::MAX, self.ring_bytes)
+                    programs::load_object(&self.root.join("maps"), u32::MAX, &self.params)
                         .and_then(|mut ebpf| match g {
                             SocketGuard::Lsm => programs::attach_lsm(&mut ebpf),
                             _ => programs::attach_socket_tracepoint(&mut ebpf),
@@ -323,6 +331,37 @@ impl Kernel {
                     wanted.insert(old.clone());
                     self.socket_guard = g;
                     break;
+                }
+            }
+        }
+
+        // Process records (global tracepoints).
+        self.process_events = true;
+        for (program, event) in programs::PROCESS_TRACEPOINTS {
+            let pin = format!("{program}-{}", self.object_id);
+            if existing.contains(&pin) {
+                report.adopted += 1;
+                wanted.insert(pin);
+                continue;
+            }
+            let attached = programs::load_object(&self.root.join("maps"), u32::MAX, &self.params)
+                .and_then(|mut ebpf| programs::attach_process_tracepoint(&mut ebpf, program, event))
+                .and_then(|link| Ok(link.pin(self.links_dir().join(&pin))?));
+            match attached {
+                Ok(_) => {
+                    report.attached += 1;
+                    wanted.insert(pin);
+                }
+                Err(e) => {
+                    tracing::error!("process records ({event}) unavailable: {e:#}");
+                    self.process_events = false;
+                    // Keep an older attachment rather than none.
+                    if let Some(old) = existing
+                        .iter()
+                        .find(|p| p.starts_with(&format!("{program}-")))
+                    {
+                        wanted.insert(old.clone());
+                    }
                 }
             }
         }

@@ -2,7 +2,11 @@
 
 use std::{fs::File, path::Path};
 
-use agent_common::{POLICY_SLOT_GLOBAL, map_names};
+use agent_common::{
+    POLICY_SLOT_GLOBAL,
+    event::{TASK_OFFSETS_GLOBAL, TaskOffsets},
+    map_names,
+};
 use anyhow::{Context as _, anyhow};
 use aya::{
     Btf, Ebpf, EbpfLoader,
@@ -68,13 +72,22 @@ impl Hook {
 pub const LSM_PROGRAM: &str = "lsm_socket_create";
 pub const SOCKET_TRACEPOINT_PROGRAM: &str = "socket_enter";
 
+/// What every load of the object needs besides the policy slot.
+#[derive(Clone, Copy)]
+pub struct LoadParams {
+    /// Size of the audit ring buffer (it must match a pinned ring's size).
+    pub ring_bytes: u32,
+    /// Kernel struct field offsets for the process-event programs.
+    pub offsets: TaskOffsets,
+}
+
 /// Loads the object: maps come from (or go to) their pins in `maps_dir`; the cgroup
-/// programs, once loaded, enforce policy `slot`. `ring_bytes` sizes the audit ring buffer
-/// (it must match a pinned ring's size).
-pub fn load_object(maps_dir: &Path, slot: u32, ring_bytes: u32) -> anyhow::Result<Ebpf> {
+/// programs, once loaded, enforce policy `slot`.
+pub fn load_object(maps_dir: &Path, slot: u32, params: &LoadParams) -> anyhow::Result<Ebpf> {
     EbpfLoader::new()
         .default_map_pin_directory(maps_dir)
-        .map_max_entries(map_names::EVENTS, ring_bytes)
+        .map_max_entries(map_names::EVENTS, params.ring_bytes)
+        .override_global(TASK_OFFSETS_GLOBAL, &params.offsets, true)
         .override_global(POLICY_SLOT_GLOBAL, &slot, true)
         .load(OBJECT)
         .context("loading the eBPF object")
@@ -136,6 +149,50 @@ pub fn attach_lsm(ebpf: &mut Ebpf) -> anyhow::Result<FdLink> {
         .context("loading the LSM socket_create program")?;
     let id = p.attach()?;
     Ok(p.take_link(id)?.into())
+}
+
+/// The process-event programs and their `sched:` tracepoints.
+pub const PROCESS_TRACEPOINTS: [(&str, &str); 2] = [
+    ("proc_exec", "sched_process_exec"),
+    ("proc_exit", "sched_process_exit"),
+];
+
+/// Loads and attaches one of [`PROCESS_TRACEPOINTS`].
+pub fn attach_process_tracepoint(
+    ebpf: &mut Ebpf,
+    program: &str,
+    event: &str,
+) -> anyhow::Result<FdLink> {
+    super::mounts::ensure_tracefs()?;
+    let prog = ebpf
+        .program_mut(program)
+        .ok_or_else(|| anyhow!("the eBPF object has no program {program}"))?;
+    let p: &mut TracePoint = prog.try_into()?;
+    p.load().with_context(|| format!("loading {program}"))?;
+    let id = p.attach("sched", event)?;
+    Ok(p.take_link(id)?.try_into()?)
+}
+
+/// Field offsets from the kernel's BTF; all zero (and `valid` 0) if one is missing, so the
+/// programs then record no ppid, argv, exit code or lifetime rather than read garbage.
+pub fn task_offsets() -> TaskOffsets {
+    let find = || -> anyhow::Result<TaskOffsets> {
+        let btf = super::btf::Btf::from_sys_fs()?;
+        Ok(TaskOffsets {
+            task_real_parent: btf.offset_of("task_struct", "real_parent")?,
+            task_tgid: btf.offset_of("task_struct", "tgid")?,
+            task_exit_code: btf.offset_of("task_struct", "exit_code")?,
+            task_start_boottime: btf.offset_of("task_struct", "start_boottime")?,
+            task_mm: btf.offset_of("task_struct", "mm")?,
+            mm_arg_start: btf.offset_of("mm_struct", "arg_start")?,
+            mm_arg_end: btf.offset_of("mm_struct", "arg_end")?,
+            valid: 1,
+        })
+    };
+    find().unwrap_or_else(|e| {
+        tracing::warn!("process records will lack ppid, argv, exit code and lifetime: {e:#}");
+        TaskOffsets::default()
+    })
 }
 
 /// Loads and attaches the `syscalls:sys_enter_socket` fallback (kills guarded tasks that ask

@@ -1,0 +1,126 @@
+//! Process records of guarded tasks: `sched:sched_process_exec` and `sched:sched_process_exit`
+//! (perf tracepoints: no BPF LSM, kprobes or trampolines needed). Kernel struct fields are read
+//! at offsets the agent finds in the kernel's BTF (`TASK_OFFSETS`).
+
+use agent_common::event::{ARGS_LEN, ExecEvent, ExitEvent, FILENAME_LEN, TaskOffsets, kind};
+use aya_ebpf::{
+    EbpfContext as _, Global,
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_probe_read_kernel,
+        generated::{
+            bpf_get_current_task, bpf_ktime_get_boot_ns, bpf_probe_read_kernel_str,
+            bpf_probe_read_user,
+        },
+    },
+    macros::tracepoint,
+    programs::TracePointContext,
+};
+
+use crate::{
+    emit::{self, Origin},
+    guarded_slot_of_current_task,
+    maps::EVENTS,
+};
+
+/// Field offsets, set at load time by the agent; `valid == 0` means "read no fields".
+#[unsafe(no_mangle)]
+static TASK_OFFSETS: Global<TaskOffsets> = Global::new(TaskOffsets {
+    task_real_parent: 0,
+    task_tgid: 0,
+    task_exit_code: 0,
+    task_start_boottime: 0,
+    task_mm: 0,
+    mm_arg_start: 0,
+    mm_arg_end: 0,
+    valid: 0,
+});
+
+#[inline(always)]
+fn field<T>(base: u64, offset: u32) -> Option<T> {
+    unsafe { bpf_probe_read_kernel((base + u64::from(offset)) as *const T) }.ok()
+}
+
+#[tracepoint]
+pub fn proc_exec(ctx: TracePointContext) -> u32 {
+    let Some(slot) = guarded_slot_of_current_task() else {
+        return 0;
+    };
+    let Some(mut entry) = EVENTS.reserve::<ExecEvent>(0) else {
+        emit::lost();
+        return 0;
+    };
+    let e = entry.as_mut_ptr();
+    let off = TASK_OFFSETS.load();
+    unsafe {
+        (*e).hdr = emit::header(kind::PROC_EXEC, slot, &Origin::Task);
+        (*e).ppid = 0;
+        (*e).args_len = 0;
+        (*e).args_total = 0;
+        (*e).filename_len = 0;
+        // The event's `filename` is a __data_loc field at offset 8: low 16 bits = offset.
+        if let Ok(loc) = ctx.read_at::<u32>(8) {
+            let src = (ctx.as_ptr() as *const u8).add((loc & 0xffff) as usize);
+            let n = bpf_probe_read_kernel_str(
+                (*e).filename.as_mut_ptr().cast(),
+                FILENAME_LEN as u32,
+                src.cast(),
+            );
+            if n > 0 {
+                (*e).filename_len = n as u32;
+            }
+        }
+        if off.valid != 0 {
+            let task = bpf_get_current_task();
+            if let Some(parent) = field::<u64>(task, off.task_real_parent) {
+                (*e).ppid = field::<u32>(parent, off.task_tgid).unwrap_or(0);
+            }
+            if let Some(mm) = field::<u64>(task, off.task_mm) {
+                let start = field::<u64>(mm, off.mm_arg_start).unwrap_or(0);
+                let end = field::<u64>(mm, off.mm_arg_end).unwrap_or(0);
+                if end > start {
+                    let total = end - start;
+                    let n = if total > ARGS_LEN as u64 {
+                        ARGS_LEN as u32
+                    } else {
+                        total as u32
+                    };
+                    if bpf_probe_read_user((*e).args.as_mut_ptr().cast(), n, start as *const _) == 0
+                    {
+                        (*e).args_len = n;
+                    }
+                    (*e).args_total = total as u32;
+                }
+            }
+        }
+    }
+    entry.submit(0);
+    0
+}
+
+#[tracepoint]
+pub fn proc_exit(_ctx: TracePointContext) -> u32 {
+    // One record per process: when its thread group leader exits.
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if pid_tgid as u32 != (pid_tgid >> 32) as u32 {
+        return 0;
+    }
+    let Some(slot) = guarded_slot_of_current_task() else {
+        return 0;
+    };
+    let off = TASK_OFFSETS.load();
+    let mut event = ExitEvent {
+        hdr: emit::header(kind::PROC_EXIT, slot, &Origin::Task),
+        ..ExitEvent::default()
+    };
+    if off.valid != 0 {
+        let task = unsafe { bpf_get_current_task() };
+        event.exit_code = field::<u32>(task, off.task_exit_code).unwrap_or(0);
+        if let Some(start) = field::<u64>(task, off.task_start_boottime) {
+            event.lifetime_ns = unsafe { bpf_ktime_get_boot_ns() }.saturating_sub(start);
+        }
+    }
+    if EVENTS.output::<ExitEvent>(&event, 0).is_err() {
+        emit::lost();
+    }
+    0
+}
