@@ -30,6 +30,24 @@ pub const FILENAME_LEN: usize = 256;
 /// Bytes of the NUL-separated argument list kept; longer lists are cut (and say so).
 pub const ARGS_LEN: usize = 1024;
 
+/// `NetEvent::reason`: why the decision went the way it did.
+pub mod reason {
+    /// A rule of the policy allows it.
+    pub const RULE: u8 = 0;
+    /// No entry of the policy covers the destination address.
+    pub const NO_RULE_FOR_ADDRESS: u8 = 1;
+    /// The address is listed, but not for this protocol and port.
+    pub const PORT_OR_PROTOCOL: u8 = 2;
+    /// The program's policy slot holds no active policy (fail closed).
+    pub const NO_ACTIVE_POLICY: u8 = 3;
+    /// An IP protocol no rule can allow (not TCP, UDP or ICMP).
+    pub const PROTOCOL: u8 = 4;
+    /// A socket family or type the hooks cannot judge.
+    pub const SOCKET_TYPE: u8 = 5;
+    /// A packet that could not be read (not IP, too short, a hand-made fragment).
+    pub const UNREADABLE_PACKET: u8 = 6;
+}
+
 /// `NetEvent::verdict`.
 pub const VERDICT_ALLOW: u8 = 0;
 pub const VERDICT_DENY: u8 = 1;
@@ -68,7 +86,9 @@ pub struct NetEvent {
     pub proto: u8,
     pub verdict: u8,
     pub v4: u8,
-    pub _pad: [u8; 3],
+    /// See [`reason`].
+    pub reason: u8,
+    pub _pad: [u8; 2],
     /// NET_SOCKET only: socket(2) arguments.
     pub sock_family: u32,
     pub sock_type: u32,

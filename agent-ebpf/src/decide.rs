@@ -2,7 +2,7 @@
 
 use agent_common::{
     Addr4Key, Addr6Key, AllowValue, Counter, PolicyState, RULESET_PREFIX_BITS, STATE_ACTIVE,
-    STATE_AUDIT, proto_bit,
+    STATE_AUDIT, event::reason, proto_bit,
 };
 use aya_ebpf::maps::lpm_trie::Key;
 
@@ -91,16 +91,18 @@ fn lookup(ruleset: u32, dest: &Dest) -> Option<&'static AllowValue> {
     }
 }
 
-/// Is `ip_proto` to `dest:port` allowed by the slot's active ruleset?
+/// Is `ip_proto` to `dest:port` allowed by the slot's active ruleset? `reason::RULE` if so,
+/// else why not.
 #[inline(always)]
-pub fn allowed(state: &PolicyState, dest: &Dest, ip_proto: u32, port: u16) -> bool {
+pub fn allowed(state: &PolicyState, dest: &Dest, ip_proto: u32, port: u16) -> u8 {
     let bit = proto_bit(ip_proto);
     if bit == 0 {
-        return false;
+        return reason::PROTOCOL;
     }
     match lookup(state.ruleset, dest) {
-        Some(v) => v.allows(bit, port),
-        None => false,
+        Some(v) if v.allows(bit, port) => reason::RULE,
+        Some(_) => reason::PORT_OR_PROTOCOL,
+        None => reason::NO_RULE_FOR_ADDRESS,
     }
 }
 
@@ -114,15 +116,15 @@ pub fn verdict(state: Option<&PolicyState>, allowed: bool) -> Verdict {
     }
 }
 
-/// The full question for one destination.
+/// The full question for one destination: the verdict and its `reason`.
 #[inline(always)]
-pub fn decide(slot: u32, dest: &Dest, ip_proto: u32, port: u16) -> Verdict {
+pub fn decide(slot: u32, dest: &Dest, ip_proto: u32, port: u16) -> (Verdict, u8) {
     let st = state(slot);
-    let ok = match st {
+    let why = match st {
         Some(s) => allowed(s, dest, ip_proto, port),
-        None => false,
+        None => reason::NO_ACTIVE_POLICY,
     };
-    verdict(st, ok)
+    (verdict(st, why == reason::RULE), why)
 }
 
 #[inline(always)]

@@ -11,7 +11,7 @@ mod emit;
 mod maps;
 mod process;
 
-use agent_common::event::kind;
+use agent_common::event::{kind, reason};
 use agent_common::{Counter, MAX_CGROUP_DEPTH};
 use aya_ebpf::{
     Global,
@@ -93,9 +93,19 @@ fn sock_addr_dest(ctx: &SockAddrContext, v6: bool) -> (Dest, u32, u16) {
 fn judge_sock_addr(ctx: &SockAddrContext, v6: bool, kind: u16, counters: [Counter; 3]) -> i32 {
     let slot = POLICY_SLOT.load();
     let (dest, proto, port) = sock_addr_dest(ctx, v6);
-    let v = decide(slot, &dest, proto, port);
+    let (v, why) = decide(slot, &dest, proto, port);
     count_verdict(slot, &v, counters);
-    emit::net(kind, slot, &v, Origin::Task, &dest, proto, port, [0; 3]);
+    emit::net(
+        kind,
+        slot,
+        &v,
+        why,
+        Origin::Task,
+        &dest,
+        proto,
+        port,
+        [0; 3],
+    );
     if v.passes() {
         SYSCALL_OK
     } else {
@@ -199,6 +209,7 @@ fn refuse_socket(slot: u32, args: [u32; 3]) -> Verdict {
         kind::NET_SOCKET,
         slot,
         &v,
+        reason::SOCKET_TYPE,
         Origin::Task,
         &Dest::none(),
         0,
@@ -358,9 +369,17 @@ pub fn egress(ctx: SkBuffContext) -> i32 {
     let slot = POLICY_SLOT.load();
     let Some(p) = read_packet(&ctx) else {
         let v = decide::verdict(decide::state(slot), false);
-        return packet_verdict(&ctx, slot, &v, &Dest::none(), 0, 0);
+        return packet_verdict(
+            &ctx,
+            slot,
+            &v,
+            reason::UNREADABLE_PACKET,
+            &Dest::none(),
+            0,
+            0,
+        );
     };
-    let v = decide(slot, &p.dest, p.proto as u32, p.port);
+    let (v, why) = decide(slot, &p.dest, p.proto as u32, p.port);
     if let Verdict::Allow = v {
         count(slot, Counter::PacketAllowed);
         return PACKET_PASS;
@@ -369,7 +388,7 @@ pub fn egress(ctx: SkBuffContext) -> i32 {
         count(slot, Counter::PacketInboundReply);
         return PACKET_PASS;
     }
-    packet_verdict(&ctx, slot, &v, &p.dest, p.proto, p.port)
+    packet_verdict(&ctx, slot, &v, why, &p.dest, p.proto, p.port)
 }
 
 /// Counts and records a packet no rule allowed (or that could not be read: not IP, too
@@ -379,6 +398,7 @@ fn packet_verdict(
     ctx: &SkBuffContext,
     slot: u32,
     v: &Verdict,
+    why: u8,
     dest: &Dest,
     proto: u8,
     port: u16,
@@ -394,6 +414,7 @@ fn packet_verdict(
         kind::NET_PACKET,
         slot,
         v,
+        why,
         cgroup,
         dest,
         proto as u32,

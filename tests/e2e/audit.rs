@@ -66,6 +66,10 @@ fn decisions_of_guarded_processes_are_recorded_and_nothing_else() {
         .find(|r| r["verdict"] == "deny")
         .expect("the denied connect");
     assert_eq!(
+        (ok["reason"].as_str(), no["reason"].as_str()),
+        (Some("rule"), Some("no_rule_for_address"))
+    );
+    assert_eq!(
         (no["dst"].as_str(), no["port"].as_u64()),
         (Some("127.0.0.3"), Some(u64::from(denied.port())))
     );

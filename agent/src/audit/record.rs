@@ -10,7 +10,7 @@ use std::{
 
 use agent_common::event::{
     ARGS_LEN, EventHeader, ExecEvent, ExitEvent, FILENAME_LEN, NetEvent, VERDICT_ALLOW,
-    VERDICT_DENY, kind,
+    VERDICT_DENY, kind, reason,
 };
 use serde_json::{Map, Value};
 
@@ -20,6 +20,12 @@ pub const SCHEMA_VERSION: u32 = 1;
 /// Everything a record is enriched with.
 pub struct Enricher {
     host: String,
+    /// The EC2 instance id, where the machine is one.
+    instance: Option<String>,
+    /// Where Docker keeps container metadata (`containers/<id>/config.v2.json`).
+    docker_root: PathBuf,
+    /// Full container id → name.
+    container_names: HashMap<String, Option<String>>,
     /// Wall clock minus CLOCK_BOOTTIME, to turn kernel timestamps into wall-clock time.
     boot_to_wall_ns: i128,
     /// Policy names by slot.
@@ -55,6 +61,9 @@ impl Enricher {
     pub fn new(cgroup_root: PathBuf) -> Self {
         Self {
             host: hostname(),
+            instance: ec2_instance_id(),
+            docker_root: PathBuf::from("/var/lib/docker"),
+            container_names: HashMap::new(),
             boot_to_wall_ns: clock_ns(libc::CLOCK_REALTIME) - clock_ns(libc::CLOCK_BOOTTIME),
             policies: Vec::new(),
             cgroup_root,
@@ -89,6 +98,10 @@ impl Enricher {
         m.insert("ts".into(), ts.into());
         m.insert("type".into(), type_.into());
         m.insert("host".into(), self.host.clone().into());
+        m.insert(
+            "instance".into(),
+            self.instance.clone().map_or(Value::Null, Value::from),
+        );
         m
     }
 
@@ -114,6 +127,7 @@ impl Enricher {
         let mut m = self.base(self.ts(h.ts_ns), type_);
         self.task_fields(&mut m, h);
         m.insert("verdict".into(), verdict(e.verdict).into());
+        m.insert("reason".into(), reason_name(e.reason).into());
         if h.kind == kind::NET_SOCKET {
             m.insert("family".into(), family(e.sock_family));
             m.insert("sock_type".into(), (e.sock_type & 0xf).into());
@@ -135,12 +149,15 @@ impl Enricher {
             .cloned();
         m.insert("policy".into(), policy.map_or(Value::Null, Value::from));
         let cgroup = self.cgroup_path(h.cgroup_id);
+        let container = cgroup.as_deref().and_then(container_of);
+        let name = container.as_deref().and_then(|id| self.container_name(id));
         m.insert(
             "container".into(),
-            cgroup
-                .as_deref()
-                .and_then(container_of)
-                .map_or(Value::Null, Value::from),
+            container.map_or(Value::Null, |id| Value::from(&id[..12])),
+        );
+        m.insert(
+            "container_name".into(),
+            name.map_or(Value::Null, Value::from),
         );
         m.insert("cgroup".into(), cgroup.map_or(Value::Null, Value::from));
         if h.tgid != 0 {
@@ -206,6 +223,33 @@ impl Enricher {
         Value::Object(m)
     }
 
+    /// Docker's name for a container (without the leading '/'), from its metadata file.
+    fn container_name(&mut self, full_id: &str) -> Option<String> {
+        if let Some(n) = self.container_names.get(full_id) {
+            return n.clone();
+        }
+        let path = self
+            .docker_root
+            .join("containers")
+            .join(full_id)
+            .join("config.v2.json");
+        let name = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+            .and_then(|v| {
+                v["Name"]
+                    .as_str()
+                    .map(|n| n.trim_start_matches('/').to_string())
+            });
+        // Bounded: forget everything when many containers have come and gone.
+        if self.container_names.len() > 4096 {
+            self.container_names.clear();
+        }
+        self.container_names
+            .insert(full_id.to_string(), name.clone());
+        name
+    }
+
     /// The cgroup of `id` relative to the cgroup2 root, found under a guarded cgroup.
     fn cgroup_path(&mut self, id: u64) -> Option<String> {
         if let Some(p) = self.cgroups.get(&id) {
@@ -248,6 +292,19 @@ fn comm(raw: &[u8]) -> String {
     String::from_utf8_lossy(&raw[..end]).into_owned()
 }
 
+fn reason_name(r: u8) -> &'static str {
+    match r {
+        reason::RULE => "rule",
+        reason::NO_RULE_FOR_ADDRESS => "no_rule_for_address",
+        reason::PORT_OR_PROTOCOL => "port_or_protocol_not_allowed",
+        reason::NO_ACTIVE_POLICY => "no_active_policy",
+        reason::PROTOCOL => "protocol_not_allowed",
+        reason::SOCKET_TYPE => "socket_type_refused",
+        reason::UNREADABLE_PACKET => "unreadable_packet",
+        _ => "unknown",
+    }
+}
+
 fn verdict(v: u8) -> &'static str {
     match v {
         VERDICT_ALLOW => "allow",
@@ -288,8 +345,15 @@ fn dst(e: &NetEvent) -> Value {
     }
 }
 
+/// The EC2 instance id: Nitro instances expose it as the DMI board asset tag.
+fn ec2_instance_id() -> Option<String> {
+    let tag = std::fs::read_to_string("/sys/devices/virtual/dmi/id/board_asset_tag").ok()?;
+    let tag = tag.trim();
+    tag.starts_with("i-").then(|| tag.to_string())
+}
+
 /// The container of a cgroup path: Docker's systemd driver names the scope
-/// `docker-<id>.scope`, its cgroupfs driver uses `.../docker/<id>`; the short (12-char) id.
+/// `docker-<id>.scope`, its cgroupfs driver uses `.../docker/<id>`; the full 64-hex id.
 pub fn container_of(path: &str) -> Option<String> {
     let mut parts = path.rsplit('/');
     let last = parts.next()?;
@@ -303,7 +367,7 @@ pub fn container_of(path: &str) -> Option<String> {
     } else {
         return None;
     };
-    (id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit())).then(|| id[..12].to_string())
+    (id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit())).then(|| id.to_string())
 }
 
 /// Whether a record is an allowed UDP send (aggregated per flow).
@@ -325,18 +389,35 @@ mod tests {
         let id = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
         assert_eq!(
             container_of(&format!("/system.slice/docker-{id}.scope")).as_deref(),
-            Some("0123456789ab")
+            Some(id)
         );
         assert_eq!(
             container_of(&format!("/openhands.slice/docker-{id}.scope")).as_deref(),
-            Some("0123456789ab")
+            Some(id)
         );
-        assert_eq!(
-            container_of(&format!("/docker/{id}")).as_deref(),
-            Some("0123456789ab")
-        );
+        assert_eq!(container_of(&format!("/docker/{id}")).as_deref(), Some(id));
         assert_eq!(container_of("/openhands.slice/something"), None);
         assert_eq!(container_of("/docker/short"), None);
+    }
+
+    #[test]
+    fn container_names_come_from_docker_metadata() {
+        let root = std::env::temp_dir().join(format!("eg-docker-{}", std::process::id()));
+        let id = "0123456789abcdef".repeat(4);
+        std::fs::create_dir_all(root.join("containers").join(&id)).unwrap();
+        std::fs::write(
+            root.join("containers").join(&id).join("config.v2.json"),
+            r#"{"Name":"/openhands-runtime-1"}"#,
+        )
+        .unwrap();
+        let mut en = Enricher::new(PathBuf::from("/nonexistent"));
+        en.docker_root = root.clone();
+        assert_eq!(
+            en.container_name(&id).as_deref(),
+            Some("openhands-runtime-1")
+        );
+        assert_eq!(en.container_name(&"f".repeat(64)), None);
+        std::fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]
@@ -362,6 +443,10 @@ mod tests {
         assert_eq!(r["port"], 443);
         assert_eq!(r["proto"], "tcp");
         assert_eq!(r["verdict"], "deny");
+        assert_eq!(
+            r["reason"], "rule",
+            "reason 0 is the allowing rule (set by the kernel)"
+        );
         assert_eq!(r["version"], SCHEMA_VERSION);
         assert!(r["ts"].as_str().unwrap().ends_with('Z'));
     }
