@@ -43,7 +43,28 @@ pub struct Config {
     pub log_level: Option<String>,
     pub pin_dir: PathBuf,
     pub audit: Audit,
+    pub control: Control,
     pub policies: Vec<Policy>,
+}
+
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/egress-guard/control.sock";
+
+/// `[control]`: the local control socket of the CLI.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Control {
+    pub socket: PathBuf,
+    /// Members of this group may read (status, events, …); only root may change state.
+    pub group: String,
+}
+
+impl Default for Control {
+    fn default() -> Self {
+        Self {
+            socket: PathBuf::from(DEFAULT_CONTROL_SOCKET),
+            group: "egress-guard".into(),
+        }
+    }
 }
 
 pub const DEFAULT_AUDIT_FILE: &str = "/var/log/egress-guard/audit.jsonl";
@@ -158,6 +179,7 @@ struct RawConfig {
     log_level: Option<Spanned<String>>,
     pin_dir: Option<Spanned<String>>,
     audit: Option<Spanned<Audit>>,
+    control: Option<Spanned<Control>>,
     #[serde(default)]
     policy: Vec<Spanned<RawPolicy>>,
 }
@@ -315,6 +337,21 @@ fn validate(raw: RawConfig, path: &Path, lines: &LineIndex, problems: &mut Vec<P
         None => Audit::default(),
     };
 
+    let control = match raw.control {
+        Some(c) => {
+            let line = lines.of(&c);
+            let c = c.into_inner();
+            if !c.socket.is_absolute() {
+                problem(
+                    line,
+                    format!("[control] socket {:?} must be an absolute path", c.socket),
+                );
+            }
+            c
+        }
+        None => Control::default(),
+    };
+
     if raw.policy.is_empty() {
         problem(1, "no [[policy]] table: define at least one policy with a name, cgroups and an allow list".into());
     }
@@ -451,6 +488,7 @@ fn validate(raw: RawConfig, path: &Path, lines: &LineIndex, problems: &mut Vec<P
         log_level,
         pin_dir,
         audit,
+        control,
         policies,
     }
 }

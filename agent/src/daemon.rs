@@ -13,9 +13,15 @@ use tokio::{
     sync::mpsc,
 };
 
+use std::sync::{Arc, Mutex};
+
+use serde_json::Value;
+
 use crate::{
     audit::{Audit, Notice},
+    check::PolicyView,
     config::{self, Config, ConfigError, Problem},
+    control::{self, EventFeed, ReloadRequest, Shared},
     kernel::{self, ApplyReport, AuditMaps, Kernel, SocketGuard, Target, programs::Hook},
     policy,
 };
@@ -124,9 +130,11 @@ pub fn run(config_path: &Path, config: Config) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        // The audit trail, before READY: nothing the guarded processes do goes unrecorded.
+        // The audit trail and the control socket, before READY: nothing the guarded
+        // processes do goes unrecorded, and the CLI answers as soon as systemd says "started".
+        let feed = Arc::new(EventFeed::new());
         let AuditMaps { events, lost } = kernel.take_audit_maps().context("audit maps already taken")?;
-        let audit = Audit::new(lost, &config.audit, kernel::mounts::cgroup2_root()?)
+        let audit = Audit::new(lost, &config.audit, kernel::mounts::cgroup2_root()?, feed.clone())
             .context("starting the audit trail (see [audit] in the config)")?;
         let (tx, rx) = mpsc::unbounded_channel();
         let say = |n: Notice| {
@@ -140,6 +148,31 @@ pub fn run(config_path: &Path, config: Config) -> anyhow::Result<()> {
         ));
         announce(&say, &kernel, &targets, &report);
         let audit_task = tokio::spawn(audit.run(events, rx));
+
+        let (reload_tx, mut reload_rx) = mpsc::channel::<ReloadRequest>(4);
+        let group = match control::group_id(&config.control.group) {
+            Some(gid) => Some((config.control.group.clone(), gid)),
+            None => {
+                tracing::warn!(
+                    "control group {:?} does not exist: only root can use the control socket",
+                    config.control.group
+                );
+                None
+            }
+        };
+        let shared = Arc::new(Shared {
+            started: std::time::Instant::now(),
+            pin_dir: config.pin_dir.clone(),
+            config_path: config_path.to_path_buf(),
+            status: Mutex::new(Value::Null),
+            policies: Mutex::new(Vec::new()),
+            events: feed,
+            audit_file: config.audit.file.clone(),
+            reload: reload_tx,
+            group,
+        });
+        publish(&shared, &config, &targets, &report, &kernel);
+        let control_task = tokio::spawn(control::serve(config.control.socket.clone(), shared.clone()));
         notify(&format!("READY=1\nSTATUS=enforcing {} policies", report.policies.len()));
 
         let mut hup = signal(SignalKind::hangup())?;
@@ -147,33 +180,82 @@ pub fn run(config_path: &Path, config: Config) -> anyhow::Result<()> {
         let mut int = signal(SignalKind::interrupt())?;
         let mut current = config;
         loop {
-            tokio::select! {
-                _ = hup.recv() => {
-                    notify("RELOADING=1");
-                    match reload(config_path, &current, &targets, &mut kernel) {
-                        Ok((new, new_targets, report)) => {
-                            say(Notice::Agent("agent.reload", json!({ "result": "applied" })));
-                            announce(&say, &kernel, &new_targets, &report);
-                            current = new;
-                            targets = new_targets;
-                        }
-                        Err(reason) => say(Notice::Agent("agent.reload", json!({ "result": "refused", "reason": reason }))),
-                    }
-                    notify("READY=1");
-                }
+            // A reload comes from SIGHUP or from the control socket (with a reply channel).
+            let reply = tokio::select! {
+                _ = hup.recv() => None,
+                Some(reply) = reload_rx.recv() => Some(reply),
                 _ = term.recv() => break,
                 _ = int.recv() => break,
+            };
+            notify("RELOADING=1");
+            let outcome = match reload(config_path, &current, &targets, &mut kernel) {
+                Ok((new, new_targets, report)) => {
+                    say(Notice::Agent("agent.reload", json!({ "result": "applied" })));
+                    announce(&say, &kernel, &new_targets, &report);
+                    publish(&shared, &new, &new_targets, &report, &kernel);
+                    current = new;
+                    targets = new_targets;
+                    Ok(json!({ "result": "applied", "policies": report.policies, "removed_policies": report.removed_policies }))
+                }
+                Err(reason) => {
+                    say(Notice::Agent("agent.reload", json!({ "result": "refused", "reason": reason })));
+                    Err(reason)
+                }
+            };
+            if let Some(reply) = reply {
+                let _ = reply.send(outcome);
             }
+            notify("READY=1");
         }
         tracing::info!(
             "stopping; the policy stays enforced by the pinned programs in {} (run `egress-guard uninstall` to remove it)",
             kernel::pin_root(&current.pin_dir).display()
         );
         notify("STOPPING=1");
+        control_task.abort();
+        let _ = std::fs::remove_file(&current.control.socket);
         say(Notice::Agent("agent.stop", json!({ "enforcement": "stays in force (pinned)" })));
         drop(tx);
         audit_task.await.context("the audit task panicked")?.context("audit trail")
     })
+}
+
+/// Makes the control socket's view current after a (re)load.
+fn publish(
+    shared: &Shared,
+    config: &Config,
+    targets: &[Target],
+    report: &ApplyReport,
+    kernel: &Kernel,
+) {
+    let views: Vec<PolicyView> = targets
+        .iter()
+        .filter_map(|t| {
+            let p = config.policies.iter().find(|p| p.name == t.name)?;
+            Some(PolicyView {
+                name: t.name.clone(),
+                mode: t.mode,
+                cgroups: t.cgroups.clone(),
+                rules: p.rules.clone(),
+                hostnames: p.hostnames.clone(),
+                compiled: t.compiled.clone(),
+            })
+        })
+        .collect();
+    let status = json!({
+        "policies": report.policies,
+        "cgroup_hooks": Hook::ALL.iter().map(|h| h.program()).collect::<Vec<_>>(),
+        "socket_guard": kernel.socket_guard,
+        "process_events": kernel.process_events,
+        "pins": { "dir": kernel::pin_root(&config.pin_dir).display().to_string(),
+                  "adopted": report.adopted, "attached": report.attached, "detached": report.detached },
+    });
+    if let Ok(mut s) = shared.status.lock() {
+        *s = status;
+    }
+    if let Ok(mut p) = shared.policies.lock() {
+        *p = views;
+    }
 }
 
 /// Tells the audit trail which policies are in force (names by slot, guarded cgroups) and

@@ -6,14 +6,15 @@
 //! itself is in `agent-ebpf/src/decide.rs`.
 
 mod audit;
+mod check;
 mod config;
+mod control;
 mod daemon;
 mod kernel;
 mod policy;
 
 use std::{io::IsTerminal as _, path::PathBuf, process::ExitCode};
 
-use agent_common::{Counter, STATE_ACTIVE, STATE_AUDIT};
 use clap::{Parser, Subcommand};
 
 const DEFAULT_CONFIG: &str = "/etc/egress-guard/config.toml";
@@ -35,9 +36,10 @@ struct Cli {
 enum Command {
     /// Run the agent: apply the config to the kernel and keep it applied.
     ///
-    /// SIGHUP re-reads the config (a bad config is refused and the running policy stays);
-    /// SIGTERM stops the agent and leaves the policy enforced. Log level: `log_level` in the
-    /// config, overridden by the EGRESS_GUARD_LOG environment variable (e.g. "debug").
+    /// SIGHUP (or `egress-guard reload`) re-reads the config: a bad config is refused and the
+    /// running policy stays. SIGTERM stops the agent and leaves the policy enforced. Log level:
+    /// `log_level` in the config, overridden by the EGRESS_GUARD_LOG environment variable
+    /// (e.g. "debug").
     Run {
         /// The policy configuration (TOML).
         #[arg(long, short, env = "EGRESS_GUARD_CONFIG", default_value = DEFAULT_CONFIG)]
@@ -48,21 +50,94 @@ enum Command {
         #[arg(long, short, env = "EGRESS_GUARD_CONFIG", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
-    /// Show per-policy decision counters, read from the pinned maps (works with the agent stopped).
-    Stats {
+    /// Is the guard up and enforcing? Mode, uptime, policies, guards, pins, audit sink.
+    Status {
         #[command(flatten)]
-        pins: PinArgs,
-        /// Print JSON instead of a table.
+        socket: SocketArgs,
+    },
+    /// Which cgroups and containers are guarded, by which policy.
+    Targets {
+        #[command(flatten)]
+        socket: SocketArgs,
+    },
+    /// The effective allowlist of one policy (or all): addresses, CIDRs, ports, hostnames.
+    Policy {
+        /// The policy's name; all policies without it.
+        name: Option<String>,
+        #[command(flatten)]
+        socket: SocketArgs,
+    },
+    /// Would a connection to DEST[:PORT] be allowed, and by which entry? Exit status 0 if
+    /// allowed, 1 if not.
+    Check {
+        /// ADDRESS[:PORT]; IPv6 in brackets: [2001:db8::1]:443.
+        dest: String,
+        /// The policy to ask (needed when several are in force).
         #[arg(long)]
-        json: bool,
+        policy: Option<String>,
+        /// Ask the policy guarding this container (id prefix).
+        #[arg(long)]
+        container: Option<String>,
+        /// tcp (default), udp or icmp.
+        #[arg(long)]
+        proto: Option<String>,
+        #[command(flatten)]
+        socket: SocketArgs,
+    },
+    /// Recent audit records; with --follow, new ones as they happen.
+    Events {
+        /// Keep streaming new records.
+        #[arg(long, short)]
+        follow: bool,
+        /// Only this type, or type family: net, net.connect, proc.exec, agent, …
+        #[arg(long = "type")]
+        ty: Option<String>,
+        /// Only this verdict: allow, deny, would_deny.
+        #[arg(long)]
+        verdict: Option<String>,
+        /// Only this container (id prefix or name).
+        #[arg(long)]
+        container: Option<String>,
+        /// Only records newer than this (e.g. 10m, 2h).
+        #[arg(long)]
+        since: Option<String>,
+        /// At most this many past records (default 100).
+        #[arg(long)]
+        limit: Option<usize>,
+        #[command(flatten)]
+        socket: SocketArgs,
+    },
+    /// Decision counters per policy, audit records per second. With --pin-dir, read straight
+    /// from the pinned maps (works with the agent stopped).
+    Stats {
+        /// Read the pins in this bpffs directory instead of asking the agent.
+        #[arg(long)]
+        pin_dir: Option<PathBuf>,
+        #[command(flatten)]
+        socket: SocketArgs,
+    },
+    /// Re-read the config now (root only): prints what changed, or why it was refused.
+    Reload {
+        #[command(flatten)]
+        socket: SocketArgs,
     },
     /// Remove every pinned program and map on purpose: guarded cgroups become unguarded.
     ///
-    /// Stop the agent first (systemctl stop egress-guard), or it re-attaches on its next reload.
+    /// Refused while an agent runs on the same pins: stop it first (systemctl stop egress-guard).
     Uninstall {
         #[command(flatten)]
         pins: PinArgs,
     },
+}
+
+#[derive(clap::Args)]
+struct SocketArgs {
+    /// The agent's control socket.
+    #[arg(long, env = "EGRESS_GUARD_SOCKET", default_value = config::DEFAULT_CONTROL_SOCKET)]
+    socket: PathBuf,
+    /// Print the JSON the agent answered instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -165,10 +240,50 @@ fn main() -> ExitCode {
                 },
             }
         }
-        Command::Stats { pins, json } => match stats(&pins, json) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => fail(e),
-        },
+        Command::Status { socket } => done(control::client::status(&socket.socket, socket.json)),
+        Command::Targets { socket } => done(control::client::targets(&socket.socket, socket.json)),
+        Command::Policy { name, socket } => done(control::client::policy(
+            &socket.socket,
+            name.as_deref(),
+            socket.json,
+        )),
+        Command::Check {
+            dest,
+            policy,
+            container,
+            proto,
+            socket,
+        } => control::client::check(&socket.socket, &dest, policy, container, proto, socket.json)
+            .unwrap_or_else(fail),
+        Command::Events {
+            follow,
+            ty,
+            verdict,
+            container,
+            since,
+            limit,
+            socket,
+        } => done(control::client::events(
+            &socket.socket,
+            follow,
+            ty,
+            verdict,
+            container,
+            since,
+            limit,
+            socket.json,
+        )),
+        Command::Stats {
+            pin_dir: Some(dir),
+            socket,
+        } => done(stats_from_pins(&dir, socket.json)),
+        Command::Stats {
+            pin_dir: None,
+            socket,
+        } => done(control::client::stats(&socket.socket, socket.json)),
+        Command::Reload { socket } => {
+            control::client::reload(&socket.socket, socket.json).unwrap_or_else(fail)
+        }
         Command::Uninstall { pins } => {
             init_logging(None);
             let run = || -> anyhow::Result<()> {
@@ -199,74 +314,17 @@ fn fail(e: anyhow::Error) -> ExitCode {
     ExitCode::FAILURE
 }
 
-fn stats(pins: &PinArgs, json: bool) -> anyhow::Result<()> {
-    let dir = pins.resolve()?;
-    let maps_dir = kernel::pin_root(&dir).join("maps");
-    let maps = kernel::Maps::from_pins(&maps_dir).map_err(|e| {
-        anyhow::anyhow!(
-            "{e:#}\nis the agent installed? no pins under {}",
-            maps_dir.display()
-        )
-    })?;
-    let mut rows = Vec::new();
-    for (slot, st) in maps.states()?.iter().enumerate() {
-        if st.flags & STATE_ACTIVE == 0 {
-            continue;
-        }
-        let counters = maps.counters(slot as u32)?;
-        let mode = if st.flags & STATE_AUDIT != 0 {
-            "audit"
-        } else {
-            "enforce"
-        };
-        rows.push((kernel::state_name(st), mode, counters));
-    }
+fn done(r: anyhow::Result<()>) -> ExitCode {
+    r.map_or_else(fail, |()| ExitCode::SUCCESS)
+}
+
+/// `stats --pin-dir`: the counters straight from the pinned maps.
+fn stats_from_pins(dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
+    let v = kernel::counters_json(dir)?;
     if json {
-        let out: Vec<_> = rows
-            .iter()
-            .map(|(name, mode, c)| {
-                let counters: serde_json::Map<String, serde_json::Value> = Counter::ALL
-                    .iter()
-                    .map(|k| (k.name().to_string(), c[*k as usize].into()))
-                    .collect();
-                serde_json::json!({ "policy": name, "mode": mode, "counters": counters })
-            })
-            .collect();
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&serde_json::json!({ "policies": out }))?
-        );
+        println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
-        println!(
-            "{:<20} {:<8} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
-            "POLICY",
-            "MODE",
-            "CONN_OK",
-            "CONN_DENY",
-            "SEND_OK",
-            "SEND_DENY",
-            "PKT_DROP",
-            "SOCK_DENY",
-            "WOULD_DENY"
-        );
-        for (name, mode, c) in &rows {
-            let would = c[Counter::ConnectWouldDeny as usize]
-                + c[Counter::SendWouldDeny as usize]
-                + c[Counter::PacketWouldDeny as usize]
-                + c[Counter::SocketWouldDeny as usize];
-            println!(
-                "{:<20} {:<8} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
-                name,
-                mode,
-                c[Counter::ConnectAllowed as usize],
-                c[Counter::ConnectDenied as usize],
-                c[Counter::SendAllowed as usize],
-                c[Counter::SendDenied as usize],
-                c[Counter::PacketDenied as usize],
-                c[Counter::SocketDenied as usize],
-                would
-            );
-        }
+        control::client::print_stats_table(&v);
     }
     Ok(())
 }

@@ -3,6 +3,7 @@
 
 mod audit;
 mod config_errors;
+mod control;
 mod enforce;
 mod lifecycle;
 

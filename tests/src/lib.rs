@@ -283,19 +283,41 @@ impl Agent {
         (dir, config, pin_dir)
     }
 
-    /// `body` with the test's pin dir in front and its audit file in the `[audit]` table
-    /// (added at the end if `body` has none).
+    /// `body` with the test's pin dir in front, its audit file in the `[audit]` table (added
+    /// at the end if `body` has none) and its control socket in `[control]` (likewise).
     fn full_config(pin_dir: &Path, dir: &Path, body: &str) -> String {
         let audit = format!(
             "[audit]\nfile = \"{}\"\nudp_aggregate_seconds = 1\n",
             dir.join("audit.jsonl").display()
         );
-        let body = if body.contains("[audit]\n") {
-            body.replace("[audit]\n", &audit)
-        } else {
-            format!("{body}\n{audit}")
-        };
+        let control = format!(
+            "[control]\nsocket = \"{}\"\n",
+            dir.join("control.sock").display()
+        );
+        let mut body = body.to_string();
+        for (table, content) in [("[audit]\n", audit), ("[control]\n", control)] {
+            body = if body.contains(table) {
+                body.replace(table, &content)
+            } else {
+                format!("{body}\n{content}")
+            };
+        }
         format!("pin_dir = \"{}\"\n{body}", pin_dir.display())
+    }
+
+    /// The agent's control socket.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("control.sock")
+    }
+
+    /// Runs `egress-guard ARGS --socket <this agent's socket>`.
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        Command::new(agent_bin())
+            .args(args)
+            .arg("--socket")
+            .arg(self.socket())
+            .output()
+            .unwrap()
     }
 
     /// The audit file's records.

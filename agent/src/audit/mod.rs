@@ -57,6 +57,8 @@ pub struct Audit {
     flows: HashMap<(u64, u32, [u8; 16], u16), Flow>,
     aggregate: Duration,
     lost_reported: u64,
+    /// The in-memory sink (for the control socket's `events`).
+    feed: std::sync::Arc<crate::control::EventFeed>,
 }
 
 impl Audit {
@@ -64,6 +66,7 @@ impl Audit {
         lost: PerCpuArray<MapData, u64>,
         cfg: &config::Audit,
         cgroup_root: PathBuf,
+        feed: std::sync::Arc<crate::control::EventFeed>,
     ) -> anyhow::Result<Self> {
         let file = file::FileSink::open(&cfg.file, cfg.file_max_bytes, cfg.file_keep)?;
         let mut audit = Self {
@@ -73,6 +76,7 @@ impl Audit {
             flows: HashMap::new(),
             aggregate: Duration::from_secs(cfg.udp_aggregate_seconds),
             lost_reported: 0,
+            feed,
         };
         // What earlier agents already reported; the rest (lost while no agent was reading)
         // is reported at the first check.
@@ -100,10 +104,12 @@ impl Audit {
         Ok(())
     }
 
+    /// Every sink gets every record.
     fn write(&mut self, record: &Value) {
         if let Err(e) = self.file.write(record) {
             tracing::error!("audit file sink: {e:#}");
         }
+        self.feed.push(record);
     }
 
     fn on_event(&mut self, e: &NetEvent) {

@@ -536,6 +536,38 @@ pub fn lock_pin_dir(pin_dir: &Path) -> anyhow::Result<File> {
     Ok(dir)
 }
 
+/// The per-policy decision counters from the pins in `pin_dir`, as JSON:
+/// `{"policies": [{"policy", "mode", "counters": {name: value}}]}`.
+pub fn counters_json(pin_dir: &Path) -> anyhow::Result<serde_json::Value> {
+    let maps_dir = pin_root(pin_dir).join("maps");
+    let maps = Maps::from_pins(&maps_dir).map_err(|e| {
+        anyhow::anyhow!(
+            "{e:#}\nis the agent installed? no pins under {}",
+            maps_dir.display()
+        )
+    })?;
+    let mut out = Vec::new();
+    for (slot, st) in maps.states()?.iter().enumerate() {
+        if st.flags & STATE_ACTIVE == 0 {
+            continue;
+        }
+        let c = maps.counters(slot as u32)?;
+        let counters: serde_json::Map<String, serde_json::Value> = agent_common::Counter::ALL
+            .iter()
+            .map(|k| (k.name().to_string(), c[*k as usize].into()))
+            .collect();
+        let mode = if st.flags & STATE_AUDIT != 0 {
+            "audit"
+        } else {
+            "enforce"
+        };
+        out.push(
+            serde_json::json!({ "policy": state_name(st), "mode": mode, "counters": counters }),
+        );
+    }
+    Ok(serde_json::json!({ "policies": out }))
+}
+
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK.
 fn raise_memlock_limit() {
     let rlim = libc::rlimit {

@@ -1,0 +1,541 @@
+//! The control socket: HTTP/1.1 + JSON over a Unix socket (so `curl --unix-socket` works too).
+//! Peer credentials decide access: root may do everything, members of the configured group
+//! may read, everyone else is refused. Endpoints are documented in docs/control.md.
+
+pub mod client;
+
+use std::{
+    collections::VecDeque,
+    convert::Infallible,
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Instant,
+};
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full, StreamBody, combinators::BoxBody};
+use hyper::{
+    Method, Request, Response, StatusCode, body::Frame, server::conn::http1, service::service_fn,
+};
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use tokio::{
+    net::UnixListener,
+    sync::{broadcast, mpsc, oneshot},
+};
+
+use crate::{check, kernel};
+
+/// How many recent records the in-memory sink keeps for `events`.
+pub const RECENT_EVENTS: usize = 10_000;
+
+/// The in-memory sink: recent records for `events`, and a live feed for `events --follow`.
+pub struct EventFeed {
+    recent: Mutex<VecDeque<Arc<Value>>>,
+    live: broadcast::Sender<Arc<Value>>,
+    total: std::sync::atomic::AtomicU64,
+}
+
+impl EventFeed {
+    pub fn new() -> Self {
+        Self {
+            recent: Mutex::new(VecDeque::with_capacity(1024)),
+            live: broadcast::channel(4096).0,
+            total: 0.into(),
+        }
+    }
+
+    /// Adds a record; never waits for readers (a slow follower only misses records, and is
+    /// told how many).
+    pub fn push(&self, record: &Value) {
+        let rec = Arc::new(record.clone());
+        if let Ok(mut r) = self.recent.lock() {
+            if r.len() == RECENT_EVENTS {
+                r.pop_front();
+            }
+            r.push_back(rec.clone());
+        }
+        self.total
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let _ = self.live.send(rec);
+    }
+}
+
+/// A reload request from the socket, answered with the outcome.
+pub type ReloadRequest = oneshot::Sender<Result<Value, String>>;
+
+/// What the endpoints read; the daemon keeps it current.
+pub struct Shared {
+    pub started: Instant,
+    pub pin_dir: PathBuf,
+    pub config_path: PathBuf,
+    /// Status fields from the daemon (policies, guards, last apply).
+    pub status: Mutex<Value>,
+    /// The policies in force, for `policy` and `check`.
+    pub policies: Mutex<Vec<check::PolicyView>>,
+    pub events: Arc<EventFeed>,
+    pub audit_file: PathBuf,
+    pub reload: mpsc::Sender<ReloadRequest>,
+    /// The group whose members may read.
+    pub group: Option<(String, u32)>,
+}
+
+/// Creates the socket (mode 0660, group `group`) and serves it until the task is dropped.
+pub async fn serve(path: PathBuf, shared: Arc<Shared>) -> anyhow::Result<()> {
+    let listener = bind(&path, shared.group.as_ref().map(|g| g.1))?;
+    tracing::info!(socket = %path.display(), "control socket listening");
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("control socket accept: {e}");
+                continue;
+            }
+        };
+        let cred = stream.peer_cred().ok();
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let access = access_of(cred.as_ref(), shared.group.as_ref());
+            let service = service_fn(move |req| handle(req, shared.clone(), access));
+            // Malformed requests, half-written ones and vanished clients end here, quietly.
+            let _ = http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn bind(path: &Path, gid: Option<u32>) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    // A socket left by a dead agent would make bind fail.
+    if path.exists() {
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing the stale socket {}", path.display()))?;
+    }
+    let listener = UnixListener::bind(path)
+        .with_context(|| format!("binding the control socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    if let Some(gid) = gid {
+        std::os::unix::fs::chown(path, Some(0), Some(gid))?;
+    }
+    Ok(listener)
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Access {
+    Admin,
+    Read,
+    None(u32),
+}
+
+fn access_of(cred: Option<&tokio::net::unix::UCred>, group: Option<&(String, u32)>) -> Access {
+    let Some(cred) = cred else {
+        return Access::None(u32::MAX);
+    };
+    if cred.uid() == 0 {
+        return Access::Admin;
+    }
+    match group {
+        Some((_, gid)) if cred.gid() == *gid || user_in_group(cred.uid(), cred.gid(), *gid) => {
+            Access::Read
+        }
+        _ => Access::None(cred.uid()),
+    }
+}
+
+/// Whether `uid` (primary group `primary`) is a member of `gid`, supplementary groups included.
+fn user_in_group(uid: u32, primary: u32, gid: u32) -> bool {
+    // SAFETY: getpwuid_r/getgrouplist with buffers we own and their sizes.
+    unsafe {
+        let mut pwd: libc::passwd = std::mem::zeroed();
+        let mut buf = vec![0 as libc::c_char; 4096];
+        let mut out: *mut libc::passwd = std::ptr::null_mut();
+        if libc::getpwuid_r(uid, &mut pwd, buf.as_mut_ptr(), buf.len(), &mut out) != 0
+            || out.is_null()
+        {
+            return false;
+        }
+        let mut groups = vec![0 as libc::gid_t; 256];
+        let mut n = groups.len() as libc::c_int;
+        if libc::getgrouplist(pwd.pw_name, primary, groups.as_mut_ptr(), &mut n) < 0 {
+            return false;
+        }
+        groups[..n.max(0) as usize].contains(&gid)
+    }
+}
+
+/// The gid of group `name`, if it exists.
+pub fn group_id(name: &str) -> Option<u32> {
+    let cname = std::ffi::CString::new(name).ok()?;
+    // SAFETY: getgrnam_r with buffers we own.
+    unsafe {
+        let mut grp: libc::group = std::mem::zeroed();
+        let mut buf = vec![0 as libc::c_char; 4096];
+        let mut out: *mut libc::group = std::ptr::null_mut();
+        if libc::getgrnam_r(
+            cname.as_ptr(),
+            &mut grp,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut out,
+        ) != 0
+            || out.is_null()
+        {
+            return None;
+        }
+        Some(grp.gr_gid)
+    }
+}
+
+type Body = BoxBody<Bytes, Infallible>;
+
+fn json_response(status: StatusCode, v: &Value) -> Response<Body> {
+    let mut body = serde_json::to_vec_pretty(v).unwrap_or_default();
+    body.push(b'\n');
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)).boxed())
+        .expect("valid response")
+}
+
+fn error(status: StatusCode, msg: impl Into<String>) -> Response<Body> {
+    json_response(status, &json!({ "error": msg.into() }))
+}
+
+/// `a=1&b=x` → pairs, percent-decoded.
+pub fn query_pairs(q: &str) -> Vec<(String, String)> {
+    q.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (percent_decode(k), percent_decode(v))
+        })
+        .collect()
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' if i + 3 <= b.len() => {
+                let hex = |c: u8| (c as char).to_digit(16);
+                match (hex(b[i + 1]), hex(b[i + 2])) {
+                    (Some(h), Some(l)) => {
+                        out.push((h * 16 + l) as u8);
+                        i += 3;
+                        continue;
+                    }
+                    _ => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+async fn handle(
+    req: Request<hyper::body::Incoming>,
+    shared: Arc<Shared>,
+    access: Access,
+) -> Result<Response<Body>, Infallible> {
+    if let Access::None(uid) = access {
+        let group = shared
+            .group
+            .as_ref()
+            .map_or("(none configured)".to_string(), |g| g.0.clone());
+        return Ok(error(
+            StatusCode::FORBIDDEN,
+            format!(
+                "permission denied: uid {uid} is neither root nor a member of the control group {group}"
+            ),
+        ));
+    }
+    let path = req.uri().path().to_string();
+    let query = query_pairs(req.uri().query().unwrap_or(""));
+    let get = |k: &str| query.iter().find(|(q, _)| q == k).map(|(_, v)| v.clone());
+    let resp = match (req.method(), path.as_str()) {
+        (&Method::GET, "/v1/status") => json_response(StatusCode::OK, &status(&shared)),
+        (&Method::GET, "/v1/stats") => match stats(&shared) {
+            Ok(v) => json_response(StatusCode::OK, &v),
+            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+        },
+        (&Method::GET, "/v1/targets") => json_response(StatusCode::OK, &targets(&shared)),
+        (&Method::GET, p) if p == "/v1/policy" || p.starts_with("/v1/policy/") => {
+            let name = p.strip_prefix("/v1/policy/").map(percent_decode);
+            let policies = shared
+                .policies
+                .lock()
+                .map(|p| p.clone())
+                .unwrap_or_default();
+            let chosen: Vec<Value> = policies
+                .iter()
+                .filter(|p| name.as_ref().is_none_or(|n| *n == p.name))
+                .map(check::PolicyView::to_json)
+                .collect();
+            match (name, chosen.is_empty()) {
+                (Some(n), true) => error(StatusCode::NOT_FOUND, format!("no policy named {n:?}")),
+                _ => json_response(StatusCode::OK, &json!({ "policies": chosen })),
+            }
+        }
+        (&Method::GET, "/v1/check") => {
+            let policies = shared
+                .policies
+                .lock()
+                .map(|p| p.clone())
+                .unwrap_or_default();
+            match check::check(
+                &policies,
+                get("dest").as_deref(),
+                get("policy").as_deref(),
+                get("container").as_deref(),
+                get("proto").as_deref(),
+            ) {
+                Ok(v) => json_response(StatusCode::OK, &v),
+                Err(e) => error(StatusCode::BAD_REQUEST, e),
+            }
+        }
+        (&Method::GET, "/v1/events") => events(&shared, &query),
+        (&Method::POST, "/v1/reload") => {
+            if access != Access::Admin {
+                error(
+                    StatusCode::FORBIDDEN,
+                    "permission denied: only root may reload",
+                )
+            } else {
+                let (tx, rx) = oneshot::channel();
+                match shared.reload.send(tx).await {
+                    Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "the agent is stopping"),
+                    Ok(()) => match rx.await {
+                        Ok(Ok(v)) => json_response(StatusCode::OK, &v),
+                        Ok(Err(reason)) => json_response(
+                            StatusCode::UNPROCESSABLE_ENTITY,
+                            &json!({ "result": "refused", "error": reason, "note": "the previous policy stays in force" }),
+                        ),
+                        Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "reload dropped"),
+                    },
+                }
+            }
+        }
+        (_, p) if p.starts_with("/v1/") => error(
+            StatusCode::NOT_FOUND,
+            format!("no endpoint {} {p} (see docs/control.md)", req.method()),
+        ),
+        _ => error(
+            StatusCode::NOT_FOUND,
+            "endpoints live under /v1/ (see docs/control.md)",
+        ),
+    };
+    Ok(resp)
+}
+
+fn status(shared: &Shared) -> Value {
+    let mut v = shared
+        .status
+        .lock()
+        .map(|s| s.clone())
+        .unwrap_or(Value::Null);
+    if let Value::Object(m) = &mut v {
+        m.insert("agent_version".into(), env!("CARGO_PKG_VERSION").into());
+        m.insert(
+            "uptime_seconds".into(),
+            shared.started.elapsed().as_secs().into(),
+        );
+        m.insert(
+            "config".into(),
+            shared.config_path.display().to_string().into(),
+        );
+        let audit_size = std::fs::metadata(&shared.audit_file).map(|m| m.len()).ok();
+        m.insert(
+            "audit".into(),
+            json!({
+                "file": shared.audit_file.display().to_string(),
+                "file_bytes": audit_size,
+                "records_since_start": shared.events.total.load(std::sync::atomic::Ordering::Relaxed),
+            }),
+        );
+        if let Ok(s) = stats(shared) {
+            m.insert("stats".into(), s);
+        }
+    }
+    v
+}
+
+fn stats(shared: &Shared) -> anyhow::Result<Value> {
+    let mut v = kernel::counters_json(&shared.pin_dir)?;
+    let records = shared
+        .events
+        .total
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let uptime = shared.started.elapsed().as_secs_f64().max(1.0);
+    v["audit_records"] = records.into();
+    v["audit_records_per_second"] = (records as f64 / uptime).into();
+    Ok(v)
+}
+
+fn targets(shared: &Shared) -> Value {
+    let policies = shared
+        .policies
+        .lock()
+        .map(|p| p.clone())
+        .unwrap_or_default();
+    let root = kernel::mounts::cgroup2_root().ok();
+    let mut out = Vec::new();
+    for p in &policies {
+        for cg in &p.cgroups {
+            let rel = root
+                .as_ref()
+                .and_then(|r| cg.strip_prefix(r).ok())
+                .map_or(cg.display().to_string(), |r| format!("/{}", r.display()));
+            let containers: Vec<Value> = check::containers_under(cg)
+                .into_iter()
+                .map(|(id, path)| json!({ "id": &id[..12], "cgroup": path.display().to_string() }))
+                .collect();
+            out.push(json!({ "policy": p.name, "mode": p.mode, "cgroup": rel, "containers": containers }));
+        }
+    }
+    json!({ "targets": out })
+}
+
+fn matches(rec: &Value, query: &[(String, String)]) -> bool {
+    query.iter().all(|(k, v)| match k.as_str() {
+        "type" => rec["type"]
+            .as_str()
+            .is_some_and(|t| t == v || t.starts_with(&format!("{v}."))),
+        "verdict" => rec["verdict"] == v.as_str(),
+        "container" => {
+            rec["container"]
+                .as_str()
+                .is_some_and(|c| v.starts_with(c) || c.starts_with(v.as_str()))
+                || rec["container_name"] == v.as_str()
+        }
+        "policy" => rec["policy"] == v.as_str(),
+        _ => true,
+    })
+}
+
+fn events(shared: &Shared, query: &[(String, String)]) -> Response<Body> {
+    let get = |k: &str| query.iter().find(|(q, _)| q == k).map(|(_, v)| v.clone());
+    let since = match get("since").map(|s| humantime::parse_duration(&s)) {
+        Some(Ok(d)) => Some(std::time::SystemTime::now() - d),
+        Some(Err(e)) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("since: {e} (e.g. 10m, 1h)"),
+            );
+        }
+        None => None,
+    };
+    let limit: usize = get("limit").and_then(|l| l.parse().ok()).unwrap_or(100);
+    let filters: Vec<(String, String)> = query
+        .iter()
+        .filter(|(k, _)| ["type", "verdict", "container", "policy"].contains(&k.as_str()))
+        .cloned()
+        .collect();
+    let recent: Vec<Arc<Value>> = shared
+        .events
+        .recent
+        .lock()
+        .map(|r| r.iter().cloned().collect())
+        .unwrap_or_default();
+    let newer = |r: &Value| {
+        since.is_none_or(|t| {
+            r["ts"]
+                .as_str()
+                .and_then(|s| humantime::parse_rfc3339(s).ok())
+                .is_some_and(|ts| ts >= t)
+        })
+    };
+    let chosen: Vec<Arc<Value>> = recent
+        .into_iter()
+        .filter(|r| matches(r, &filters) && newer(r))
+        .collect();
+    let skip = chosen.len().saturating_sub(limit);
+    let mut lines = Vec::new();
+    for r in &chosen[skip..] {
+        lines.extend(serde_json::to_vec(&**r).unwrap_or_default());
+        lines.push(b'\n');
+    }
+    let follow = get("follow").is_some_and(|f| f != "0" && f != "false");
+    let builder = Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "application/x-ndjson");
+    if !follow {
+        return builder
+            .body(Full::new(Bytes::from(lines)).boxed())
+            .expect("valid response");
+    }
+    // Follow: the backlog, then live records as they come; a reader too slow for the feed
+    // is told how many it missed.
+    let rx = shared.events.live.subscribe();
+    let first =
+        futures_util::stream::once(
+            async move { Ok::<_, Infallible>(Frame::data(Bytes::from(lines))) },
+        );
+    let live = futures_util::stream::unfold((rx, filters), |(mut rx, filters)| async move {
+        loop {
+            match rx.recv().await {
+                Ok(rec) if matches(&rec, &filters) => {
+                    let mut line = serde_json::to_vec(&*rec).unwrap_or_default();
+                    line.push(b'\n');
+                    return Some((Ok(Frame::data(Bytes::from(line))), (rx, filters)));
+                }
+                Ok(_) => continue,
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    let line = format!("{}\n", json!({ "type": "control.missed", "missed": n }));
+                    return Some((Ok(Frame::data(Bytes::from(line))), (rx, filters)));
+                }
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    });
+    use futures_util::StreamExt as _;
+    builder
+        .body(http_body_util::BodyExt::boxed(StreamBody::new(
+            first.chain(live),
+        )))
+        .expect("valid response")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_strings_are_decoded() {
+        assert_eq!(
+            query_pairs("dest=127.0.0.1%3A443&policy=a+b&x"),
+            vec![
+                ("dest".into(), "127.0.0.1:443".into()),
+                ("policy".into(), "a b".into()),
+                ("x".into(), String::new())
+            ]
+        );
+        assert_eq!(percent_decode("%zz%4"), "%zz%4");
+    }
+
+    #[test]
+    fn event_filters_match_types_verdicts_and_containers() {
+        let rec = json!({ "type": "net.connect", "verdict": "deny", "container": "0123456789ab", "container_name": "sandbox-1" });
+        let q = |k: &str, v: &str| vec![(k.to_string(), v.to_string())];
+        assert!(matches(&rec, &q("type", "net")));
+        assert!(matches(&rec, &q("type", "net.connect")));
+        assert!(!matches(&rec, &q("type", "proc")));
+        assert!(matches(&rec, &q("verdict", "deny")));
+        assert!(!matches(&rec, &q("verdict", "allow")));
+        assert!(matches(&rec, &q("container", "0123456789abcdef")));
+        assert!(matches(&rec, &q("container", "sandbox-1")));
+        assert!(!matches(&rec, &q("container", "ffff")));
+    }
+}
