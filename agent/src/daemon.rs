@@ -117,6 +117,18 @@ fn capacity_problems(targets: &[Target]) -> Vec<Problem> {
 }
 
 pub fn run(config_path: &Path, config: Config) -> anyhow::Result<()> {
+    // Signal handlers first: a SIGTERM during start-up is handled once started, not fatal.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (mut hup, mut term, mut int) = {
+        let _in_runtime = rt.enter();
+        (
+            signal(SignalKind::hangup())?,
+            signal(SignalKind::terminate())?,
+            signal(SignalKind::interrupt())?,
+        )
+    };
     let mut targets = prepare(&config)??;
     let mut kernel = Kernel::open(&config.pin_dir, config.audit.ring_buffer_bytes).context(
         "setting up the eBPF maps failed (egress-guard needs root, or CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON and CAP_SYS_RESOURCE)",
@@ -126,9 +138,6 @@ pub fn run(config_path: &Path, config: Config) -> anyhow::Result<()> {
         .context("attaching the policy to the kernel failed")?;
     log_applied(&config, &report, &kernel);
 
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
     rt.block_on(async move {
         // The audit trail and the control socket, before READY: nothing the guarded
         // processes do goes unrecorded, and the CLI answers as soon as systemd says "started".
@@ -173,11 +182,9 @@ pub fn run(config_path: &Path, config: Config) -> anyhow::Result<()> {
         });
         publish(&shared, &config, &targets, &report, &kernel);
         let control_task = tokio::spawn(control::serve(config.control.socket.clone(), shared.clone()));
-        notify(&format!("READY=1\nSTATUS=enforcing {} policies", report.policies.len()));
+                notify(&format!("READY=1\nSTATUS=enforcing {} policies", report.policies.len()));
+        tracing::info!("egress-guard ready");
 
-        let mut hup = signal(SignalKind::hangup())?;
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
         let mut current = config;
         loop {
             // A reload comes from SIGHUP or from the control socket (with a reply channel).

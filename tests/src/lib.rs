@@ -361,6 +361,7 @@ impl Agent {
 
     /// (Re)starts the agent process on the same config and pins.
     pub fn spawn(&mut self) {
+        let before = self.log_text().matches("egress-guard ready").count();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -375,10 +376,9 @@ impl Agent {
             .spawn()
             .expect("starting egress-guard");
         self.child = Some(child);
-        let before = self.log_text().matches("enforcing;").count();
         self.wait_for_log(
-            |l| l.matches("enforcing;").count() > before,
-            "the agent to report it is enforcing",
+            |l| l.matches("egress-guard ready").count() > before,
+            "the agent to report it is ready",
         );
     }
 

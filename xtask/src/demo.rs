@@ -157,7 +157,7 @@ allow = ["127.0.0.2:{llm_port}"]
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let text = std::fs::read_to_string(&log_path).unwrap_or_default();
-        if text.contains("enforcing;") {
+        if text.contains("egress-guard ready") {
             for line in text.lines() {
                 println!("    agent | {line}");
             }
