@@ -128,6 +128,12 @@ enum Command {
         #[command(flatten)]
         pins: PinArgs,
     },
+    /// Print shell completions or the man page (used by `cargo xtask dist`).
+    #[command(hide = true)]
+    Generate {
+        /// bash, zsh, fish, elvish, powershell, or man.
+        what: String,
+    },
 }
 
 #[derive(clap::Args)]
@@ -284,6 +290,7 @@ fn main() -> ExitCode {
         Command::Reload { socket } => {
             control::client::reload(&socket.socket, socket.json).unwrap_or_else(fail)
         }
+        Command::Generate { what } => done(generate(&what)),
         Command::Uninstall { pins } => {
             init_logging(None);
             let run = || -> anyhow::Result<()> {
@@ -314,6 +321,22 @@ fn fail(e: anyhow::Error) -> ExitCode {
     ExitCode::FAILURE
 }
 
+/// Completions for a shell, or the man page, on stdout.
+fn generate(what: &str) -> anyhow::Result<()> {
+    use clap::CommandFactory as _;
+    let mut cmd = Cli::command();
+    let mut out = std::io::stdout();
+    if what == "man" {
+        clap_mangen::Man::new(cmd).render(&mut out)?;
+        return Ok(());
+    }
+    let shell: clap_complete::Shell = what
+        .parse()
+        .map_err(|e| anyhow::anyhow!("{what}: {e} (or: man)"))?;
+    clap_complete::generate(shell, &mut cmd, "egress-guard", &mut out);
+    Ok(())
+}
+
 fn done(r: anyhow::Result<()>) -> ExitCode {
     r.map_or_else(fail, |()| ExitCode::SUCCESS)
 }
@@ -327,4 +350,48 @@ fn stats_from_pins(dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
         control::client::print_stats_table(&v);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    #[test]
+    fn the_cli_definition_is_consistent() {
+        super::Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn man_page_and_completions_cover_every_subcommand() {
+        let mut man = Vec::new();
+        clap_mangen::Man::new(super::Cli::command())
+            .render(&mut man)
+            .unwrap();
+        let man = String::from_utf8(man).unwrap();
+        let mut bash = Vec::new();
+        clap_complete::generate(
+            clap_complete::Shell::Bash,
+            &mut super::Cli::command(),
+            "egress-guard",
+            &mut bash,
+        );
+        let bash = String::from_utf8(bash).unwrap();
+        for sub in [
+            "run",
+            "check\\-config",
+            "status",
+            "targets",
+            "policy",
+            "check",
+            "events",
+            "stats",
+            "reload",
+            "uninstall",
+        ] {
+            assert!(man.contains(sub), "man page lacks {sub}");
+        }
+        for sub in ["status", "events", "reload", "--follow", "--verdict"] {
+            assert!(bash.contains(sub), "bash completions lack {sub}");
+        }
+    }
 }

@@ -35,6 +35,8 @@ enum Task {
     /// connect() cost from a guarded cgroup vs bare, iptables and nftables, at 10 to 100,000
     /// allowed addresses (root; loopback only). Writes docs/benchmarks/connect.{json,txt,svg}.
     Bench,
+    /// Build the release binary and write shell completions and the man page to target/dist.
+    Dist,
 }
 
 /// Debian packages the tests, demo and benchmarks need (checked with dpkg, installed with
@@ -55,6 +57,10 @@ fn main() -> anyhow::Result<()> {
         Task::Bench => {
             setup()?;
             bench::run()
+        }
+        Task::Dist => {
+            setup()?;
+            dist()
         }
     }
 }
@@ -287,4 +293,25 @@ pub fn build_binaries() -> anyhow::Result<()> {
         "egress-guard-e2e",
         "--bins",
     ]))
+}
+
+/// target/dist: the release binary, completions for bash, zsh and fish, and the man page,
+/// all generated from the clap definition.
+fn dist() -> anyhow::Result<()> {
+    run(Command::new("cargo").args(["build", "--release", "-p", "egress-guard"]))?;
+    let bin = workspace_root().join("target/release/egress-guard");
+    let out = workspace_root().join("target/dist");
+    std::fs::create_dir_all(out.join("completions"))?;
+    std::fs::copy(&bin, out.join("egress-guard"))?;
+    for (what, file) in [
+        ("bash", "completions/egress-guard.bash"),
+        ("zsh", "completions/_egress-guard"),
+        ("fish", "completions/egress-guard.fish"),
+        ("man", "egress-guard.1"),
+    ] {
+        let text = output(Command::new(&bin).args(["generate", what]))?;
+        std::fs::write(out.join(file), text)?;
+    }
+    eprintln!("==> wrote {}", out.display());
+    Ok(())
 }
