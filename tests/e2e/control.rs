@@ -135,6 +135,8 @@ fn every_subcommand_answers_in_table_and_json_form() {
             >= 1,
         "{v}"
     );
+    assert_eq!(v["audit_records_lost"], 0, "{v}");
+    assert!(v["audit_records"].as_u64().unwrap() >= 3, "{v}");
     assert!(text(&agent.ctl(&["stats"])).contains("CONN_DENY"));
 
     let out = agent.ctl(&["reload"]);

@@ -400,9 +400,10 @@ pub fn stats(socket: &Path, json: bool) -> anyhow::Result<()> {
     }
     print_stats_table(&v);
     println!(
-        "audit records: {} ({:.1}/s since start)",
+        "audit records: {} ({:.1}/s since start), lost to a full kernel ring: {}",
         v["audit_records"],
-        v["audit_records_per_second"].as_f64().unwrap_or(0.0)
+        v["audit_records_per_second"].as_f64().unwrap_or(0.0),
+        v["audit_records_lost"]
     );
     Ok(())
 }

@@ -565,7 +565,15 @@ pub fn counters_json(pin_dir: &Path) -> anyhow::Result<serde_json::Value> {
             serde_json::json!({ "policy": state_name(st), "mode": mode, "counters": counters }),
         );
     }
-    Ok(serde_json::json!({ "policies": out }))
+    // Audit records the kernel could not write (ring full), since the ring was created.
+    let lost = aya::maps::MapData::from_pin(maps_dir.join(agent_common::map_names::LOST_EVENTS))
+        .ok()
+        .and_then(|d| {
+            aya::maps::PerCpuArray::<_, u64>::try_from(aya::maps::Map::from_map_data(d).ok()?).ok()
+        })
+        .and_then(|m| m.get(&0, 0).ok())
+        .map(|v| v.iter().sum::<u64>());
+    Ok(serde_json::json!({ "policies": out, "audit_records_lost": lost }))
 }
 
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK.
