@@ -89,18 +89,6 @@ fn bench_addr(i: usize) -> String {
     std::net::Ipv4Addr::from(n).to_string()
 }
 
-fn cgroup2_root() -> anyhow::Result<PathBuf> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo")?;
-    text.lines()
-        .find_map(|l| {
-            let (left, right) = l.split_once(" - ")?;
-            right
-                .starts_with("cgroup2 ")
-                .then(|| PathBuf::from(left.split(' ').nth(4).unwrap_or("")))
-        })
-        .context("no cgroup2 filesystem is mounted")
-}
-
 fn run_quiet(cmd: &mut Command) -> anyhow::Result<()> {
     let out = cmd.output().with_context(|| format!("starting {cmd:?}"))?;
     if !out.status.success() {
@@ -185,7 +173,7 @@ pub fn run() -> anyhow::Result<()> {
     ]))?;
     let target = workspace_root().join("target/release");
     let probe = target.join("probe");
-    let root = cgroup2_root()?;
+    let root = crate::cgroup2_root()?;
     let dir = std::env::temp_dir().join(format!("egress-guard-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let mut bench = Bench {

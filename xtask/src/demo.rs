@@ -41,18 +41,6 @@ impl Drop for Demo {
     }
 }
 
-fn cgroup2_root() -> anyhow::Result<PathBuf> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo")?;
-    text.lines()
-        .find_map(|l| {
-            let (left, right) = l.split_once(" - ")?;
-            right
-                .starts_with("cgroup2 ")
-                .then(|| PathBuf::from(left.split(' ').nth(4).unwrap_or("")))
-        })
-        .context("no cgroup2 filesystem is mounted")
-}
-
 fn listen(ip: &str) -> anyhow::Result<u16> {
     let l = TcpListener::bind((ip, 0))?;
     let port = l.local_addr()?.port();
@@ -102,7 +90,7 @@ pub fn run() -> anyhow::Result<()> {
     let (bin, probe) = (target.join("egress-guard"), target.join("probe"));
 
     let name = format!("egress-guard-demo-{}", std::process::id());
-    let cgroup = cgroup2_root()?.join(&name);
+    let cgroup = crate::cgroup2_root()?.join(&name);
     let dir = std::env::temp_dir().join(&name);
     std::fs::create_dir_all(&dir)?;
     std::fs::create_dir(&cgroup)

@@ -108,6 +108,19 @@ fn output(cmd: &mut Command) -> anyhow::Result<String> {
     Ok(String::from_utf8(out.stdout)?)
 }
 
+/// Where the cgroup v2 hierarchy is mounted (never assumed: /sys/fs/cgroup/unified on hybrid hosts).
+pub fn cgroup2_root() -> anyhow::Result<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo")?;
+    text.lines()
+        .find_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            right
+                .starts_with("cgroup2 ")
+                .then(|| PathBuf::from(left.split(' ').nth(4).unwrap_or("")))
+        })
+        .context("no cgroup2 filesystem is mounted")
+}
+
 pub fn is_root() -> bool {
     // The effective uid, from /proc (no libc dependency needed).
     std::fs::read_to_string("/proc/self/status")
