@@ -130,7 +130,9 @@ pub fn decide(slot: u32, dest: &Dest, ip_proto: u32, port: u16) -> (Verdict, u8)
 #[inline(always)]
 pub fn count(slot: u32, counter: Counter) {
     if let Some(c) = COUNTERS.get_ptr_mut(counter.index(slot)) {
-        // Per-CPU slot: no other writer.
+        // Per-CPU slot. Not atomic: the bpf target's core has no atomic add, and a packet
+        // program in softirq interrupting a syscall program on the same CPU mid-increment
+        // (rare) can lose one count.
         unsafe { *c += 1 };
     }
 }

@@ -93,7 +93,9 @@ pub fn net(
 #[inline(always)]
 pub fn lost() {
     if let Some(n) = LOST_EVENTS.get_ptr_mut(0) {
-        // Per-CPU slot: no other writer.
+        // Per-CPU slot. Not atomic: the bpf target's core has no atomic add, and a packet
+        // program in softirq interrupting a syscall program on the same CPU mid-increment
+        // (rare) can lose one count.
         unsafe { *n += 1 };
     }
 }

@@ -181,7 +181,12 @@ pub fn run(config_path: &Path, config: Config) -> anyhow::Result<()> {
             group,
         });
         publish(&shared, &config, &targets, &report, &kernel);
-        let control_task = tokio::spawn(control::serve(config.control.socket.clone(), shared.clone()));
+                let socket = config.control.socket.clone();
+        let listener = control::bind(&socket, shared.group.as_ref().map(|g| g.1))
+            .context("starting the control socket (see [control] in the config)")?;
+        tracing::info!(socket = %socket.display(), "control socket listening");
+        let control_task = tokio::spawn(control::serve(listener, shared.clone()));
+        let mut audit_task = audit_task;
                 notify(&format!("READY=1\nSTATUS=enforcing {} policies", report.policies.len()));
         tracing::info!("egress-guard ready");
 
@@ -191,8 +196,19 @@ pub fn run(config_path: &Path, config: Config) -> anyhow::Result<()> {
             let reply = tokio::select! {
                 _ = hup.recv() => None,
                 Some(reply) = reload_rx.recv() => Some(reply),
-                _ = term.recv() => break,
+                                _ = term.recv() => break,
                 _ = int.recv() => break,
+                // The audit trail must not die unnoticed: stop (systemd restarts the agent).
+                ended = &mut audit_task => {
+                    let why = match ended {
+                        Ok(Ok(())) => "it stopped".to_string(),
+                        Ok(Err(e)) => format!("{e:#}"),
+                        Err(e) => format!("it panicked: {e}"),
+                    };
+                    control_task.abort();
+                    let _ = std::fs::remove_file(&socket);
+                    anyhow::bail!("the audit trail failed ({why}); stopping so that the agent is restarted");
+                }
             };
             notify("RELOADING=1");
             let outcome = match reload(config_path, &current, &targets, &mut kernel) {
@@ -220,7 +236,7 @@ pub fn run(config_path: &Path, config: Config) -> anyhow::Result<()> {
         );
         notify("STOPPING=1");
         control_task.abort();
-        let _ = std::fs::remove_file(&current.control.socket);
+                let _ = std::fs::remove_file(&socket);
         say(Notice::Agent("agent.stop", json!({ "enforcement": "stays in force (pinned)" })));
         drop(tx);
         audit_task.await.context("the audit task panicked")?.context("audit trail")
@@ -309,6 +325,9 @@ fn reload(
             current.pin_dir.display(),
             new.pin_dir.display()
         )));
+    }
+    if new.control != current.control || new.audit != current.audit {
+        tracing::warn!("changes to [control] and [audit] take effect when the agent restarts");
     }
     let targets = match prepare(&new) {
         Ok(Ok(t)) => t,

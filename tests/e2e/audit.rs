@@ -157,6 +157,15 @@ fn records_lost_to_a_full_ring_are_counted_and_reported_once() {
     // The kernel's own counter says the same, and nothing was written twice.
     let reports = of_type(&records, "agent.events_lost");
     assert_eq!(reports.last().unwrap()["total"].as_u64(), Some(lost));
+    // Reported once: the next agent finds nothing new to report.
+    agent.spawn();
+    agent.stop();
+    let reports_after = of_type(&agent.records(), "agent.events_lost").len();
+    assert_eq!(
+        reports_after,
+        reports.len(),
+        "losses were reported again by the next agent"
+    );
     let mut seen = std::collections::HashSet::new();
     for r in of_type(&records, "net.connect") {
         assert!(
@@ -279,4 +288,65 @@ fn a_script_in_a_container_leaves_exactly_its_exec_connect_and_exit_records() {
             .iter()
             .all(|r| r["signal"].is_null() && r["lifetime_ms"].as_f64().is_some())
     );
+    assert_eq!(execs[0]["filename"], "/bin/sh");
+    assert_eq!(execs[2]["filename"], probe.as_str());
+}
+
+#[test]
+fn a_process_killed_by_a_signal_is_recorded_with_the_signal() {
+    setup();
+    let cg = TestCgroup::new("audit-signal");
+    let started = std::time::SystemTime::now();
+    let mut agent = Agent::start(&format!(
+        "[[policy]]\nname = \"sandbox\"\ncgroups = [\"{}\"]\nallow = []\n",
+        cg.rel()
+    ));
+    let status = in_cgroup(&cg.path, std::path::Path::new("/bin/sh"))
+        .args(["-c", "kill -9 $$"])
+        .status()
+        .unwrap();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(9)
+    );
+    agent.stop();
+    let ended = std::time::SystemTime::now();
+    let records = agent.records();
+    let exits = of_type(&records, "proc.exit");
+    assert_eq!(exits.len(), 1, "{exits:?}");
+    assert_eq!(
+        (exits[0]["signal"].as_u64(), exits[0]["exit_code"].is_null()),
+        (Some(9), true)
+    );
+    // Kernel timestamps are turned into wall-clock time correctly.
+    for r in &records {
+        let ts = humantime_ts(r["ts"].as_str().unwrap());
+        assert!(
+            ts >= started - std::time::Duration::from_secs(1) && ts <= ended,
+            "{r}"
+        );
+    }
+}
+
+/// Parses the RFC 3339 `ts` of a record (UTC, `Z`, nanoseconds).
+fn humantime_ts(s: &str) -> std::time::SystemTime {
+    // 2026-11-22T03:25:17.300685601Z
+    let (date, time) = s.trim_end_matches('Z').split_once('T').unwrap();
+    let d: Vec<i64> = date.split('-').map(|x| x.parse().unwrap()).collect();
+    let (hms, frac) = time.split_once('.').unwrap_or((time, "0"));
+    let t: Vec<i64> = hms.split(':').map(|x| x.parse().unwrap()).collect();
+    // Days from civil (Howard Hinnant's algorithm).
+    let (y, m) = if d[1] <= 2 {
+        (d[0] - 1, d[1] + 9)
+    } else {
+        (d[0], d[1] - 3)
+    };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * m + 2) / 5 + d[2] - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + t[0] * 3600 + t[1] * 60 + t[2];
+    let nanos: u32 = format!("{frac:0<9}")[..9].parse().unwrap();
+    std::time::UNIX_EPOCH + std::time::Duration::new(secs as u64, nanos)
 }

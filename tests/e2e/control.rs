@@ -175,10 +175,23 @@ impl Drop for TestGroup {
     }
 }
 
-/// Runs the CLI as the unprivileged user 65534 with primary group `gid`.
-fn as_user(agent: &Agent, gid: u32, args: &[&str]) -> Output {
+/// Runs the CLI as the unprivileged user 65534 with primary group `gid` and supplementary
+/// groups `groups`.
+fn as_user(agent: &Agent, gid: u32, groups: &[u32], args: &[&str]) -> Output {
+    let groups_arg = if groups.is_empty() {
+        "--clear-groups".to_string()
+    } else {
+        format!(
+            "--groups={}",
+            groups
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        )
+    };
     Command::new("setpriv")
-        .args(["--reuid=65534", &format!("--regid={gid}"), "--clear-groups"])
+        .args(["--reuid=65534", &format!("--regid={gid}"), &groups_arg])
         .arg(agent_bin())
         .args(args)
         .arg("--socket")
@@ -201,22 +214,39 @@ fn members_of_the_group_may_read_only_root_may_reload_others_are_refused() {
     let dir = agent.socket().parent().unwrap().to_path_buf();
     std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
 
-    let out = as_user(&agent, group.gid, &["status"]);
-    assert!(
-        out.status.success() && text(&out).contains("policy sandbox"),
-        "a group member reads: {}",
-        text(&out)
-    );
-    let out = as_user(&agent, group.gid, &["reload"]);
-    assert!(
-        !out.status.success() && text(&out).contains("only root may reload"),
-        "{}",
-        text(&out)
-    );
-    let out = as_user(&agent, 65534, &["status"]);
+    // A member by primary group, and one by a supplementary group the kernel knows of (not
+    // in the user database): both may read, neither may reload.
+    for (gid, groups) in [(group.gid, vec![]), (65534, vec![group.gid])] {
+        let out = as_user(&agent, gid, &groups, &["status"]);
+        assert!(
+            out.status.success() && text(&out).contains("policy sandbox"),
+            "a group member reads: {}",
+            text(&out)
+        );
+        let out = as_user(&agent, gid, &groups, &["reload"]);
+        assert!(
+            !out.status.success() && text(&out).contains("only root may reload"),
+            "{}",
+            text(&out)
+        );
+    }
+    // A stranger cannot open the socket (0660)...
+    let out = as_user(&agent, 65534, &[], &["status"]);
     assert!(
         !out.status.success() && text(&out).contains("permission denied"),
         "a stranger is refused: {}",
+        text(&out)
+    );
+    // ...and even on an open socket, the agent's own check refuses it.
+    std::fs::set_permissions(
+        agent.socket(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o666),
+    )
+    .unwrap();
+    let out = as_user(&agent, 65534, &[], &["status"]);
+    assert!(
+        !out.status.success() && text(&out).contains("uid 65534 is neither root nor a member"),
+        "the peer-credential check: {}",
         text(&out)
     );
     let out = agent.ctl(&["reload"]);
@@ -258,14 +288,20 @@ fn garbage_half_requests_and_many_abrupt_followers_leave_the_agent_serving() {
     }
     // Records flow to them while they sit there; then they vanish.
     assert!(probe_in(&cg.path, &["tcp", &denied.to_string()]).eperm());
-    let mut first = [0u8; 64];
+    // A follower sees the live record (the port appears after the response headers).
     followers[0]
         .set_read_timeout(Some(Duration::from_secs(5)))
         .unwrap();
-    assert!(
-        followers[0].read(&mut first).unwrap() > 0,
-        "a follower got nothing"
-    );
+    let mut seen = Vec::new();
+    let want = format!("\"port\":{}", denied.port());
+    while !String::from_utf8_lossy(&seen).contains(&want) {
+        let mut buf = [0u8; 4096];
+        let n = followers[0]
+            .read(&mut buf)
+            .expect("the follower got no live record");
+        assert!(n > 0, "the follow stream ended");
+        seen.extend_from_slice(&buf[..n]);
+    }
     drop(followers);
 
     // Still enforcing, still recording, still answering.

@@ -18,9 +18,12 @@ pub struct FileSink {
 }
 
 fn open(path: &Path) -> anyhow::Result<(BufWriter<File>, u64)> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    // Records hold argv and command names: not for every local user.
     let f = OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o640)
         .open(path)
         .with_context(|| format!("opening the audit file {}", path.display()))?;
     let size = f.metadata()?.len();
@@ -46,7 +49,10 @@ impl FileSink {
         let mut line = serde_json::to_vec(record)?;
         line.push(b'\n');
         if self.size > 0 && self.size + line.len() as u64 > self.max_bytes {
-            self.rotate()?;
+            // A failed rotation still leaves an open file: report it and keep writing.
+            if let Err(e) = self.rotate() {
+                tracing::error!("audit file sink: {e:#}");
+            }
         }
         self.out.write_all(&line)?;
         self.size += line.len() as u64;
@@ -71,10 +77,11 @@ impl FileSink {
         for n in (1..self.keep).rev() {
             let _ = std::fs::rename(self.numbered(n), self.numbered(n + 1));
         }
-        std::fs::rename(&self.path, self.numbered(1))
-            .with_context(|| format!("rotating {}", self.path.display()))?;
+        // If the file was moved away behind our back, start a new one rather than stall.
+        let renamed = std::fs::rename(&self.path, self.numbered(1));
         (self.out, self.size) = open(&self.path)?;
-        Ok(())
+        renamed
+            .with_context(|| format!("rotating {} (a new file was started)", self.path.display()))
     }
 }
 

@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agent_common::event::{ExecEvent, ExitEvent, NetEvent, kind};
+use agent_common::event::{EVENT_VERSION, EventHeader, ExecEvent, ExitEvent, NetEvent, kind};
 use anyhow::Context as _;
 use serde_json::{Value, json};
 use tokio::{io::unix::AsyncFd, sync::mpsc};
@@ -59,7 +59,14 @@ pub struct Audit {
     lost_reported: u64,
     /// The in-memory sink (for the control socket's `events`).
     feed: std::sync::Arc<crate::control::EventFeed>,
+    /// Records read from the ring that could not be decoded, not yet reported.
+    undecodable: u64,
 }
+
+/// Records decoded per wake-up before the task yields to its other work.
+const DRAIN_BATCH: usize = 2048;
+/// Allowed-send flows aggregated at once.
+const MAX_FLOWS: usize = 10_000;
 
 impl Audit {
     pub fn new(
@@ -77,6 +84,7 @@ impl Audit {
             aggregate: Duration::from_secs(cfg.udp_aggregate_seconds),
             lost_reported: 0,
             feed,
+            undecodable: 0,
         };
         // What earlier agents already reported; the rest (lost while no agent was reading)
         // is reported at the first check.
@@ -112,14 +120,19 @@ impl Audit {
         self.feed.push(record);
     }
 
-    fn on_event(&mut self, e: &NetEvent) {
+    /// A network record: written at once, or (allowed UDP sends) added to its flow.
+    fn on_event(&mut self, e: &NetEvent) -> Option<Value> {
         if record::is_allowed_send(e) {
             let key = record::flow_key(e);
             if let Some(f) = self.flows.get_mut(&key) {
                 f.count += 1;
-                return;
+                return None;
             }
             let rec = self.enricher.net(e);
+            // Bounded: a container spraying destinations gets its sends written one by one.
+            if self.flows.len() >= MAX_FLOWS {
+                return Some(rec);
+            }
             self.flows.insert(
                 key,
                 Flow {
@@ -128,10 +141,9 @@ impl Audit {
                     since: Instant::now(),
                 },
             );
-            return;
+            return None;
         }
-        let rec = self.enricher.net(e);
-        self.write(&rec);
+        Some(self.enricher.net(e))
     }
 
     /// Writes aggregated sends whose interval is over (all of them with `all`).
@@ -152,6 +164,17 @@ impl Audit {
     }
 
     fn check_lost(&mut self) {
+        if self.undecodable > 0 {
+            let count = std::mem::take(&mut self.undecodable);
+            tracing::error!(
+                "{count} kernel records could not be decoded (an older or newer program layout?)"
+            );
+            let rec = self.enricher.agent(
+                "agent.events_lost",
+                json!({ "count": count, "undecodable": true }),
+            );
+            self.write(&rec);
+        }
         match self.lost_counter(LOST_TOTAL) {
             Ok(total) if total > self.lost_reported => {
                 let count = total - self.lost_reported;
@@ -162,8 +185,14 @@ impl Audit {
                     json!({ "count": count, "total": total }),
                 );
                 self.write(&rec);
-                if let Err(e) = self.store_reported() {
-                    tracing::error!("{e:#}");
+                // The report must be on disk before it counts as made.
+                match self.file.flush() {
+                    Ok(()) => {
+                        if let Err(e) = self.store_reported() {
+                            tracing::error!("{e:#}");
+                        }
+                    }
+                    Err(e) => tracing::error!("audit file sink: {e:#}"),
                 }
             }
             Ok(_) => {}
@@ -195,16 +224,22 @@ impl Audit {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
-                guard = ring.readable_mut() => {
+                                guard = ring.readable_mut() => {
                     let mut guard = guard?;
-                    self.drain(guard.get_inner_mut());
-                    guard.clear_ready();
+                    // A bounded batch, then back to select!: signals, notices and the tick
+                    // are served even while a container floods the ring.
+                    if !self.drain(guard.get_inner_mut(), DRAIN_BATCH) {
+                        guard.clear_ready();
+                    }
+                    if let Err(e) = self.file.flush() {
+                        tracing::error!("audit file sink: {e:#}");
+                    }
                 }
                 n = notices.recv() => match n {
                     Some(n) => {
                         if matches!(n, Notice::Agent("agent.stop", _)) {
                             // Everything the kernel recorded comes before the stop record.
-                            self.drain(ring.get_mut());
+                            while self.drain(ring.get_mut(), DRAIN_BATCH) {}
                             self.flush_flows(true);
                             self.check_lost();
                         }
@@ -212,7 +247,8 @@ impl Audit {
                     }
                     None => break,
                 },
-                _ = tick.tick() => {
+                                _ = tick.tick() => {
+                    self.enricher.refresh_clock();
                     self.flush_flows(false);
                     self.check_lost();
                     if let Err(e) = self.file.flush() {
@@ -221,38 +257,40 @@ impl Audit {
                 }
             }
         }
-        self.drain(ring.get_mut());
+        while self.drain(ring.get_mut(), DRAIN_BATCH) {}
         self.flush_flows(true);
         self.check_lost();
         self.file.flush()
     }
 
-    fn drain(&mut self, ring: &mut RingBuf<MapData>) {
-        while let Some(item) = ring.next() {
-            // The header's first field says which record follows.
-            let kind = item.get(..2).map(|b| u16::from_ne_bytes([b[0], b[1]]));
-            match kind {
-                Some(kind::PROC_EXEC) => {
-                    if let Some(e) = read::<ExecEvent>(&item) {
-                        drop(item);
-                        let rec = self.enricher.exec(&e);
-                        self.write(&rec);
-                    }
+    /// Decodes up to `max` records; returns whether more may be waiting.
+    fn drain(&mut self, ring: &mut RingBuf<MapData>, max: usize) -> bool {
+        for _ in 0..max {
+            let Some(item) = ring.next() else {
+                return false;
+            };
+            // The header's first fields say which record follows, and in which layout.
+            let hdr = read::<EventHeader>(&item);
+            let decoded = match hdr.map(|h| (h.kind, h.version)) {
+                Some((kind::PROC_EXEC, EVENT_VERSION)) => {
+                    read::<ExecEvent>(&item).map(|e| self.enricher.exec(&e))
                 }
-                Some(kind::PROC_EXIT) => {
-                    if let Some(e) = read::<ExitEvent>(&item) {
-                        drop(item);
-                        let rec = self.enricher.exit(&e);
-                        self.write(&rec);
-                    }
+                Some((kind::PROC_EXIT, EVENT_VERSION)) => {
+                    read::<ExitEvent>(&item).map(|e| self.enricher.exit(&e))
+                }
+                Some((k, EVENT_VERSION)) if (kind::NET_CONNECT..=kind::NET_SOCKET).contains(&k) => {
+                    read::<NetEvent>(&item).and_then(|e| self.on_event(&e))
                 }
                 _ => {
-                    if let Some(e) = read::<NetEvent>(&item) {
-                        drop(item);
-                        self.on_event(&e);
-                    }
+                    self.undecodable += 1;
+                    None
                 }
+            };
+            drop(item);
+            if let Some(rec) = decoded {
+                self.write(&rec);
             }
         }
+        true
     }
 }

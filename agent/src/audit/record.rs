@@ -73,6 +73,11 @@ impl Enricher {
         }
     }
 
+    /// Re-reads the wall-clock offset: the clock may have been stepped (NTP) since start.
+    pub fn refresh_clock(&mut self) {
+        self.boot_to_wall_ns = clock_ns(libc::CLOCK_REALTIME) - clock_ns(libc::CLOCK_BOOTTIME);
+    }
+
     /// After a (re)load: policy names by slot, and the guarded cgroups.
     pub fn set_policies(&mut self, by_slot: Vec<String>, guarded: Vec<PathBuf>) {
         self.policies = by_slot;
@@ -265,10 +270,15 @@ impl Enricher {
                 self.scan(&g, 0);
             }
         }
-        self.cgroups.entry(id).or_insert(None).clone()
+        // A miss is not cached: the cgroup may appear in the next scan (a container starting).
+        self.cgroups.get(&id).cloned().flatten()
     }
 
     fn scan(&mut self, dir: &Path, depth: usize) {
+        // Bounded: cgroups of containers long gone are forgotten.
+        if depth == 0 && self.cgroups.len() > 65_536 {
+            self.cgroups.clear();
+        }
         if let Ok(meta) = std::fs::metadata(dir) {
             let rel = dir.strip_prefix(&self.cgroup_root).unwrap_or(dir);
             self.cgroups

@@ -271,6 +271,14 @@ pub fn check(
     })
 }
 
+/// Control characters from records (argv and names are chosen by the guarded processes)
+/// must not reach the terminal as escape sequences.
+fn printable(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
 fn render_event(r: &Value) -> String {
     let s = |k: &str| {
         r[k].as_str().map(str::to_string).unwrap_or_else(|| {
@@ -314,7 +322,7 @@ fn render_event(r: &Value) -> String {
     } else {
         String::new()
     };
-    format!(
+    printable(&format!(
         "{} {:<13} {:<10} {:<15} pid {:<7} {} [{} {}]",
         s("ts"),
         ty,
@@ -324,7 +332,7 @@ fn render_event(r: &Value) -> String {
         what,
         s("policy"),
         s("container")
-    )
+    ))
 }
 
 #[allow(clippy::too_many_arguments)]

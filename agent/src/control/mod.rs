@@ -7,7 +7,6 @@ pub mod client;
 use std::{
     collections::VecDeque,
     convert::Infallible,
-    os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::Instant,
@@ -82,22 +81,27 @@ pub struct Shared {
     pub group: Option<(String, u32)>,
 }
 
-/// Creates the socket (mode 0660, group `group`) and serves it until the task is dropped.
-pub async fn serve(path: PathBuf, shared: Arc<Shared>) -> anyhow::Result<()> {
-    let listener = bind(&path, shared.group.as_ref().map(|g| g.1))?;
-    tracing::info!(socket = %path.display(), "control socket listening");
+/// Serves the control socket until the task is dropped.
+pub async fn serve(listener: UnixListener, shared: Arc<Shared>) {
+    // Bounded: a flood of connections (or followers) cannot take the agent's memory.
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(s) => s,
+        let permit = match slots.clone().acquire_owned().await {
+            Ok(p) => p,
+            Err(_) => return,
+        };
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
             Err(e) => {
+                // E.g. out of file descriptors: back off instead of spinning.
                 tracing::warn!("control socket accept: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 continue;
             }
         };
-        let cred = stream.peer_cred().ok();
+        let access = access_of(&stream, shared.group.as_ref());
         let shared = shared.clone();
         tokio::spawn(async move {
-            let access = access_of(cred.as_ref(), shared.group.as_ref());
             let service = service_fn(move |req| handle(req, shared.clone(), access));
             // Malformed requests, half-written ones and vanished clients end here, quietly.
             let _ = http1::Builder::new()
@@ -105,24 +109,47 @@ pub async fn serve(path: PathBuf, shared: Arc<Shared>) -> anyhow::Result<()> {
                 .header_read_timeout(std::time::Duration::from_secs(10))
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
+            drop(permit);
         });
     }
 }
 
-fn bind(path: &Path, gid: Option<u32>) -> anyhow::Result<UnixListener> {
+/// Connections served at once.
+const MAX_CONNECTIONS: usize = 512;
+
+/// Creates the socket: mode 0660, group `gid`, in a directory of its own. Refuses to replace
+/// anything but a dead socket.
+pub fn bind(path: &Path, gid: Option<u32>) -> anyhow::Result<UnixListener> {
+    use std::os::unix::fs::FileTypeExt as _;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    // A socket left by a dead agent would make bind fail.
-    if path.exists() {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            anyhow::bail!(
+                "{} exists and is not a socket; refusing to replace it",
+                path.display()
+            );
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            anyhow::bail!(
+                "something already listens on {} (another egress-guard?)",
+                path.display()
+            );
+        }
         std::fs::remove_file(path)
             .with_context(|| format!("removing the stale socket {}", path.display()))?;
     }
-    let listener = UnixListener::bind(path)
-        .with_context(|| format!("binding the control socket {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    // No moment with looser permissions: the socket is created 0660 under this umask.
+    // SAFETY: umask is process-wide but only changed around this bind, at start-up.
+    let old = unsafe { libc::umask(0o117) };
+    let bound = UnixListener::bind(path);
+    unsafe { libc::umask(old) };
+    let listener =
+        bound.with_context(|| format!("binding the control socket {}", path.display()))?;
     if let Some(gid) = gid {
-        std::os::unix::fs::chown(path, Some(0), Some(gid))?;
+        std::os::unix::fs::chown(path, Some(0), Some(gid))
+            .with_context(|| format!("chown {}", path.display()))?;
     }
     Ok(listener)
 }
@@ -134,40 +161,40 @@ enum Access {
     None(u32),
 }
 
-fn access_of(cred: Option<&tokio::net::unix::UCred>, group: Option<&(String, u32)>) -> Access {
-    let Some(cred) = cred else {
+fn access_of(stream: &tokio::net::UnixStream, group: Option<&(String, u32)>) -> Access {
+    let Ok(cred) = stream.peer_cred() else {
         return Access::None(u32::MAX);
     };
     if cred.uid() == 0 {
         return Access::Admin;
     }
     match group {
-        Some((_, gid)) if cred.gid() == *gid || user_in_group(cred.uid(), cred.gid(), *gid) => {
-            Access::Read
-        }
+        Some((_, gid)) if cred.gid() == *gid || peer_groups(stream).contains(gid) => Access::Read,
         _ => Access::None(cred.uid()),
     }
 }
 
-/// Whether `uid` (primary group `primary`) is a member of `gid`, supplementary groups included.
-fn user_in_group(uid: u32, primary: u32, gid: u32) -> bool {
-    // SAFETY: getpwuid_r/getgrouplist with buffers we own and their sizes.
-    unsafe {
-        let mut pwd: libc::passwd = std::mem::zeroed();
-        let mut buf = vec![0 as libc::c_char; 4096];
-        let mut out: *mut libc::passwd = std::ptr::null_mut();
-        if libc::getpwuid_r(uid, &mut pwd, buf.as_mut_ptr(), buf.len(), &mut out) != 0
-            || out.is_null()
-        {
-            return false;
-        }
-        let mut groups = vec![0 as libc::gid_t; 256];
-        let mut n = groups.len() as libc::c_int;
-        if libc::getgrouplist(pwd.pw_name, primary, groups.as_mut_ptr(), &mut n) < 0 {
-            return false;
-        }
-        groups[..n.max(0) as usize].contains(&gid)
+/// The supplementary groups of the connected process, as the kernel has them (SO_PEERGROUPS):
+/// not the user database, so dropped or runtime-added groups count as they are.
+fn peer_groups(stream: &tokio::net::UnixStream) -> Vec<u32> {
+    use std::os::fd::AsRawFd as _;
+    let mut groups = vec![0 as libc::gid_t; 256];
+    let mut len = (groups.len() * std::mem::size_of::<libc::gid_t>()) as libc::socklen_t;
+    // SAFETY: the buffer and its length are valid; the kernel writes at most `len` bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERGROUPS,
+            groups.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Vec::new();
     }
+    groups.truncate(len as usize / std::mem::size_of::<libc::gid_t>());
+    groups
 }
 
 /// The gid of group `name`, if it exists.
@@ -428,7 +455,10 @@ fn matches(rec: &Value, query: &[(String, String)]) -> bool {
 fn events(shared: &Shared, query: &[(String, String)]) -> Response<Body> {
     let get = |k: &str| query.iter().find(|(q, _)| q == k).map(|(_, v)| v.clone());
     let since = match get("since").map(|s| humantime::parse_duration(&s)) {
-        Some(Ok(d)) => Some(std::time::SystemTime::now() - d),
+        Some(Ok(d)) => match std::time::SystemTime::now().checked_sub(d) {
+            Some(t) => Some(t),
+            None => return error(StatusCode::BAD_REQUEST, "since: too far back"),
+        },
         Some(Err(e)) => {
             return error(
                 StatusCode::BAD_REQUEST,
