@@ -127,6 +127,15 @@ fn records_lost_to_a_full_ring_are_counted_and_reported_once() {
         attempts > 100,
         "the storm was too small to overflow a 4 KiB ring: {out}"
     );
+    // And an exec storm: the shell, then 300 × (exec and exit of /bin/true), then its exit.
+    let storm = "i=0; while [ $i -lt 300 ]; do /bin/true; i=$((i+1)); done";
+    assert!(
+        in_cgroup(&cg.path, std::path::Path::new("/bin/sh"))
+            .args(["-c", storm])
+            .status()
+            .unwrap()
+            .success()
+    );
     agent.spawn();
     agent.stop();
 
@@ -135,8 +144,8 @@ fn records_lost_to_a_full_ring_are_counted_and_reported_once() {
     for r in &records {
         schema.check(r);
     }
-    // The probe's exec and exit are kernel records too.
-    let kernel_records = attempts + 2;
+    // The probe's exec and exit are kernel records too; the exec storm made 602.
+    let kernel_records = attempts + 2 + 602;
     let kept = records
         .iter()
         .filter(|r| {
