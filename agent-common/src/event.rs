@@ -21,7 +21,7 @@ pub mod kind {
     pub const NET_SOCKET: u16 = 4;
     /// A successful execve() in a guarded cgroup: [`super::ExecEvent`].
     pub const PROC_EXEC: u16 = 5;
-    /// A guarded process ended (its thread group leader exited): [`super::ExitEvent`].
+    /// A guarded process ended (its last thread exited): [`super::ExitEvent`].
     pub const PROC_EXIT: u16 = 6;
 }
 
@@ -135,6 +135,11 @@ pub struct TaskOffsets {
     pub task_mm: u32,
     pub mm_arg_start: u32,
     pub mm_arg_end: u32,
+    pub task_signal: u32,
+    pub task_group_leader: u32,
+    pub signal_live: u32,
+    pub signal_flags: u32,
+    pub signal_group_exit_code: u32,
     /// 1 when the offsets were found; the programs read no fields otherwise.
     pub valid: u32,
 }
@@ -165,6 +170,6 @@ mod tests {
             56 + 16 + FILENAME_LEN + ARGS_LEN
         );
         assert_eq!(core::mem::size_of::<ExitEvent>(), 56 + 16);
-        assert_eq!(core::mem::size_of::<TaskOffsets>(), 32);
+        assert_eq!(core::mem::size_of::<TaskOffsets>(), 52);
     }
 }

@@ -32,6 +32,11 @@ static TASK_OFFSETS: Global<TaskOffsets> = Global::new(TaskOffsets {
     task_mm: 0,
     mm_arg_start: 0,
     mm_arg_end: 0,
+    task_signal: 0,
+    task_group_leader: 0,
+    signal_live: 0,
+    signal_flags: 0,
+    signal_group_exit_code: 0,
     valid: 0,
 });
 
@@ -97,25 +102,48 @@ pub fn proc_exec(ctx: TracePointContext) -> u32 {
     0
 }
 
+/// `signal_struct::flags`: the whole group is exiting (include/linux/sched/signal.h).
+const SIGNAL_GROUP_EXIT: u32 = 0x4;
+
 #[tracepoint]
 pub fn proc_exit(_ctx: TracePointContext) -> u32 {
-    // One record per process: when its thread group leader exits.
-    let pid_tgid = bpf_get_current_pid_tgid();
-    if pid_tgid as u32 != (pid_tgid >> 32) as u32 {
+    let off = TASK_OFFSETS.load();
+    let task = unsafe { bpf_get_current_task() };
+    // One record per process, when its last thread exits: `signal->live` has already been
+    // decremented for this thread. Without the offsets, fall back to the main thread.
+    let signal = if off.valid != 0 {
+        field::<u64>(task, off.task_signal)
+    } else {
+        None
+    };
+    let last = match signal {
+        Some(sig) => field::<i32>(sig, off.signal_live) == Some(0),
+        None => {
+            let pid_tgid = bpf_get_current_pid_tgid();
+            pid_tgid as u32 == (pid_tgid >> 32) as u32
+        }
+    };
+    if !last {
         return 0;
     }
     let Some(slot) = guarded_slot_of_current_task() else {
         return 0;
     };
-    let off = TASK_OFFSETS.load();
     let mut event = ExitEvent {
         hdr: emit::header(kind::PROC_EXIT, slot, &Origin::Task),
         ..ExitEvent::default()
     };
-    if off.valid != 0 {
-        let task = unsafe { bpf_get_current_task() };
-        event.exit_code = field::<u32>(task, off.task_exit_code).unwrap_or(0);
-        if let Some(start) = field::<u64>(task, off.task_start_boottime) {
+    if let Some(sig) = signal {
+        // A group exit (exit_group(), a fatal signal) carries the process's status; otherwise
+        // it is the last thread's own.
+        let flags = field::<u32>(sig, off.signal_flags).unwrap_or(0);
+        event.exit_code = if flags & SIGNAL_GROUP_EXIT != 0 {
+            field::<u32>(sig, off.signal_group_exit_code).unwrap_or(0)
+        } else {
+            field::<u32>(task, off.task_exit_code).unwrap_or(0)
+        };
+        let leader = field::<u64>(task, off.task_group_leader).unwrap_or(task);
+        if let Some(start) = field::<u64>(leader, off.task_start_boottime) {
             event.lifetime_ns = unsafe { bpf_ktime_get_boot_ns() }.saturating_sub(start);
         }
     }

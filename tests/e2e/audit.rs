@@ -359,3 +359,42 @@ fn humantime_ts(s: &str) -> std::time::SystemTime {
     let nanos: u32 = format!("{frac:0<9}")[..9].parse().unwrap();
     std::time::UNIX_EPOCH + std::time::Duration::new(secs as u64, nanos)
 }
+
+#[test]
+fn a_process_is_recorded_as_ended_when_its_last_thread_exits() {
+    setup();
+    let cg = TestCgroup::new("audit-threads");
+    let mut agent = Agent::start(&format!(
+        "[[policy]]\nname = \"sandbox\"\ncgroups = [\"{}\"]\nallow = []\n",
+        cg.rel()
+    ));
+    // The main thread leaves first; another thread ends the process with status 7 later.
+    let script = "import ctypes, os, threading, time\n\
+                  threading.Thread(target=lambda: (time.sleep(0.3), os._exit(7))).start()\n\
+                  ctypes.CDLL(None).pthread_exit(None)\n";
+    let status = in_cgroup(&cg.path, std::path::Path::new("/usr/bin/python3"))
+        .args(["-c", script])
+        .status()
+        .unwrap();
+    assert_eq!(status.code(), Some(7));
+    agent.stop();
+    let records = agent.records();
+    let python = of_type(&records, "proc.exec")
+        .into_iter()
+        .find(|r| r["filename"] == "/usr/bin/python3")
+        .expect("python's exec");
+    let exits: Vec<_> = of_type(&records, "proc.exit")
+        .into_iter()
+        .filter(|r| r["pid"] == python["pid"])
+        .collect();
+    assert_eq!(
+        exits.len(),
+        1,
+        "one record per process, not per thread: {exits:?}"
+    );
+    assert_eq!(exits[0]["exit_code"], 7, "{exits:?}");
+    assert!(
+        exits[0]["lifetime_ms"].as_f64().unwrap() >= 250.0,
+        "lifetime of the process, not of a thread: {exits:?}"
+    );
+}

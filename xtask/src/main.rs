@@ -41,7 +41,7 @@ enum Task {
 
 /// Debian packages the tests, demo and benchmarks need (checked with dpkg, installed with
 /// apt-get).
-const APT_PACKAGES: &[&str] = &["iproute2", "iptables", "nftables"];
+const APT_PACKAGES: &[&str] = &["iproute2", "iptables", "nftables", "python3"];
 
 /// The bpf-linker release the build is known to work with.
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -186,6 +186,11 @@ pub fn task_offsets() -> TaskOffsets {
             task_mm: btf.offset_of("task_struct", "mm")?,
             mm_arg_start: btf.offset_of("mm_struct", "arg_start")?,
             mm_arg_end: btf.offset_of("mm_struct", "arg_end")?,
+            task_signal: btf.offset_of("task_struct", "signal")?,
+            task_group_leader: btf.offset_of("task_struct", "group_leader")?,
+            signal_live: btf.offset_of("signal_struct", "live")?,
+            signal_flags: btf.offset_of("signal_struct", "flags")?,
+            signal_group_exit_code: btf.offset_of("signal_struct", "group_exit_code")?,
             valid: 1,
         })
     };
