@@ -173,6 +173,14 @@ pub fn run() -> anyhow::Result<()> {
     ]))?;
     let target = workspace_root().join("target/release");
     let probe = target.join("probe");
+    let part = std::env::var("EG_BENCH").unwrap_or_default();
+    if part == "audit" {
+        print!(
+            "{}",
+            crate::bench_audit::run(&target.join("egress-guard"), &probe)?
+        );
+        return Ok(());
+    }
     let root = crate::cgroup2_root()?;
     let dir = std::env::temp_dir().join(format!("egress-guard-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
@@ -305,6 +313,14 @@ pub fn run() -> anyhow::Result<()> {
     std::fs::write(out.join("connect.txt"), &table)?;
     std::fs::write(out.join("connect.svg"), svg(&rows, &sizes))?;
     eprintln!("==> wrote {}/connect.{{json,txt,svg}}", out.display());
+    drop(bench);
+    if part != "connect" {
+        eprintln!("==> audit pipeline");
+        print!(
+            "{}",
+            crate::bench_audit::run(&target.join("egress-guard"), &probe)?
+        );
+    }
     Ok(())
 }
 

@@ -5,6 +5,7 @@
 //! cgroup on loopback.
 
 mod bench;
+mod bench_audit;
 mod demo;
 
 use std::{
@@ -33,7 +34,9 @@ enum Task {
     /// Set up, build, and show an allowed and a refused connection from a guarded cgroup (root).
     Demo,
     /// connect() cost from a guarded cgroup vs bare, iptables and nftables, at 10 to 100,000
-    /// allowed addresses (root; loopback only). Writes docs/benchmarks/connect.{json,txt,svg}.
+    /// allowed addresses, then the audit pipeline under connect and exec storms (root;
+    /// loopback only). Writes docs/benchmarks/{connect,audit}.*. EG_BENCH=connect or audit
+    /// runs one part; EG_BENCH_SIZES=10,1000 picks policy sizes.
     Bench,
     /// Build the release binary and write shell completions and the man page to target/dist.
     Dist,

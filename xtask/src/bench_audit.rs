@@ -1,0 +1,212 @@
+//! The audit pipeline under load: a connect storm and an exec storm from a guarded cgroup with
+//! the default ring size. Reports records per second, how many were written and lost, the
+//! agent's CPU per 10,000 records, and its memory at rest and at peak.
+
+use std::{
+    fmt::Write as _,
+    os::unix::net::UnixDatagram,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use serde_json::{Value, json};
+
+struct Setup {
+    cgroup: PathBuf,
+    dir: PathBuf,
+    pin_dir: PathBuf,
+    bin: PathBuf,
+    agent: Option<Child>,
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        if let Some(mut a) = self.agent.take() {
+            let _ = a.kill();
+            let _ = a.wait();
+        }
+        let _ = Command::new(&self.bin)
+            .args(["uninstall", "--pin-dir"])
+            .arg(&self.pin_dir)
+            .output();
+        let _ = std::fs::remove_dir(&self.cgroup);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// (CPU seconds used, VmRSS KiB, VmHWM KiB) of a process.
+fn usage(pid: u32) -> anyhow::Result<(f64, u64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the ")" closing the command name: utime and stime are the 12th and 13th.
+    let rest = stat.rsplit_once(')').context("odd /proc stat")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let cpu = (f[11].parse::<f64>()? + f[12].parse::<f64>()?) / ticks;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib = |key: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    Ok((cpu, kib("VmRSS:"), kib("VmHWM:")))
+}
+
+/// Runs `sh -c script` inside the cgroup; returns its stdout.
+fn in_cgroup(cgroup: &Path, script: &str) -> anyhow::Result<String> {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "echo $$ > {}/cgroup.procs && {{ {script}; }}",
+            cgroup.display()
+        ))
+        .output()?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Records in the audit file: (kernel records, lost reported).
+fn counts(file: &Path) -> (u64, u64) {
+    let text = std::fs::read_to_string(file).unwrap_or_default();
+    let (mut kernel, mut lost) = (0, 0);
+    for line in text.lines() {
+        let Ok(v) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
+        let ty = v["type"].as_str().unwrap_or("");
+        if ty.starts_with("net.") || ty.starts_with("proc.") {
+            kernel += v["count"].as_u64().unwrap_or(1);
+        } else if ty == "agent.events_lost" {
+            lost += v["count"].as_u64().unwrap_or(0);
+        }
+    }
+    (kernel, lost)
+}
+
+/// Waits until the audit file stops growing (the agent caught up).
+fn settle(file: &Path) {
+    let mut last = u64::MAX;
+    let end = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(500));
+        let size = std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
+        if size == last {
+            return;
+        }
+        last = size;
+    }
+}
+
+pub fn run(bin: &Path, probe: &Path) -> anyhow::Result<String> {
+    let name = format!("egress-guard-bench-audit-{}", std::process::id());
+    let cgroup = crate::cgroup2_root()?.join(&name);
+    let dir = std::env::temp_dir().join(&name);
+    std::fs::create_dir_all(&dir)?;
+    std::fs::create_dir(&cgroup)?;
+    let mut setup = Setup {
+        cgroup: cgroup.clone(),
+        dir: dir.clone(),
+        pin_dir: PathBuf::from("/sys/fs/bpf").join(&name),
+        bin: bin.to_path_buf(),
+        agent: None,
+    };
+    let audit_file = dir.join("audit.jsonl");
+    let config = dir.join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "pin_dir = \"{}\"\nlog_level = \"warn\"\n[audit]\nfile = \"{}\"\n[control]\nsocket = \"{}\"\n[[policy]]\nname = \"bench\"\ncgroups = [\"{name}\"]\nallow = []\n",
+            setup.pin_dir.display(),
+            audit_file.display(),
+            dir.join("control.sock").display()
+        ),
+    )?;
+    let ready = dir.join("ready.sock");
+    let sock = UnixDatagram::bind(&ready)?;
+    sock.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let agent = Command::new(bin)
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("NOTIFY_SOCKET", &ready)
+        .stdout(Stdio::null())
+        .spawn()?;
+    let pid = agent.id();
+    setup.agent = Some(agent);
+    let mut buf = [0u8; 256];
+    loop {
+        let n = sock.recv(&mut buf).context("waiting for READY=1")?;
+        if String::from_utf8_lossy(&buf[..n]).contains("READY=1") {
+            break;
+        }
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let (_, rest_rss, _) = usage(pid)?;
+
+    let listener = std::net::TcpListener::bind("127.0.0.3:0")?;
+    let to = listener.local_addr()?.to_string();
+    let mut report = String::new();
+    let mut rows = Vec::new();
+    let storms: [(&str, String); 2] = [
+        (
+            "connect storm (denied connects, 2 processes, 2 s)",
+            format!(
+                "{p} loop tcp {to} 2000 & {p} loop tcp {to} 2000; wait",
+                p = probe.display()
+            ),
+        ),
+        (
+            "exec storm (/bin/true, 3000 times)",
+            "i=0; while [ $i -lt 3000 ]; do /bin/true; i=$((i+1)); done".to_string(),
+        ),
+    ];
+    for (what, script) in storms {
+        let (before_kernel, before_lost) = counts(&audit_file);
+        let (cpu0, _, _) = usage(pid)?;
+        let started = Instant::now();
+        let out = in_cgroup(&cgroup, &script)?;
+        let secs = started.elapsed().as_secs_f64();
+        settle(&audit_file);
+        let (cpu1, _, peak) = usage(pid)?;
+        let (after_kernel, after_lost) = counts(&audit_file);
+        let written = after_kernel - before_kernel;
+        let lost = after_lost - before_lost;
+        let generated: u64 = if what.starts_with("connect") {
+            // Each probe: its exec and exit, and one record per attempt; the shell's exit.
+            out.split_whitespace()
+                .filter_map(|w| w.strip_prefix("eperm="))
+                .filter_map(|n| n.parse::<u64>().ok())
+                .sum::<u64>()
+                + 2 * 2
+                + 1
+        } else {
+            // The shell joined the cgroup after its own exec: only its exit is recorded.
+            3000 * 2 + 1
+        };
+        if written + lost != generated {
+            bail!("{what}: {generated} records made, {written} written + {lost} lost");
+        }
+        let rate = generated as f64 / secs;
+        let cpu_per_10k = (cpu1 - cpu0) * 1000.0 / (generated as f64 / 10_000.0);
+        writeln!(
+            report,
+            "{what}: {generated} records in {secs:.2} s ({rate:.0}/s); written {written}, lost {lost}; agent CPU {cpu_per_10k:.0} ms per 10,000 records; agent peak RSS {peak} KiB"
+        )?;
+        rows.push(json!({ "storm": what, "records": generated, "seconds": secs, "records_per_second": rate,
+                          "written": written, "lost": lost, "agent_cpu_ms_per_10k": cpu_per_10k, "agent_peak_rss_kib": peak }));
+    }
+    writeln!(report, "agent RSS at rest: {rest_rss} KiB")?;
+    let out = crate::workspace_root().join("docs/benchmarks");
+    std::fs::create_dir_all(&out)?;
+    std::fs::write(
+        out.join("audit.json"),
+        serde_json::to_string_pretty(
+            &json!({ "benchmark": "audit", "storms": rows, "agent_rest_rss_kib": rest_rss }),
+        )?,
+    )?;
+    std::fs::write(out.join("audit.txt"), &report)?;
+    Ok(report)
+}
