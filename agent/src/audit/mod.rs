@@ -113,11 +113,12 @@ impl Audit {
     }
 
     /// Every sink gets every record.
-    fn write(&mut self, record: &Value) {
-        if let Err(e) = self.file.write(record) {
+        fn write(&mut self, record: Value) {
+        if let Err(e) = self.file.write(&record) {
             tracing::error!("audit file sink: {e:#}");
         }
-        self.feed.push(record);
+        // Moved, not copied, into the in-memory sink.
+        self.feed.push(std::sync::Arc::new(record));
     }
 
     /// A network record: written at once, or (allowed UDP sends) added to its flow.
@@ -158,7 +159,7 @@ impl Audit {
             if let Some(mut f) = self.flows.remove(&k) {
                 f.record["count"] = f.count.into();
                 let rec = f.record;
-                self.write(&rec);
+                self.write(rec);
             }
         }
     }
@@ -173,7 +174,7 @@ impl Audit {
                 "agent.events_lost",
                 json!({ "count": count, "undecodable": true }),
             );
-            self.write(&rec);
+            self.write(rec);
         }
         match self.lost_counter(LOST_TOTAL) {
             Ok(total) if total > self.lost_reported => {
@@ -184,7 +185,7 @@ impl Audit {
                     "agent.events_lost",
                     json!({ "count": count, "total": total }),
                 );
-                self.write(&rec);
+                self.write(rec);
                 // The report must be on disk before it counts as made.
                 match self.file.flush() {
                     Ok(()) => {
@@ -204,7 +205,7 @@ impl Audit {
         match n {
             Notice::Agent(type_, fields) => {
                 let rec = self.enricher.agent(type_, fields);
-                self.write(&rec);
+                self.write(rec);
             }
             Notice::Policies(names, guarded) => self.enricher.set_policies(names, guarded),
         }
@@ -288,7 +289,7 @@ impl Audit {
             };
             drop(item);
             if let Some(rec) = decoded {
-                self.write(&rec);
+                self.write(rec);
             }
         }
         true
