@@ -113,7 +113,7 @@ impl Audit {
     }
 
     /// Every sink gets every record.
-        fn write(&mut self, record: Value) {
+    fn write(&mut self, record: Value) {
         if let Err(e) = self.file.write(&record) {
             tracing::error!("audit file sink: {e:#}");
         }

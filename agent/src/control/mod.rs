@@ -48,7 +48,7 @@ impl EventFeed {
 
     /// Adds a record; never waits for readers (a slow follower only misses records, and is
     /// told how many).
-        pub fn push(&self, rec: Arc<Value>) {
+    pub fn push(&self, rec: Arc<Value>) {
         if let Ok(mut r) = self.recent.lock() {
             if r.len() == RECENT_EVENTS {
                 r.pop_front();
