@@ -5,36 +5,13 @@
 use std::{
     fmt::Write as _,
     os::unix::net::UnixDatagram,
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    path::Path,
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
 use serde_json::{Value, json};
-
-struct Setup {
-    cgroup: PathBuf,
-    dir: PathBuf,
-    pin_dir: PathBuf,
-    bin: PathBuf,
-    agent: Option<Child>,
-}
-
-impl Drop for Setup {
-    fn drop(&mut self) {
-        if let Some(mut a) = self.agent.take() {
-            let _ = a.kill();
-            let _ = a.wait();
-        }
-        let _ = Command::new(&self.bin)
-            .args(["uninstall", "--pin-dir"])
-            .arg(&self.pin_dir)
-            .output();
-        let _ = std::fs::remove_dir(&self.cgroup);
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 /// (CPU seconds used, VmRSS KiB, VmHWM KiB) of a process.
 fn usage(pid: u32) -> anyhow::Result<(f64, u64, u64)> {
@@ -103,17 +80,8 @@ fn settle(file: &Path) {
 
 pub fn run(bin: &Path, probe: &Path) -> anyhow::Result<String> {
     let name = format!("egress-guard-bench-audit-{}", std::process::id());
-    let cgroup = crate::cgroup2_root()?.join(&name);
-    let dir = std::env::temp_dir().join(&name);
-    std::fs::create_dir_all(&dir)?;
-    std::fs::create_dir(&cgroup)?;
-    let mut setup = Setup {
-        cgroup: cgroup.clone(),
-        dir: dir.clone(),
-        pin_dir: PathBuf::from("/sys/fs/bpf").join(&name),
-        bin: bin.to_path_buf(),
-        agent: None,
-    };
+    let mut setup = crate::scratch::Scratch::new(&name, bin)?;
+    let (cgroup, dir) = (setup.cgroup.clone(), setup.dir.clone());
     let audit_file = dir.join("audit.jsonl");
     let config = dir.join("config.toml");
     std::fs::write(

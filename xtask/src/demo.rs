@@ -5,41 +5,14 @@
 
 use std::{
     net::TcpListener,
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    path::Path,
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 
 use crate::{is_root, workspace_root};
-
-/// Everything the demo created; removed on drop, also when the demo fails half-way.
-struct Demo {
-    cgroup: PathBuf,
-    pin_dir: PathBuf,
-    dir: PathBuf,
-    agent: Option<Child>,
-    bin: PathBuf,
-}
-
-impl Drop for Demo {
-    fn drop(&mut self) {
-        println!(
-            "\n==> cleaning up: stopping the agent, `egress-guard uninstall`, removing the cgroup"
-        );
-        if let Some(mut a) = self.agent.take() {
-            let _ = a.kill();
-            let _ = a.wait();
-        }
-        let _ = Command::new(&self.bin)
-            .args(["uninstall", "--pin-dir"])
-            .arg(&self.pin_dir)
-            .status();
-        let _ = std::fs::remove_dir(&self.cgroup);
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 fn listen(ip: &str) -> anyhow::Result<u16> {
     let l = TcpListener::bind((ip, 0))?;
@@ -90,18 +63,10 @@ pub fn run() -> anyhow::Result<()> {
     let (bin, probe) = (target.join("egress-guard"), target.join("probe"));
 
     let name = format!("egress-guard-demo-{}", std::process::id());
-    let cgroup = crate::cgroup2_root()?.join(&name);
-    let dir = std::env::temp_dir().join(&name);
-    std::fs::create_dir_all(&dir)?;
-    std::fs::create_dir(&cgroup)
-        .with_context(|| format!("creating cgroup {}", cgroup.display()))?;
-    let mut demo = Demo {
-        cgroup,
-        pin_dir: PathBuf::from("/sys/fs/bpf").join(&name),
-        dir,
-        agent: None,
-        bin,
-    };
+    let mut demo = crate::scratch::Scratch::new(&name, &bin)?;
+    demo.farewell = Some(
+        "\n==> cleaning up: stopping the agent, `egress-guard uninstall`, removing the cgroup",
+    );
 
     let llm_port = listen("127.0.0.2")?;
     let other_port = listen("127.0.0.3")?;

@@ -7,6 +7,7 @@
 mod bench;
 mod bench_audit;
 mod demo;
+mod scratch;
 
 use std::{
     path::{Path, PathBuf},

@@ -1,0 +1,56 @@
+//! A throwaway guarded set-up for the demo and the benchmarks: a cgroup, a directory and a
+//! pin directory of one name, and the agent; all removed on drop, also on failure.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command},
+};
+
+use anyhow::Context as _;
+
+pub struct Scratch {
+    pub cgroup: PathBuf,
+    pub dir: PathBuf,
+    pub pin_dir: PathBuf,
+    pub bin: PathBuf,
+    pub agent: Option<Child>,
+    /// Printed when cleaning up (the demo says what it removes).
+    pub farewell: Option<&'static str>,
+}
+
+impl Scratch {
+    /// Creates `<cgroup2>/<name>` and `<tmp>/<name>`; pins go to `/sys/fs/bpf/<name>`.
+    pub fn new(name: &str, bin: &Path) -> anyhow::Result<Self> {
+        let cgroup = crate::cgroup2_root()?.join(name);
+        let dir = std::env::temp_dir().join(name);
+        std::fs::create_dir_all(&dir)?;
+        std::fs::create_dir(&cgroup)
+            .with_context(|| format!("creating cgroup {}", cgroup.display()))?;
+        Ok(Self {
+            cgroup,
+            dir,
+            pin_dir: PathBuf::from("/sys/fs/bpf").join(name),
+            bin: bin.to_path_buf(),
+            agent: None,
+            farewell: None,
+        })
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if let Some(f) = self.farewell {
+            println!("{f}");
+        }
+        if let Some(mut a) = self.agent.take() {
+            let _ = a.kill();
+            let _ = a.wait();
+        }
+        let _ = Command::new(&self.bin)
+            .args(["uninstall", "--pin-dir"])
+            .arg(&self.pin_dir)
+            .status();
+        let _ = std::fs::remove_dir(&self.cgroup);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
