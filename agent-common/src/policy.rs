@@ -8,7 +8,7 @@
 
 /// Version of the pinned map layout. Pins live under `<pin_dir>/v<LAYOUT_VERSION>/`; a change
 /// to any type in this file must bump it.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// How many policies (slots) one agent can hold.
 pub const MAX_POLICIES: u32 = 64;
@@ -20,6 +20,13 @@ pub const MAX_EXACT_ENTRIES: u32 = 262_144;
 pub const MAX_CIDR_ENTRIES: u32 = 262_144;
 /// Accepted TCP connections tracked so their replies pass the packet backstop.
 pub const MAX_INBOUND_SOCKETS: u32 = 65_536;
+/// Sockets whose DNS was redirected to the agent's proxy (their replies are made to look as if
+/// they came from the server the process asked).
+pub const MAX_DNS_REDIRECTED: u32 = 65_536;
+/// Outgoing TCP connections tracked so a learned address stays allowed while they are open.
+pub const MAX_OPEN_CONNS: u32 = 65_536;
+/// The port DNS is redirected from (UDP and TCP, any address).
+pub const DNS_PORT: u16 = 53;
 /// Guarded cgroups, for the BPF LSM socket hook which sees tasks, not cgroup attachments.
 pub const MAX_GUARDED_CGROUPS: u32 = 4_096;
 /// Depth of the cgroup tree the LSM hook walks looking for a guarded ancestor.
@@ -155,10 +162,12 @@ pub enum Counter {
     SocketWouldDeny = 10,
     /// Replies on accepted TCP connections that passed the packet backstop.
     PacketInboundReply = 11,
+    /// DNS queries (connect or sendmsg to port 53) redirected to the agent's proxy.
+    DnsRedirected = 12,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 12] = [
+    pub const ALL: [Counter; 13] = [
         Counter::ConnectAllowed,
         Counter::ConnectDenied,
         Counter::ConnectWouldDeny,
@@ -171,6 +180,7 @@ impl Counter {
         Counter::SocketDenied,
         Counter::SocketWouldDeny,
         Counter::PacketInboundReply,
+        Counter::DnsRedirected,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -187,6 +197,7 @@ impl Counter {
             Counter::SocketDenied => "socket_denied",
             Counter::SocketWouldDeny => "socket_would_deny",
             Counter::PacketInboundReply => "packet_inbound_reply",
+            Counter::DnsRedirected => "dns_redirected",
         }
     }
 
@@ -194,6 +205,42 @@ impl Counter {
     pub const fn index(self, slot: u32) -> u32 {
         slot * COUNTERS_PER_POLICY + self as u32
     }
+}
+
+/// `DNS_PROXY[slot]`: where the slot's DNS goes. With `enabled`, every connect() and sendmsg()
+/// to port 53 (UDP or TCP, any address) is rewritten to `addr:port`, the agent's proxy for
+/// this policy, and traffic to that address and port is allowed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DnsProxy {
+    pub enabled: u32,
+    /// IPv4, network byte order. IPv6 sockets are sent to its IPv4-mapped form.
+    pub addr: [u8; 4],
+    /// Host byte order.
+    pub port: u16,
+    pub _pad: [u8; 6],
+}
+
+/// `DNS_REDIRECTED[socket cookie]`: the server a redirected socket asked for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OrigDest {
+    /// Network byte order; an IPv4 address in the first four bytes.
+    pub addr: [u8; 16],
+    /// Host byte order.
+    pub port: u16,
+    pub v4: u8,
+    pub _pad: [u8; 5],
+}
+
+/// `OPEN_CONNS[socket cookie]`: an established outgoing TCP connection of a guarded cgroup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OpenConn {
+    pub slot: u32,
+    pub v4: u32,
+    /// Network byte order; an IPv4 address in the first four bytes.
+    pub addr: [u8; 16],
 }
 
 /// Map names, shared so the agent opens exactly what the programs declare.
@@ -208,7 +255,10 @@ pub mod map_names {
     pub const INBOUND_SOCKETS: &str = "INBOUND_SOCKETS";
     pub const EVENTS: &str = "EVENTS";
     pub const LOST_EVENTS: &str = "LOST_EVENTS";
-    pub const ALL: [&str; 10] = [
+    pub const DNS_PROXY: &str = "DNS_PROXY";
+    pub const DNS_REDIRECTED: &str = "DNS_REDIRECTED";
+    pub const OPEN_CONNS: &str = "OPEN_CONNS";
+    pub const ALL: [&str; 13] = [
         POLICY_STATE,
         ALLOW_EXACT4,
         ALLOW_EXACT6,
@@ -219,6 +269,9 @@ pub mod map_names {
         INBOUND_SOCKETS,
         EVENTS,
         LOST_EVENTS,
+        DNS_PROXY,
+        DNS_REDIRECTED,
+        OPEN_CONNS,
     ];
 }
 
@@ -234,6 +287,9 @@ mod pod {
     unsafe impl aya::Pod for Addr4Key {}
     unsafe impl aya::Pod for Addr6Key {}
     unsafe impl aya::Pod for PolicyState {}
+    unsafe impl aya::Pod for DnsProxy {}
+    unsafe impl aya::Pod for OrigDest {}
+    unsafe impl aya::Pod for OpenConn {}
 }
 
 #[cfg(test)]
@@ -247,6 +303,9 @@ mod tests {
         assert_eq!(core::mem::size_of::<Addr4Key>(), 8);
         assert_eq!(core::mem::size_of::<Addr6Key>(), 20);
         assert_eq!(core::mem::size_of::<PolicyState>(), 8 + POLICY_NAME_LEN);
+        assert_eq!(core::mem::size_of::<DnsProxy>(), 16);
+        assert_eq!(core::mem::size_of::<OrigDest>(), 24);
+        assert_eq!(core::mem::size_of::<OpenConn>(), 24);
     }
 
     #[test]

@@ -6,7 +6,9 @@ use agent_common::{
 };
 use aya_ebpf::maps::lpm_trie::Key;
 
-use crate::maps::{ALLOW_CIDR4, ALLOW_CIDR6, ALLOW_EXACT4, ALLOW_EXACT6, COUNTERS, POLICY_STATE};
+use crate::maps::{
+    ALLOW_CIDR4, ALLOW_CIDR6, ALLOW_EXACT4, ALLOW_EXACT6, COUNTERS, DNS_PROXY, POLICY_STATE,
+};
 
 /// A destination as the hooks see it, in network byte order; an IPv4 address sits in the
 /// first four bytes. A plain struct, not an enum: every byte is initialised, which the
@@ -91,13 +93,40 @@ fn lookup(ruleset: u32, dest: &Dest) -> Option<&'static AllowValue> {
     }
 }
 
+/// The slot's DNS proxy, if its DNS is redirected.
+#[inline(always)]
+pub fn dns_proxy(slot: u32) -> Option<&'static agent_common::DnsProxy> {
+    match DNS_PROXY.get(slot) {
+        Some(p) if p.enabled != 0 => Some(p),
+        _ => None,
+    }
+}
+
+/// Is this the slot's own DNS proxy (where its port-53 traffic was redirected)?
+#[inline(always)]
+fn is_dns_proxy(slot: u32, dest: &Dest, bit: u8, port: u16) -> bool {
+    match dns_proxy(slot) {
+        Some(p) => {
+            let a = &dest.addr;
+            dest.v4
+                && [a[0], a[1], a[2], a[3]] == p.addr
+                && port == p.port
+                && bit & (agent_common::PROTO_TCP | agent_common::PROTO_UDP) != 0
+        }
+        None => false,
+    }
+}
+
 /// Is `ip_proto` to `dest:port` allowed by the slot's active ruleset? `reason::RULE` if so,
 /// else why not.
 #[inline(always)]
-pub fn allowed(state: &PolicyState, dest: &Dest, ip_proto: u32, port: u16) -> u8 {
+pub fn allowed(slot: u32, state: &PolicyState, dest: &Dest, ip_proto: u32, port: u16) -> u8 {
     let bit = proto_bit(ip_proto);
     if bit == 0 {
         return reason::PROTOCOL;
+    }
+    if is_dns_proxy(slot, dest, bit, port) {
+        return reason::RULE;
     }
     match lookup(state.ruleset, dest) {
         Some(v) if v.allows(bit, port) => reason::RULE,
@@ -121,7 +150,7 @@ pub fn verdict(state: Option<&PolicyState>, allowed: bool) -> Verdict {
 pub fn decide(slot: u32, dest: &Dest, ip_proto: u32, port: u16) -> (Verdict, u8) {
     let st = state(slot);
     let why = match st {
-        Some(s) => allowed(s, dest, ip_proto, port),
+        Some(s) => allowed(slot, s, dest, ip_proto, port),
         None => reason::NO_ACTIVE_POLICY,
     };
     (verdict(st, why == reason::RULE), why)

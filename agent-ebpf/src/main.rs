@@ -12,11 +12,12 @@ mod maps;
 mod process;
 
 use agent_common::event::{kind, reason};
-use agent_common::{Counter, MAX_CGROUP_DEPTH};
+use agent_common::{Counter, DNS_PORT, DnsProxy, MAX_CGROUP_DEPTH, OpenConn, OrigDest};
 use aya_ebpf::{
     Global,
     bindings::{
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
     },
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_socket_cookie, bpf_send_signal,
@@ -29,7 +30,7 @@ use aya_ebpf::{
 };
 use decide::{Dest, Verdict, count, count_verdict, decide};
 use emit::Origin;
-use maps::{GUARDED_CGROUPS, INBOUND_SOCKETS};
+use maps::{DNS_REDIRECTED, GUARDED_CGROUPS, INBOUND_SOCKETS, OPEN_CONNS};
 
 /// The policy slot this copy of the programs enforces. The default (no slot) denies.
 #[unsafe(no_mangle)]
@@ -56,7 +57,8 @@ const SYSCALL_OK: i32 = 1;
 const SYSCALL_EPERM: i32 = 0;
 
 // ---------------------------------------------------------------------------------------
-// connect() and sendmsg(): the destination the process asked for.
+// connect() and sendmsg(): the destination the process asked for. DNS is redirected to the
+// agent's proxy; recvmsg() makes its replies look as if they came from the server asked.
 // ---------------------------------------------------------------------------------------
 
 const CONNECT_COUNTERS: [Counter; 3] = [
@@ -76,7 +78,7 @@ fn sock_addr_dest(ctx: &SockAddrContext, v6: bool) -> (Dest, u32, u16) {
     let port = u16::from_be(sa.user_port as u16);
     let proto = sa.protocol;
     let dest = if v6 {
-        let w = sa.user_ip6;
+        let w = user_ip6(ctx);
         let mut a = [0u8; 16];
         a[0..4].copy_from_slice(&w[0].to_ne_bytes());
         a[4..8].copy_from_slice(&w[1].to_ne_bytes());
@@ -93,6 +95,16 @@ fn sock_addr_dest(ctx: &SockAddrContext, v6: bool) -> (Dest, u32, u16) {
 fn judge_sock_addr(ctx: &SockAddrContext, v6: bool, kind: u16, counters: [Counter; 3]) -> i32 {
     let slot = POLICY_SLOT.load();
     let (dest, proto, port) = sock_addr_dest(ctx, v6);
+    // DNS, to whatever server the process names, goes to the agent's proxy, which decides.
+    if port == DNS_PORT
+        && (proto == IPPROTO_TCP as u32 || proto == IPPROTO_UDP as u32)
+        && decide::state(slot).is_some()
+        && let Some(p) = decide::dns_proxy(slot)
+    {
+        redirect_dns(ctx, v6, &dest, p);
+        count(slot, Counter::DnsRedirected);
+        return SYSCALL_OK;
+    }
     let (v, why) = decide(slot, &dest, proto, port);
     count_verdict(slot, &v, counters);
     emit::net(
@@ -111,6 +123,132 @@ fn judge_sock_addr(ctx: &SockAddrContext, v6: bool, kind: u16, counters: [Counte
     } else {
         SYSCALL_EPERM
     }
+}
+
+/// The IPv4-mapped IPv6 form of an IPv4 address, as the four words of `user_ip6`.
+#[inline(always)]
+fn mapped_words(a: [u8; 4]) -> [u32; 4] {
+    [
+        0,
+        0,
+        u32::from_ne_bytes([0, 0, 0xff, 0xff]),
+        u32::from_ne_bytes(a),
+    ]
+}
+
+/// `user_ip6`, one 32-bit load per word (the context refuses wider reads).
+#[inline(always)]
+fn user_ip6(ctx: &SockAddrContext) -> [u32; 4] {
+    let sa = ctx.sock_addr;
+    unsafe {
+        [
+            core::ptr::read_volatile(&(*sa).user_ip6[0]),
+            core::ptr::read_volatile(&(*sa).user_ip6[1]),
+            core::ptr::read_volatile(&(*sa).user_ip6[2]),
+            core::ptr::read_volatile(&(*sa).user_ip6[3]),
+        ]
+    }
+}
+
+#[inline(always)]
+fn set_user_ip6(ctx: &SockAddrContext, w: [u32; 4]) {
+    // One 32-bit store per word: the context only takes narrow writes here.
+    let sa = ctx.sock_addr;
+    unsafe {
+        core::ptr::write_volatile(&mut (*sa).user_ip6[0], w[0]);
+        core::ptr::write_volatile(&mut (*sa).user_ip6[1], w[1]);
+        core::ptr::write_volatile(&mut (*sa).user_ip6[2], w[2]);
+        core::ptr::write_volatile(&mut (*sa).user_ip6[3], w[3]);
+    }
+}
+
+/// Sends this socket's DNS to the proxy, remembering where it was going.
+#[inline(always)]
+fn redirect_dns(ctx: &SockAddrContext, v6: bool, dest: &Dest, p: &DnsProxy) {
+    let orig = OrigDest {
+        addr: dest.addr,
+        port: DNS_PORT,
+        v4: dest.v4 as u8,
+        _pad: [0; 5],
+    };
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    let _ = DNS_REDIRECTED.insert(cookie, orig, 0);
+    if v6 {
+        // A dual-stack socket reaches the IPv4 proxy at its mapped address.
+        set_user_ip6(ctx, mapped_words(p.addr));
+    } else {
+        unsafe { (*ctx.sock_addr).user_ip4 = u32::from_ne_bytes(p.addr) };
+    }
+    unsafe { (*ctx.sock_addr).user_port = u32::from(p.port.to_be()) };
+}
+
+/// recvmsg() on a redirected UDP socket (and getpeername() on a redirected one): the proxy
+/// is shown as the server the process asked (resolvers check where replies come from).
+#[inline(always)]
+fn restore_dns_source(ctx: &SockAddrContext, v6: bool) {
+    let slot = POLICY_SLOT.load();
+    let Some(p) = decide::dns_proxy(slot) else {
+        return;
+    };
+    let sa = unsafe { &*ctx.sock_addr };
+    if u16::from_be(sa.user_port as u16) != p.port {
+        return;
+    }
+    let from_proxy = if v6 {
+        user_ip6(ctx) == mapped_words(p.addr)
+    } else {
+        sa.user_ip4 == u32::from_ne_bytes(p.addr)
+    };
+    if !from_proxy {
+        return;
+    }
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    let Some(orig) = (unsafe { DNS_REDIRECTED.get(cookie) }) else {
+        return;
+    };
+    let a = orig.addr;
+    if v6 {
+        let w = if orig.v4 != 0 {
+            mapped_words([a[0], a[1], a[2], a[3]])
+        } else {
+            [
+                u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
+                u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
+                u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
+                u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
+            ]
+        };
+        set_user_ip6(ctx, w);
+    } else if orig.v4 != 0 {
+        unsafe { (*ctx.sock_addr).user_ip4 = u32::from_ne_bytes([a[0], a[1], a[2], a[3]]) };
+    }
+    unsafe { (*ctx.sock_addr).user_port = u32::from(orig.port.to_be()) };
+}
+
+/// recvmsg hooks must let the call proceed (1).
+#[cgroup_sock_addr(recvmsg4)]
+pub fn recvmsg4(ctx: SockAddrContext) -> i32 {
+    restore_dns_source(&ctx, false);
+    1
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn recvmsg6(ctx: SockAddrContext) -> i32 {
+    restore_dns_source(&ctx, true);
+    1
+}
+
+/// getpeername() on a redirected TCP socket: the server the process asked, not the proxy.
+#[cgroup_sock_addr(getpeername4)]
+pub fn getpeername4(ctx: SockAddrContext) -> i32 {
+    restore_dns_source(&ctx, false);
+    1
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn getpeername6(ctx: SockAddrContext) -> i32 {
+    restore_dns_source(&ctx, true);
+    1
 }
 
 #[cgroup_sock_addr(connect4)]
@@ -464,18 +602,51 @@ fn is_inbound_reply(ctx: &SkBuffContext, p: &Packet) -> bool {
     }
 }
 
-/// Marks accepted TCP sockets (passive open) and forgets them when they close.
+/// Tracks TCP connections: accepted ones (so the packet backstop passes their replies) and
+/// outgoing ones (so the agent keeps a learned address allowed while one is open); forgets
+/// them when they close.
 #[sock_ops]
-pub fn inbound(ctx: SockOpsContext) -> u32 {
+pub fn tcp_state(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
             let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
             let _ = INBOUND_SOCKETS.insert(cookie, 1, 0);
             let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
         }
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
+            let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+            let dest = if ctx.family() == AF_INET as u32 {
+                Dest::v4(ctx.remote_ip4().to_ne_bytes())
+            } else {
+                // One 32-bit load per word: the context refuses wider reads.
+                let ops = ctx.ops;
+                let w = unsafe {
+                    [
+                        core::ptr::read_volatile(&(*ops).remote_ip6[0]),
+                        core::ptr::read_volatile(&(*ops).remote_ip6[1]),
+                        core::ptr::read_volatile(&(*ops).remote_ip6[2]),
+                        core::ptr::read_volatile(&(*ops).remote_ip6[3]),
+                    ]
+                };
+                let mut a = [0u8; 16];
+                a[0..4].copy_from_slice(&w[0].to_ne_bytes());
+                a[4..8].copy_from_slice(&w[1].to_ne_bytes());
+                a[8..12].copy_from_slice(&w[2].to_ne_bytes());
+                a[12..16].copy_from_slice(&w[3].to_ne_bytes());
+                Dest::from_v6(a)
+            };
+            let conn = OpenConn {
+                slot: POLICY_SLOT.load(),
+                v4: dest.v4 as u32,
+                addr: dest.addr,
+            };
+            let _ = OPEN_CONNS.insert(cookie, conn, 0);
+            let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+        }
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == TCP_CLOSE => {
             let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
             let _ = INBOUND_SOCKETS.remove(cookie);
+            let _ = OPEN_CONNS.remove(cookie);
         }
         _ => {}
     }

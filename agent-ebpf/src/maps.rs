@@ -3,8 +3,9 @@
 //! outlive the agent (fail closed).
 
 use agent_common::{
-    Addr4Key, Addr6Key, AllowValue, COUNTERS_PER_POLICY, MAX_CIDR_ENTRIES, MAX_EXACT_ENTRIES,
-    MAX_GUARDED_CGROUPS, MAX_INBOUND_SOCKETS, MAX_POLICIES, PolicyState, event::DEFAULT_RING_BYTES,
+    Addr4Key, Addr6Key, AllowValue, COUNTERS_PER_POLICY, DnsProxy, MAX_CIDR_ENTRIES,
+    MAX_DNS_REDIRECTED, MAX_EXACT_ENTRIES, MAX_GUARDED_CGROUPS, MAX_INBOUND_SOCKETS,
+    MAX_OPEN_CONNS, MAX_POLICIES, OpenConn, OrigDest, PolicyState, event::DEFAULT_RING_BYTES,
 };
 use aya_ebpf::{
     macros::map,
@@ -53,3 +54,18 @@ pub static EVENTS: RingBuf = RingBuf::pinned(DEFAULT_RING_BYTES, 0);
 /// agent has reported (written by the agent), so a restarted agent reports only the rest.
 #[map]
 pub static LOST_EVENTS: PerCpuArray<u64> = PerCpuArray::pinned(2, 0);
+
+/// Per slot: where its DNS is redirected (the agent's proxy), if anywhere.
+#[map]
+pub static DNS_PROXY: Array<DnsProxy> = Array::pinned(MAX_POLICIES, 0);
+
+/// Socket cookie → the DNS server a redirected socket asked for, so `recvmsg` can show the
+/// reply as coming from it. LRU: an evicted entry only leaves the proxy's address visible.
+#[map]
+pub static DNS_REDIRECTED: LruHashMap<u64, OrigDest> = LruHashMap::pinned(MAX_DNS_REDIRECTED, 0);
+
+/// Socket cookie → destination of an established outgoing TCP connection, so the agent keeps a
+/// learned address allowed while a connection to it is open. LRU: an evicted entry can only
+/// let an address expire early (fail closed).
+#[map]
+pub static OPEN_CONNS: LruHashMap<u64, OpenConn> = LruHashMap::pinned(MAX_OPEN_CONNS, 0);

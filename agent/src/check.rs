@@ -24,6 +24,9 @@ pub struct PolicyView {
     pub rules: Vec<Rule>,
     pub hostnames: Vec<HostnameRule>,
     pub compiled: Compiled,
+    /// Addresses learned from DNS answers (filled in when asked): address, kernel entry, the
+    /// names it was answered for.
+    pub learned: Vec<(IpAddr, agent_common::AllowValue, Vec<String>)>,
 }
 
 fn protos(bits: u8) -> Vec<&'static str> {
@@ -52,7 +55,15 @@ impl PolicyView {
         let hostnames: Vec<Value> = self
             .hostnames
             .iter()
-            .map(|h| json!({ "name": h.name, "line": h.line, "protocols": protos(h.protos), "ports": ports(h.ports), "allowed_ips": [], "note": "hostname entries allow nothing until hostname resolution ships" }))
+            .map(|h| {
+                let ips: Vec<String> = self
+                    .learned
+                    .iter()
+                    .filter(|(_, _, names)| names.iter().any(|n| crate::dns::names::PolicyNames::new(std::slice::from_ref(h)).rules_for(n).is_ok()))
+                    .map(|(ip, _, _)| ip.to_string())
+                    .collect();
+                json!({ "name": h.name, "line": h.line, "protocols": protos(h.protos), "ports": ports(h.ports), "learned_ips": ips })
+            })
             .collect();
         json!({
             "name": self.name,
@@ -152,15 +163,32 @@ pub fn check(
             return Err("several policies are in force: give policy=NAME or container=ID".into());
         }
     };
-    // The kernel's lookup: the exact address, else the longest prefix that contains it.
+    // The kernel's lookup: the exact address (a learned one first), else the longest prefix
+    // that contains it.
     let host = IpNet::from(addr);
+    let learned = p.learned.iter().find(|(ip, _, _)| *ip == addr);
     let entry = p
         .compiled
         .entries
         .iter()
         .filter(|(net, _)| net.contains(&addr))
         .max_by_key(|(net, _)| net.prefix_len());
-    let allowed = entry.is_some_and(|(_, v)| v.allows(bit, port));
+    let allowed = match learned {
+        Some((_, v, _)) => v.allows(bit, port),
+        None => entry.is_some_and(|(_, v)| v.allows(bit, port)),
+    };
+    let by_name = learned.filter(|(_, _, names)| {
+        names.iter().any(|n| {
+            p.hostnames.iter().any(|h| {
+                h.protos & bit != 0
+                    && port >= h.ports.0
+                    && port <= h.ports.1
+                    && crate::dns::names::PolicyNames::new(std::slice::from_ref(h))
+                        .rules_for(n)
+                        .is_ok()
+            })
+        })
+    });
     let covering: Vec<&Rule> = p.rules.iter().filter(|r| r.net.contains(&addr)).collect();
     let matching = covering
         .iter()
@@ -180,7 +208,9 @@ pub fn check(
     });
     if let (true, Some(r)) = (allowed, matching) {
         out["entry"] = json!({ "entry": r.text, "line": r.line });
-    } else if covering.is_empty() {
+    } else if let (true, Some((_, _, names))) = (allowed, by_name) {
+        out["entry"] = json!({ "learned_from": names });
+    } else if covering.is_empty() && learned.is_none() {
         out["reason"] = "no entry of the policy covers this address".into();
     } else {
         out["reason"] = format!(
@@ -193,8 +223,8 @@ pub fn check(
         )
         .into();
     }
-    if !p.hostnames.is_empty() && !allowed {
-        out["note"] = "hostname entries allow nothing until hostname resolution ships".into();
+    if let Some((_, _, names)) = learned {
+        out["hostnames"] = json!(names);
     }
     Ok(out)
 }
@@ -220,6 +250,7 @@ mod tests {
             rules: p.rules,
             hostnames: p.hostnames,
             compiled,
+            learned: Vec::new(),
         }]
     }
 

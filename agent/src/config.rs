@@ -7,9 +7,10 @@
 use std::{
     collections::HashMap,
     fmt,
-    net::IpAddr,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     ops::Range,
     path::{Component, Path, PathBuf},
+    time::Duration,
 };
 
 use agent_common::{MAX_POLICIES, POLICY_NAME_LEN, PROTO_ICMP, PROTO_TCP, PROTO_UDP};
@@ -44,7 +45,92 @@ pub struct Config {
     pub pin_dir: PathBuf,
     pub audit: Audit,
     pub control: Control,
+    pub dns: Dns,
     pub policies: Vec<Policy>,
+}
+
+/// How guarded processes resolve names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DnsMode {
+    /// All their DNS (UDP and TCP port 53, to any address) is redirected in the kernel to the
+    /// agent's proxy, which answers only allowed names and learns the answered addresses.
+    Proxy,
+    /// Their DNS goes to the policy's `dns` servers directly; allowed hostnames are learned only
+    /// by the agent resolving them itself (exact names only; no protection against DNS
+    /// tunnelling).
+    Direct,
+}
+
+impl fmt::Display for DnsMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DnsMode::Proxy => "proxy",
+            DnsMode::Direct => "direct",
+        })
+    }
+}
+
+/// What the proxy answers for a name the policy does not allow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Refusal {
+    Refused,
+    Nxdomain,
+}
+
+pub const DEFAULT_DNS_LISTEN: Ipv4Addr = Ipv4Addr::new(172, 17, 0, 1);
+pub const DEFAULT_DNS_PORT: u16 = 10053;
+
+/// `[dns]`: the DNS proxy and hostname learning.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dns {
+    pub mode: DnsMode,
+    /// Where the proxy listens (an address of this host the guarded containers can reach:
+    /// Docker's bridge gateway by default).
+    pub listen: Ipv4Addr,
+    /// The policy in slot N has its proxy on `port + N` (the port tells the proxy the policy).
+    pub port: u16,
+    pub refuse: Refusal,
+    /// A learned address stays allowed for the answer's TTL, at least `min_ttl` and at most
+    /// `max_ttl` (answers' TTLs are lowered to `max_ttl`, so clients never cache longer).
+    pub min_ttl: Duration,
+    pub max_ttl: Duration,
+    /// Per attempt; after `upstream_attempts` the client gets SERVFAIL.
+    pub upstream_timeout: Duration,
+    pub upstream_attempts: u32,
+    /// Learned (name, address) pairs per policy; beyond it, answers are SERVFAIL.
+    pub max_learned: usize,
+}
+
+impl Default for Dns {
+    fn default() -> Self {
+        Self {
+            mode: DnsMode::Proxy,
+            listen: DEFAULT_DNS_LISTEN,
+            port: DEFAULT_DNS_PORT,
+            refuse: Refusal::Refused,
+            min_ttl: Duration::from_secs(60),
+            max_ttl: Duration::from_secs(3600),
+            upstream_timeout: Duration::from_millis(1500),
+            upstream_attempts: 2,
+            max_learned: 16_384,
+        }
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawDns {
+    mode: Option<DnsMode>,
+    listen: Option<String>,
+    port: Option<u16>,
+    refuse: Option<Refusal>,
+    min_ttl: Option<String>,
+    max_ttl: Option<String>,
+    upstream_timeout: Option<String>,
+    upstream_attempts: Option<u32>,
+    max_learned: Option<usize>,
 }
 
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/egress-guard/control.sock";
@@ -104,10 +190,13 @@ pub struct Policy {
     pub name: String,
     pub mode: Mode,
     pub cgroups: Vec<CgroupEntry>,
-    /// Address and CIDR rules, including those implied by `dns`, `ntp` and `allow_loopback`.
+    /// Address and CIDR rules, including those implied by `ntp`, `allow_loopback` and, in
+    /// direct DNS mode, `dns`.
     pub rules: Vec<Rule>,
-    /// Hostname rules: kept, allow nothing until hostname resolution exists.
+    /// Hostname rules: their addresses are learned from DNS answers.
     pub hostnames: Vec<HostnameRule>,
+    /// The `dns` servers: the proxy's upstreams (and, in direct mode, allowed directly).
+    pub upstreams: Vec<SocketAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -180,6 +269,7 @@ struct RawConfig {
     pin_dir: Option<Spanned<String>>,
     audit: Option<Spanned<Audit>>,
     control: Option<Spanned<Control>>,
+    dns: Option<Spanned<RawDns>>,
     #[serde(default)]
     policy: Vec<Spanned<RawPolicy>>,
 }
@@ -352,6 +442,19 @@ fn validate(raw: RawConfig, path: &Path, lines: &LineIndex, problems: &mut Vec<P
         None => Control::default(),
     };
 
+    let dns = match raw.dns {
+        Some(d) => {
+            let line = lines.of(&d);
+            validate_dns(d.into_inner()).unwrap_or_else(|reasons| {
+                for r in reasons {
+                    problem(line, r);
+                }
+                Dns::default()
+            })
+        }
+        None => Dns::default(),
+    };
+
     if raw.policy.is_empty() {
         problem(1, "no [[policy]] table: define at least one policy with a name, cgroups and an allow list".into());
     }
@@ -399,6 +502,7 @@ fn validate(raw: RawConfig, path: &Path, lines: &LineIndex, problems: &mut Vec<P
 
         let mut rules = Vec::new();
         let mut hostnames = Vec::new();
+        let mut upstreams = Vec::new();
         let lists: [(&str, Vec<Spanned<String>>); 3] =
             [("allow", rp.allow), ("dns", rp.dns), ("ntp", rp.ntp)];
         for (list, entries) in lists {
@@ -406,6 +510,19 @@ fn validate(raw: RawConfig, path: &Path, lines: &LineIndex, problems: &mut Vec<P
                 let line = lines.span(entry.span());
                 let text = entry.into_inner();
                 match parse_entry(&text, list) {
+                    Ok(Dest::Net { net, ports, .. }) if list == "dns" => {
+                        upstreams.push(SocketAddr::new(net.addr(), ports.0));
+                        // With the proxy, containers never talk to the resolver themselves.
+                        if dns.mode == DnsMode::Direct {
+                            rules.push(Rule {
+                                net,
+                                protos: PROTO_TCP | PROTO_UDP,
+                                ports,
+                                line,
+                                text,
+                            });
+                        }
+                    }
                     Ok(Dest::Net { net, protos, ports }) => rules.push(Rule {
                         net,
                         protos,
@@ -450,12 +567,34 @@ fn validate(raw: RawConfig, path: &Path, lines: &LineIndex, problems: &mut Vec<P
         {
             problem(line, format!("policy {name:?}: {reason}"));
         }
+        if let Some(h) = hostnames.first()
+            && upstreams.is_empty()
+        {
+            problem(
+                h.line,
+                format!(
+                    "policy {name:?} allows hostnames but has no dns server to resolve them: add dns = [\"<your resolver, e.g. the VPC's 169.254.169.253>\"]"
+                ),
+            );
+        }
+        if dns.mode == DnsMode::Direct {
+            for h in hostnames.iter().filter(|h| h.name.starts_with("*.")) {
+                problem(
+                    h.line,
+                    format!(
+                        "policy {name:?}: wildcard {:?} can only be learned through the DNS proxy; with [dns] mode = \"direct\" list the exact names",
+                        h.name
+                    ),
+                );
+            }
+        }
         policies.push(Policy {
             name,
             mode,
             cgroups,
             rules,
             hostnames,
+            upstreams,
         });
     }
 
@@ -489,7 +628,87 @@ fn validate(raw: RawConfig, path: &Path, lines: &LineIndex, problems: &mut Vec<P
         pin_dir,
         audit,
         control,
+        dns,
         policies,
+    }
+}
+
+/// Checks `[dns]`; every problem is returned.
+fn validate_dns(raw: RawDns) -> Result<Dns, Vec<String>> {
+    let mut d = Dns::default();
+    let mut problems = Vec::new();
+    if let Some(m) = raw.mode {
+        d.mode = m;
+    }
+    if let Some(r) = raw.refuse {
+        d.refuse = r;
+    }
+    if let Some(l) = raw.listen {
+        match l.parse::<Ipv4Addr>() {
+            Ok(a) if !a.is_unspecified() => d.listen = a,
+            _ => problems.push(format!(
+                "[dns] listen = {l:?}: must be one IPv4 address of this host that the guarded containers reach (e.g. Docker's bridge gateway {DEFAULT_DNS_LISTEN}); 0.0.0.0 would expose the proxy to the network"
+            )),
+        }
+    }
+    if let Some(p) = raw.port {
+        if p == 0 || u32::from(p) + MAX_POLICIES > u32::from(u16::MAX) {
+            problems.push(format!(
+                "[dns] port = {p}: must be 1 to {} (policy N listens on port + N)",
+                u32::from(u16::MAX) - MAX_POLICIES
+            ));
+        } else {
+            d.port = p;
+        }
+    }
+    let mut duration = |name: &str, text: Option<String>, into: &mut Duration| {
+        if let Some(t) = text {
+            match humantime::parse_duration(&t) {
+                Ok(v) => *into = v,
+                Err(e) => problems.push(format!(
+                    "[dns] {name} = {t:?}: {e} (write e.g. \"30s\", \"5m\" or \"1h\")"
+                )),
+            }
+        }
+    };
+    duration("min_ttl", raw.min_ttl, &mut d.min_ttl);
+    duration("max_ttl", raw.max_ttl, &mut d.max_ttl);
+    duration(
+        "upstream_timeout",
+        raw.upstream_timeout,
+        &mut d.upstream_timeout,
+    );
+    if d.min_ttl > d.max_ttl {
+        problems.push(format!(
+            "[dns] min_ttl ({}) is longer than max_ttl ({})",
+            humantime::format_duration(d.min_ttl),
+            humantime::format_duration(d.max_ttl)
+        ));
+    }
+    if d.max_ttl > Duration::from_secs(7 * 86_400) || d.max_ttl < Duration::from_secs(1) {
+        problems.push("[dns] max_ttl must be from 1s to 7d".into());
+    }
+    if !(Duration::from_millis(50)..=Duration::from_secs(30)).contains(&d.upstream_timeout) {
+        problems.push("[dns] upstream_timeout must be from 50ms to 30s".into());
+    }
+    if let Some(a) = raw.upstream_attempts {
+        if (1..=5).contains(&a) {
+            d.upstream_attempts = a;
+        } else {
+            problems.push(format!("[dns] upstream_attempts = {a}: must be 1 to 5"));
+        }
+    }
+    if let Some(m) = raw.max_learned {
+        if (1..=1 << 20).contains(&m) {
+            d.max_learned = m;
+        } else {
+            problems.push(format!("[dns] max_learned = {m}: must be 1 to 1048576"));
+        }
+    }
+    if problems.is_empty() {
+        Ok(d)
+    } else {
+        Err(problems)
     }
 }
 
@@ -967,6 +1186,40 @@ allow_loopback = true
 "#;
 
     #[test]
+    fn dns_settings_and_direct_mode_are_checked() {
+        let direct = GOOD.replacen("[[policy]]", "[dns]\nmode = \"direct\"\n\n[[policy]]", 1);
+        let p = cfg(&direct).unwrap_err();
+        assert!(
+            p.iter()
+                .any(|p| p.reason.contains("*.openai.azure.com") && p.reason.contains("direct")),
+            "{p:?}"
+        );
+        let ok = cfg(&direct.replace("\"*.openai.azure.com:443\",", "")).unwrap();
+        let app = &ok.policies[0];
+        // Direct mode: the containers talk to the resolver themselves.
+        assert!(app.rules.iter().any(|r| r.net.to_string() == "10.0.0.2/32"
+            && r.protos == PROTO_TCP | PROTO_UDP
+            && r.ports == (53, 53)));
+        for (table, want) in [
+            ("listen = \"0.0.0.0\"", "would expose the proxy"),
+            ("port = 65500", "must be 1 to"),
+            ("min_ttl = \"2h\"", "longer than max_ttl"),
+            ("max_ttl = \"soon\"", "write e.g."),
+            ("upstream_attempts = 0", "must be 1 to 5"),
+            ("refuse = \"drop\"", "unknown variant"),
+        ] {
+            let text = format!("[dns]\n{table}\n[[policy]]\nname = \"a\"\ncgroups = [\"x\"]\n");
+            let p = one_problem(&text);
+            assert!(p.reason.contains(want), "{table}: {p:?}");
+        }
+        let p = one_problem(
+            "[[policy]]\nname = \"a\"\ncgroups = [\"x\"]\nallow = [\"api.example.com:443\"]\n",
+        );
+        assert!(p.reason.contains("no dns server"), "{p:?}");
+        assert_eq!(p.line, 4);
+    }
+
+    #[test]
     fn parses_a_full_config() {
         let c = cfg(GOOD).unwrap();
         assert_eq!(c.policies.len(), 2);
@@ -986,7 +1239,10 @@ allow_loopback = true
         assert!(texts.contains(&("2001:db8:1::/48".into(), PROTO_TCP, (0, 65535))));
         // IPv4-mapped IPv6 becomes the IPv4 address.
         assert!(texts.contains(&("198.51.100.7/32".into(), PROTO_TCP, (443, 443))));
-        assert!(texts.contains(&("10.0.0.2/32".into(), PROTO_TCP | PROTO_UDP, (53, 53))));
+        // With the DNS proxy (the default) the resolver is the proxy's upstream, not a
+        // destination of the containers.
+        assert!(!texts.iter().any(|t| t.0 == "10.0.0.2/32"));
+        assert_eq!(app.upstreams, vec!["10.0.0.2:53".parse().unwrap()]);
         assert!(texts.contains(&("169.254.169.123/32".into(), PROTO_UDP, (123, 123))));
         let sb = &c.policies[1];
         assert_eq!(sb.mode, Mode::Audit);
@@ -1096,14 +1352,14 @@ allow_loopback = true
         );
         assert!(p.reason.contains("overlaps"), "{}", p.reason);
         let p = one_problem(
-            "[[policy]]\nname = \"a\"\ncgroups = [\"x\"]\nallow = [\"192.0.2.7:443\"]\ndns = [\"192.0.2.7:443\"]\n",
+            "[dns]\nmode = \"direct\"\n[[policy]]\nname = \"a\"\ncgroups = [\"x\"]\nallow = [\"192.0.2.7:443\"]\ndns = [\"192.0.2.7:443\"]\n",
         );
-        assert_eq!(p.line, 5);
+        assert_eq!(p.line, 7);
         assert!(p.reason.contains("repeats"), "{}", p.reason);
         // Disjoint ports or protocols on nested networks are fine.
         cfg("[[policy]]\nname = \"a\"\ncgroups = [\"x\"]\nallow = [\"192.0.2.0/24:80\", \"192.0.2.7:443\", \"udp/192.0.2.7:443\"]\n").unwrap();
         let p = one_problem(
-            "[[policy]]\nname = \"a\"\ncgroups = [\"x\"]\nallow = [\"api.example.com:443\", \"API.example.com.:443\"]\n",
+            "[[policy]]\nname = \"a\"\ncgroups = [\"x\"]\nallow = [\"api.example.com:443\", \"API.example.com.:443\"]\ndns = [\"10.0.0.2\"]\n",
         );
         assert!(p.reason.contains("repeats"), "{}", p.reason);
     }

@@ -20,11 +20,75 @@ use serde_json::Value;
 use crate::{
     audit::{Audit, Notice},
     check::PolicyView,
-    config::{self, Config, ConfigError, Problem},
+    config::{self, Config, ConfigError, Mode, Problem},
     control::{self, EventFeed, ReloadRequest, Shared},
+    dns::{self, PolicySetup, learned::Binding, names::PolicyNames, upstream::Upstream},
     kernel::{self, ApplyReport, AuditMaps, Kernel, SocketGuard, Target, programs::Hook},
     policy,
 };
+
+/// Applies `targets` with their DNS side: the proxy listens on each policy's port and the
+/// learned addresses are carried into the new rulesets before the kernel flips to them; then
+/// the learner writes into the new rulesets. Call inside the runtime.
+fn apply(
+    kernel: &mut Kernel,
+    dns: &mut dns::Service,
+    config: &Config,
+    targets: &mut [Target],
+) -> anyhow::Result<ApplyReport> {
+    let slots = kernel.slots(targets)?;
+    let mut setups = Vec::new();
+    let mut names_of = Vec::new();
+    {
+        let learner = dns
+            .learner
+            .lock()
+            .map_err(|_| anyhow::anyhow!("DNS learner state poisoned"))?;
+        for (t, &slot) in targets.iter_mut().zip(&slots) {
+            let p = config
+                .policies
+                .iter()
+                .find(|p| p.name == t.name)
+                .context("target without a policy")?;
+            let names = PolicyNames::new(&p.hostnames);
+            let port = dns.port_of(slot);
+            t.dns_proxy = port.map(|port| std::net::SocketAddrV4::new(config.dns.listen, port));
+            t.learned = learner.entries_for(&t.name, &t.compiled, &names);
+            setups.push(PolicySetup {
+                policy: t.name.clone(),
+                port,
+                audit: t.mode == Mode::Audit,
+                names: names.clone(),
+                upstream: Upstream {
+                    servers: p.upstreams.clone(),
+                    timeout: config.dns.upstream_timeout,
+                    attempts: config.dns.upstream_attempts,
+                },
+            });
+            names_of.push(names);
+        }
+    }
+    // Listen before the kernel redirects to the ports.
+    dns.serve(setups)?;
+    let report = kernel.apply(targets)?;
+    let bindings = report
+        .policies
+        .iter()
+        .zip(targets.iter().zip(names_of))
+        .map(|(applied, (t, names))| Binding {
+            policy: applied.name.clone(),
+            slot: applied.slot,
+            ruleset: applied.ruleset,
+            compiled: t.compiled.clone(),
+            names,
+        })
+        .collect();
+    dns.learner
+        .lock()
+        .map_err(|_| anyhow::anyhow!("DNS learner state poisoned"))?
+        .rebind(bindings);
+    Ok(report)
+}
 
 /// Everything about a config that can be checked without changing the kernel: cgroups
 /// resolved against the live hierarchy, rules compiled to map entries, and whether it all fits
@@ -61,6 +125,9 @@ pub fn prepare(config: &Config) -> anyhow::Result<Result<Vec<Target>, ConfigErro
                     .filter(|c| c.policy == p.name)
                     .map(|c| c.path.clone())
                     .collect(),
+                // Filled in by `apply` once the policy's slot is known.
+                dns_proxy: None,
+                learned: Vec::new(),
             }),
             Err(e) => problems.extend(e),
         }
@@ -133,19 +200,29 @@ pub fn run(config_path: &Path, config: Config) -> anyhow::Result<()> {
     let mut kernel = Kernel::open(&config.pin_dir, config.audit.ring_buffer_bytes).context(
         "setting up the eBPF maps failed (egress-guard needs root, or CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON and CAP_SYS_RESOURCE)",
     )?;
-    let report = kernel
-        .apply(&targets)
-        .context("attaching the policy to the kernel failed")?;
+    // The audit notices channel first: the DNS proxy writes `dns` records to it.
+    let (tx, rx) = mpsc::unbounded_channel();
+    let learn_maps = kernel::maps::LearnMaps::from_pins(&kernel.maps_dir())?;
+    let mut dns = {
+        let _in_runtime = rt.enter();
+        dns::Service::new(&config.dns, learn_maps, tx.clone())
+    };
+    let report = {
+        let _in_runtime = rt.enter();
+        apply(&mut kernel, &mut dns, &config, &mut targets)
+            .context("attaching the policy to the kernel failed")?
+    };
     log_applied(&config, &report, &kernel);
 
     rt.block_on(async move {
+        dns.start();
         // The audit trail and the control socket, before READY: nothing the guarded
         // processes do goes unrecorded, and the CLI answers as soon as systemd says "started".
         let feed = Arc::new(EventFeed::new());
         let AuditMaps { events, lost } = kernel.take_audit_maps().context("audit maps already taken")?;
-        let audit = Audit::new(lost, &config.audit, kernel::mounts::cgroup2_root()?, feed.clone())
+        let mut audit = Audit::new(lost, &config.audit, kernel::mounts::cgroup2_root()?, feed.clone())
             .context("starting the audit trail (see [audit] in the config)")?;
-        let (tx, rx) = mpsc::unbounded_channel();
+        audit.set_learner(dns.learner.clone());
         let say = |n: Notice| {
             // The receiver lives until after the loop below.
             let _ = tx.send(n);
@@ -179,15 +256,17 @@ pub fn run(config_path: &Path, config: Config) -> anyhow::Result<()> {
             audit_file: config.audit.file.clone(),
             reload: reload_tx,
             group,
+            dns: Mutex::new(Value::Null),
+            learner: dns.learner.clone(),
         });
         publish(&shared, &config, &targets, &report, &kernel);
-                let socket = config.control.socket.clone();
+        let socket = config.control.socket.clone();
         let listener = control::bind(&socket, shared.group.as_ref().map(|g| g.1))
             .context("starting the control socket (see [control] in the config)")?;
         tracing::info!(socket = %socket.display(), "control socket listening");
         let control_task = tokio::spawn(control::serve(listener, shared.clone()));
         let mut audit_task = audit_task;
-                notify(&format!("READY=1\nSTATUS=enforcing {} policies", report.policies.len()));
+        notify(&format!("READY=1\nSTATUS=enforcing {} policies", report.policies.len()));
         tracing::info!("egress-guard ready");
 
         let mut current = config;
@@ -196,7 +275,7 @@ pub fn run(config_path: &Path, config: Config) -> anyhow::Result<()> {
             let reply = tokio::select! {
                 _ = hup.recv() => None,
                 Some(reply) = reload_rx.recv() => Some(reply),
-                                _ = term.recv() => break,
+                _ = term.recv() => break,
                 _ = int.recv() => break,
                 // The audit trail must not die unnoticed: stop (systemd restarts the agent).
                 ended = &mut audit_task => {
@@ -211,7 +290,7 @@ pub fn run(config_path: &Path, config: Config) -> anyhow::Result<()> {
                 }
             };
             notify("RELOADING=1");
-            let outcome = match reload(config_path, &current, &targets, &mut kernel) {
+            let outcome = match reload(config_path, &current, &targets, &mut kernel, &mut dns) {
                 Ok((new, new_targets, report)) => {
                     say(Notice::Agent("agent.reload", json!({ "result": "applied" })));
                     announce(&say, &kernel, &new_targets, &report);
@@ -235,8 +314,10 @@ pub fn run(config_path: &Path, config: Config) -> anyhow::Result<()> {
             kernel::pin_root(&current.pin_dir).display()
         );
         notify("STOPPING=1");
+        dns.stop();
+        drop(dns);
         control_task.abort();
-                let _ = std::fs::remove_file(&socket);
+        let _ = std::fs::remove_file(&socket);
         say(Notice::Agent("agent.stop", json!({ "enforcement": "stays in force (pinned)" })));
         drop(tx);
         audit_task.await.context("the audit task panicked")?.context("audit trail")
@@ -262,6 +343,7 @@ fn publish(
                 rules: p.rules.clone(),
                 hostnames: p.hostnames.clone(),
                 compiled: t.compiled.clone(),
+                learned: Vec::new(),
             })
         })
         .collect();
@@ -278,6 +360,20 @@ fn publish(
     }
     if let Ok(mut p) = shared.policies.lock() {
         *p = views;
+    }
+    let proxy: Vec<Value> = report
+        .policies
+        .iter()
+        .filter_map(|applied| {
+            let t = targets.iter().find(|t| t.name == applied.name)?;
+            let p = config.policies.iter().find(|p| p.name == applied.name)?;
+            let listen = t.dns_proxy?;
+            Some(json!({ "policy": applied.name, "listen": listen.to_string(),
+                         "upstreams": p.upstreams.iter().map(|u| u.to_string()).collect::<Vec<_>>() }))
+        })
+        .collect();
+    if let Ok(mut d) = shared.dns.lock() {
+        *d = json!({ "mode": config.dns.mode, "proxy": proxy });
     }
 }
 
@@ -312,6 +408,7 @@ fn reload(
     current: &Config,
     current_targets: &[Target],
     kernel: &mut Kernel,
+    dns: &mut dns::Service,
 ) -> Result<(Config, Vec<Target>, ApplyReport), String> {
     tracing::info!("reloading {}", path.display());
     let refused = |reason: String| {
@@ -326,15 +423,20 @@ fn reload(
             new.pin_dir.display()
         )));
     }
-    if new.control != current.control || new.audit != current.audit {
-        tracing::warn!("changes to [control] and [audit] take effect when the agent restarts");
+    if new.control != current.control || new.audit != current.audit || new.dns != current.dns {
+        tracing::warn!(
+            "changes to [control], [audit] and [dns] take effect when the agent restarts"
+        );
     }
-    let targets = match prepare(&new) {
+    // The running [dns] settings stay (listeners, mode) until a restart.
+    let mut new = new;
+    new.dns = current.dns.clone();
+    let mut targets = match prepare(&new) {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => return Err(refused(e.to_string())),
         Err(e) => return Err(refused(format!("{e:#}"))),
     };
-    match kernel.apply(&targets) {
+    match apply(kernel, dns, &new, &mut targets) {
         Ok(report) => {
             log_applied(&new, &report, kernel);
             Ok((new, targets, report))
@@ -344,7 +446,18 @@ fn reload(
             // guarded; put the previous policy back in full.
             let reason = format!("applying to the kernel failed: {e:#}");
             tracing::error!("reload failed, restoring the previous policy: {reason}");
-            match kernel.apply(current_targets) {
+            let mut previous: Vec<Target> = current_targets
+                .iter()
+                .map(|t| Target {
+                    name: t.name.clone(),
+                    mode: t.mode,
+                    compiled: t.compiled.clone(),
+                    cgroups: t.cgroups.clone(),
+                    dns_proxy: None,
+                    learned: Vec::new(),
+                })
+                .collect();
+            match apply(kernel, dns, current, &mut previous) {
                 Ok(report) => log_applied(current, &report, kernel),
                 Err(e) => tracing::error!(
                     "restoring the previous policy failed too; the kernel may hold a mix of both: {e:#}"
@@ -357,11 +470,6 @@ fn reload(
 
 fn log_applied(config: &Config, report: &ApplyReport, kernel: &Kernel) {
     for p in &report.policies {
-        let hosts = config
-            .policies
-            .iter()
-            .find(|c| c.name == p.name)
-            .map_or(0, |c| c.hostnames.len());
         tracing::info!(
             policy = %p.name,
             mode = %p.mode,
@@ -370,12 +478,6 @@ fn log_applied(config: &Config, report: &ApplyReport, kernel: &Kernel) {
             cgroups = p.cgroups,
             "policy applied"
         );
-        if hosts > 0 {
-            tracing::warn!(
-                policy = %p.name,
-                "{hosts} hostname entries are kept but allow nothing yet: this build has no hostname resolution"
-            );
-        }
     }
     for name in &report.removed_policies {
         tracing::info!(policy = %name, "policy removed");

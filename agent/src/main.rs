@@ -1,17 +1,7 @@
-//! egress-guard: kernel-enforced egress allowlists for the containers of an OpenHands host.
-//!
-//! `egress-guard run` is the daemon; the other subcommands are tools around it.
-//! Where things are: config parsing in `config.rs`, rule compilation in `policy.rs`, kernel
-//! maps and attachments in `kernel/`, the daemon loop in `daemon.rs`; the per-packet decision
-//! itself is in `agent-ebpf/src/decide.rs`.
+//! The `egress-guard` command: `egress-guard run` is the daemon; the other subcommands are
+//! tools around it. The modules are in the library (`lib.rs` says where things are).
 
-mod audit;
-mod check;
-mod config;
-mod control;
-mod daemon;
-mod kernel;
-mod policy;
+use egress_guard::{config, control, daemon, kernel};
 
 use std::{io::IsTerminal as _, path::PathBuf, process::ExitCode};
 
@@ -57,6 +47,12 @@ enum Command {
     },
     /// Which cgroups and containers are guarded, by which policy.
     Targets {
+        #[command(flatten)]
+        socket: SocketArgs,
+    },
+    /// The DNS proxy and what it learned: which addresses each allowed hostname resolved to,
+    /// and for how much longer they are allowed.
+    Dns {
         #[command(flatten)]
         socket: SocketArgs,
     },
@@ -248,6 +244,7 @@ fn main() -> ExitCode {
         }
         Command::Status { socket } => done(control::client::status(&socket.socket, socket.json)),
         Command::Targets { socket } => done(control::client::targets(&socket.socket, socket.json)),
+        Command::Dns { socket } => done(control::client::dns(&socket.socket, socket.json)),
         Command::Policy { name, socket } => done(control::client::policy(
             &socket.socket,
             name.as_deref(),
@@ -381,6 +378,7 @@ mod tests {
             "check\\-config",
             "status",
             "targets",
+            "dns",
             "policy",
             "check",
             "events",

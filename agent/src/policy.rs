@@ -22,6 +22,10 @@ impl Compiled {
     pub fn len(&self) -> usize {
         self.entries.len()
     }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
 }
 
 /// Builds the map entries of `policy`; refuses a network on which more port rules apply

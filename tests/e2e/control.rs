@@ -28,7 +28,7 @@ fn json(o: &Output) -> Value {
 
 fn policy(cg: &TestCgroup, allowed: std::net::SocketAddr, extra: &str) -> String {
     format!(
-        "[[policy]]\nname = \"sandbox\"\ncgroups = [\"{}\"]\nallow = [\"{allowed}\", \"10.0.0.0/8:443\", \"api.example.com:443\"]\n{extra}",
+        "[[policy]]\nname = \"sandbox\"\ncgroups = [\"{}\"]\nallow = [\"{allowed}\", \"10.0.0.0/8:443\", \"api.example.com:443\"]\ndns = [\"127.0.0.1:9\"]\n{extra}",
         cg.rel()
     )
 }

@@ -12,6 +12,7 @@ fn policy(cgroup: &TestCgroup, tcp: u16, udp: u16, tcp6: u16, mode: &str) -> Str
 name = "sandbox"
 cgroups = ["{}"]
 allow = ["127.0.0.2:{tcp}", "udp/127.0.0.2:{udp}", "[::1]:{tcp6}", "api.example.com:443"]
+dns = ["127.0.0.1:9"]
 "#,
         cgroup.rel()
     )

@@ -4,6 +4,7 @@
 mod audit;
 mod config_errors;
 mod control;
+mod dns;
 mod enforce;
 mod lifecycle;
 

@@ -340,8 +340,9 @@ fn setup_size(bench: &mut Bench, size: usize, port: u16) -> anyhow::Result<Durat
     std::fs::write(
         &config,
         format!(
-            "pin_dir = \"{}\"\nlog_level = \"warn\"\n[audit]\nfile = \"{}\"\n[[policy]]\nname = \"bench\"\ncgroups = [\"{}\"]\nallow = [\n  {allow}\n]\n",
+            "pin_dir = \"{}\"\nlog_level = \"warn\"\n{}[audit]\nfile = \"{}\"\n[[policy]]\nname = \"bench\"\ncgroups = [\"{}\"]\nallow = [\n  {allow}\n]\n",
             bench.pin_dir.display(),
+            crate::scratch::LOOPBACK_DNS,
             bench.dir.join("audit.jsonl").display(),
             bench.cgroup("egress-guard")
         ),

@@ -87,8 +87,9 @@ pub fn run(bin: &Path, probe: &Path) -> anyhow::Result<String> {
     std::fs::write(
         &config,
         format!(
-            "pin_dir = \"{}\"\nlog_level = \"warn\"\n[audit]\nfile = \"{}\"\n[control]\nsocket = \"{}\"\n[[policy]]\nname = \"bench\"\ncgroups = [\"{name}\"]\nallow = []\n",
+            "pin_dir = \"{}\"\nlog_level = \"warn\"\n{}[audit]\nfile = \"{}\"\n[control]\nsocket = \"{}\"\n[[policy]]\nname = \"bench\"\ncgroups = [\"{name}\"]\nallow = []\n",
             setup.pin_dir.display(),
+            crate::scratch::LOOPBACK_DNS,
             audit_file.display(),
             dir.join("control.sock").display()
         ),

@@ -79,6 +79,7 @@ pin_dir = "{pin}"
 [audit]
 file = "{audit}"
 
+{dns}
 [[policy]]
 name = "openhands-sandbox"
 cgroups = ["{cg}"]
@@ -86,6 +87,7 @@ allow = ["127.0.0.2:{llm_port}"]
 "#,
         pin = demo.pin_dir.display(),
         audit = audit_file.display(),
+        dns = crate::scratch::LOOPBACK_DNS,
         cg = name,
     );
     let config_path = demo.dir.join("config.toml");

@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | test | demo`.
+//! Project tasks: `cargo xtask setup | test | demo | bench | dist | fuzz`.
 //!
 //! `setup` makes a fresh machine able to build and test (idempotent; `test` and `demo` run it
 //! first). `test` is the whole check CI runs. `demo` shows the agent at work in a throwaway
@@ -7,6 +7,7 @@
 mod bench;
 mod bench_audit;
 mod demo;
+mod fuzz;
 mod scratch;
 
 use std::{
@@ -41,11 +42,26 @@ enum Task {
     Bench,
     /// Build the release binary and write shell completions and the man page to target/dist.
     Dist,
+    /// Fuzz the DNS proxy's handling of requests and upstream answers (cargo fuzz, libFuzzer),
+    /// each target for SECONDS (default 60). `test` runs it for a few seconds.
+    Fuzz {
+        #[arg(default_value_t = 60)]
+        seconds: u64,
+    },
 }
 
 /// Debian packages the tests, demo and benchmarks need (checked with dpkg, installed with
 /// apt-get).
-const APT_PACKAGES: &[&str] = &["iproute2", "iptables", "nftables", "python3"];
+const APT_PACKAGES: &[&str] = &[
+    "iproute2",
+    "iptables",
+    "nftables",
+    "python3",
+    "dnsmasq-base",
+];
+
+/// How long `test` fuzzes each DNS target (`cargo xtask fuzz` for longer runs).
+const FUZZ_SECONDS_IN_TEST: u64 = 15;
 
 /// The bpf-linker release the build is known to work with.
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -53,6 +69,10 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
         Task::Setup => setup(),
+        Task::Fuzz { seconds } => {
+            setup()?;
+            fuzz::run_all(seconds)
+        }
         Task::Test => test(),
         Task::Demo => {
             setup()?;
@@ -279,6 +299,7 @@ fn test() -> anyhow::Result<()> {
         "--exclude",
         "agent-ebpf",
     ]))?;
+    fuzz::run_all(FUZZ_SECONDS_IN_TEST)?;
     if !is_root() {
         bail!("the end-to-end tests load eBPF programs: run `cargo xtask test` as root");
     }

@@ -8,6 +8,10 @@ use std::{
 
 use anyhow::Context as _;
 
+/// The `[dns]` table of throwaway set-ups: the DNS proxy on loopback (the guarded processes
+/// share the host's network), not on Docker's bridge.
+pub const LOOPBACK_DNS: &str = "[dns]\nlisten = \"127.0.0.1\"\nport = 10353\n";
+
 pub struct Scratch {
     pub cgroup: PathBuf,
     pub dir: PathBuf,

@@ -92,6 +92,14 @@ impl Audit {
         Ok(audit)
     }
 
+    /// Lets `net.*` records name the hostnames their destination was answered for.
+    pub fn set_learner(
+        &mut self,
+        learner: std::sync::Arc<std::sync::Mutex<crate::dns::learned::Learner>>,
+    ) {
+        self.enricher.learned = Some(learner);
+    }
+
     /// `LOST_EVENTS[index]`, summed over CPUs.
     fn lost_counter(&self, index: u32) -> anyhow::Result<u64> {
         Ok(self
@@ -225,7 +233,7 @@ impl Audit {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
-                                guard = ring.readable_mut() => {
+                guard = ring.readable_mut() => {
                     let mut guard = guard?;
                     // A bounded batch, then back to select!: signals, notices and the tick
                     // are served even while a container floods the ring.
@@ -238,17 +246,22 @@ impl Audit {
                 }
                 n = notices.recv() => match n {
                     Some(n) => {
-                        if matches!(n, Notice::Agent("agent.stop", _)) {
+                        let stop = matches!(n, Notice::Agent("agent.stop", _));
+                        if stop {
                             // Everything the kernel recorded comes before the stop record.
                             while self.drain(ring.get_mut(), DRAIN_BATCH) {}
                             self.flush_flows(true);
                             self.check_lost();
                         }
                         self.on_notice(n);
+                        // The last record: other senders (the DNS proxy) may still be alive.
+                        if stop {
+                            break;
+                        }
                     }
                     None => break,
                 },
-                                _ = tick.tick() => {
+                _ = tick.tick() => {
                     self.enricher.refresh_clock();
                     self.flush_flows(false);
                     self.check_lost();

@@ -35,6 +35,8 @@ pub struct Enricher {
     /// Cgroup id → path relative to the cgroup2 root (None: not found under a guarded cgroup).
     cgroups: HashMap<u64, Option<String>>,
     last_scan: Option<Instant>,
+    /// The DNS learner: which names a destination was answered for.
+    pub learned: Option<std::sync::Arc<std::sync::Mutex<crate::dns::learned::Learner>>>,
 }
 
 fn clock_ns(clock: libc::clockid_t) -> i128 {
@@ -70,6 +72,7 @@ impl Enricher {
             guarded: Vec::new(),
             cgroups: HashMap::new(),
             last_scan: None,
+            learned: None,
         }
     }
 
@@ -141,8 +144,26 @@ impl Enricher {
             m.insert("proto".into(), proto(e.proto));
             m.insert("dst".into(), dst(e));
             m.insert("port".into(), e.port.into());
+            m.insert("hostnames".into(), self.hostnames(e));
         }
         Value::Object(m)
+    }
+
+    /// The names the destination was answered for by the DNS proxy (in this policy).
+    fn hostnames(&self, e: &NetEvent) -> Value {
+        let ip = if e.v4 != 0 {
+            std::net::IpAddr::from([e.addr[0], e.addr[1], e.addr[2], e.addr[3]])
+        } else {
+            std::net::IpAddr::from(e.addr)
+        };
+        let names = match &self.learned {
+            Some(l) => l
+                .lock()
+                .map(|l| l.names_of(e.hdr.slot, ip))
+                .unwrap_or_default(),
+            None => Vec::new(),
+        };
+        Value::from(names)
     }
 
     /// The fields every record about a process carries (`net.*` and `proc.*`).

@@ -181,6 +181,45 @@ pub fn targets(socket: &Path, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+pub fn dns(socket: &Path, json: bool) -> anyhow::Result<()> {
+    let v = runtime()?.block_on(get_ok(socket, "/v1/dns"))?;
+    if json {
+        print_json(&v);
+        return Ok(());
+    }
+    println!("mode: {}", v["mode"].as_str().unwrap_or("?"));
+    for p in v["proxy"].as_array().into_iter().flatten() {
+        println!(
+            "proxy: policy {} on {} (UDP and TCP), upstreams {}",
+            p["policy"].as_str().unwrap_or("?"),
+            p["listen"].as_str().unwrap_or("?"),
+            p["upstreams"]
+                .as_array()
+                .map(|u| u
+                    .iter()
+                    .filter_map(|x| x.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "))
+                .unwrap_or_default()
+        );
+    }
+    println!();
+    println!(
+        "{:<20} {:<40} {:<40} EXPIRES IN",
+        "POLICY", "NAME", "ADDRESS"
+    );
+    for e in v["learned"].as_array().into_iter().flatten() {
+        println!(
+            "{:<20} {:<40} {:<40} {}s",
+            e["policy"].as_str().unwrap_or("?"),
+            e["name"].as_str().unwrap_or("?"),
+            e["address"].as_str().unwrap_or("?"),
+            e["expires_in_secs"]
+        );
+    }
+    Ok(())
+}
+
 pub fn policy(socket: &Path, name: Option<&str>, json: bool) -> anyhow::Result<()> {
     let path = match name {
         Some(n) => format!("/v1/policy/{}", encode(n)),
@@ -214,12 +253,22 @@ pub fn policy(socket: &Path, name: Option<&str>, json: bool) -> anyhow::Result<(
             );
         }
         for h in p["hostnames"].as_array().into_iter().flatten() {
+            let ips: Vec<&str> = h["learned_ips"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|i| i.as_str())
+                .collect();
             println!(
-                "  {:<40} hostname   ports {:<12} (line {}) — {}",
+                "  {:<40} hostname   ports {:<12} (line {}) — now: {}",
                 h["name"].as_str().unwrap_or("?"),
                 h["ports"].as_str().unwrap_or("?"),
                 h["line"],
-                h["note"].as_str().unwrap_or("")
+                if ips.is_empty() {
+                    "no address learned".to_string()
+                } else {
+                    ips.join(", ")
+                }
             );
         }
     }
@@ -253,15 +302,19 @@ pub fn check(
             v["policy"].as_str().unwrap_or("?"),
             v["mode"].as_str().unwrap_or("?")
         );
-        match v["entry"].as_object() {
-            Some(e) => println!(
+        let entry = &v["entry"];
+        if let Some(names) = entry.get("learned_from") {
+            println!("{head}: allowed as an address answered for {names}");
+        } else if entry.is_object() {
+            println!(
                 "{head}: allowed by entry {} (line {})",
-                e["entry"], e["line"]
-            ),
-            None => println!("{head}: {}", v["reason"].as_str().unwrap_or("")),
+                entry["entry"], entry["line"]
+            );
+        } else {
+            println!("{head}: {}", v["reason"].as_str().unwrap_or(""));
         }
-        if let Some(n) = v["note"].as_str() {
-            println!("note: {n}");
+        if let Some(names) = v["hostnames"].as_array() {
+            println!("learned from DNS answers for: {names:?}");
         }
     }
     Ok(if v["verdict"] == "allow" {

@@ -37,6 +37,12 @@ pub struct EventFeed {
     total: std::sync::atomic::AtomicU64,
 }
 
+impl Default for EventFeed {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl EventFeed {
     pub fn new() -> Self {
         Self {
@@ -78,6 +84,24 @@ pub struct Shared {
     pub reload: mpsc::Sender<ReloadRequest>,
     /// The group whose members may read.
     pub group: Option<(String, u32)>,
+    /// The DNS side: mode and listeners (`dns` of the status), and the learned addresses.
+    pub dns: Mutex<Value>,
+    pub learner: Arc<Mutex<crate::dns::learned::Learner>>,
+}
+
+/// The policies in force, with the addresses learned so far.
+fn policies_now(shared: &Shared) -> Vec<check::PolicyView> {
+    let mut policies = shared
+        .policies
+        .lock()
+        .map(|p| p.clone())
+        .unwrap_or_default();
+    if let Ok(l) = shared.learner.lock() {
+        for p in &mut policies {
+            p.learned = l.view(&p.name);
+        }
+    }
+    policies
 }
 
 /// Serves the control socket until the task is dropped.
@@ -298,13 +322,19 @@ async fn handle(
             Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
         },
         (&Method::GET, "/v1/targets") => json_response(StatusCode::OK, &targets(&shared)),
+        (&Method::GET, "/v1/dns") => {
+            let mut v = shared.dns.lock().map(|d| d.clone()).unwrap_or(Value::Null);
+            let learned = shared
+                .learner
+                .lock()
+                .map(|l| l.entries())
+                .unwrap_or_default();
+            v["learned"] = serde_json::to_value(learned).unwrap_or(Value::Null);
+            json_response(StatusCode::OK, &v)
+        }
         (&Method::GET, p) if p == "/v1/policy" || p.starts_with("/v1/policy/") => {
             let name = p.strip_prefix("/v1/policy/").map(percent_decode);
-            let policies = shared
-                .policies
-                .lock()
-                .map(|p| p.clone())
-                .unwrap_or_default();
+            let policies = policies_now(&shared);
             let chosen: Vec<Value> = policies
                 .iter()
                 .filter(|p| name.as_ref().is_none_or(|n| *n == p.name))
@@ -316,11 +346,7 @@ async fn handle(
             }
         }
         (&Method::GET, "/v1/check") => {
-            let policies = shared
-                .policies
-                .lock()
-                .map(|p| p.clone())
-                .unwrap_or_default();
+            let policies = policies_now(&shared);
             match check::check(
                 &policies,
                 get("dest").as_deref(),

@@ -3,8 +3,8 @@
 use std::{net::IpAddr, path::Path};
 
 use agent_common::{
-    Addr4Key, Addr6Key, AllowValue, COUNTERS_PER_POLICY, Counter, MAX_POLICIES, PolicyState,
-    RULESET_PREFIX_BITS, map_names,
+    Addr4Key, Addr6Key, AllowValue, COUNTERS_PER_POLICY, Counter, DnsProxy, MAX_POLICIES, OpenConn,
+    PolicyState, RULESET_PREFIX_BITS, map_names,
 };
 use anyhow::{Context as _, anyhow};
 use aya::{
@@ -22,6 +22,7 @@ pub struct Maps {
     cidr6: LpmTrie<MapData, Addr6Key, AllowValue>,
     counters: PerCpuArray<MapData, u64>,
     guarded: HashMap<MapData, u64, u32>,
+    dns_proxy: Array<MapData, DnsProxy>,
 }
 
 /// Per-policy counter values, summed over CPUs, in `Counter` order.
@@ -55,6 +56,7 @@ impl Maps {
             cidr6: take(map_names::ALLOW_CIDR6)?.try_into()?,
             counters: take(map_names::COUNTERS)?.try_into()?,
             guarded: take(map_names::GUARDED_CGROUPS)?.try_into()?,
+            dns_proxy: take(map_names::DNS_PROXY)?.try_into()?,
         })
     }
 
@@ -69,6 +71,42 @@ impl Maps {
         self.state
             .set(slot, state, 0)
             .with_context(|| format!("writing POLICY_STATE[{slot}]"))
+    }
+
+    /// Where the slot's DNS is redirected (`None`: not redirected).
+    pub fn set_dns_proxy(
+        &mut self,
+        slot: u32,
+        to: Option<std::net::SocketAddrV4>,
+    ) -> anyhow::Result<()> {
+        let v = match to {
+            Some(a) => DnsProxy {
+                enabled: 1,
+                addr: a.ip().octets(),
+                port: a.port(),
+                _pad: [0; 6],
+            },
+            None => DnsProxy::default(),
+        };
+        self.dns_proxy
+            .set(slot, v, 0)
+            .with_context(|| format!("writing DNS_PROXY[{slot}]"))
+    }
+
+    /// Allows `value` to the single address `ip` under `ruleset` (a learned address).
+    pub fn write_exact(
+        &mut self,
+        ruleset: u32,
+        ip: IpAddr,
+        value: &AllowValue,
+    ) -> anyhow::Result<()> {
+        let net = ipnet::IpNet::from(ip);
+        self.write_ruleset(
+            ruleset,
+            &Compiled {
+                entries: vec![(net, *value)],
+            },
+        )
     }
 
     /// Writes every entry of `compiled` under `ruleset`.
@@ -175,4 +213,90 @@ pub fn state_name(state: &PolicyState) -> String {
         .position(|&b| b == 0)
         .unwrap_or(state.name.len());
     String::from_utf8_lossy(&state.name[..end]).into_owned()
+}
+
+/// The maps the DNS proxy writes learned addresses to, and the open connections it checks
+/// before letting one expire. A handle of its own, opened from the pins.
+pub struct LearnMaps {
+    exact4: HashMap<MapData, Addr4Key, AllowValue>,
+    exact6: HashMap<MapData, Addr6Key, AllowValue>,
+    open_conns: HashMap<MapData, u64, OpenConn>,
+}
+
+impl LearnMaps {
+    pub fn from_pins(dir: &Path) -> anyhow::Result<Self> {
+        let open = |name: &str| -> anyhow::Result<Map> {
+            let path = dir.join(name);
+            let data = MapData::from_pin(&path)
+                .with_context(|| format!("opening pinned map {}", path.display()))?;
+            Ok(Map::from_map_data(data)?)
+        };
+        Ok(Self {
+            exact4: open(map_names::ALLOW_EXACT4)?.try_into()?,
+            exact6: open(map_names::ALLOW_EXACT6)?.try_into()?,
+            open_conns: open(map_names::OPEN_CONNS)?.try_into()?,
+        })
+    }
+
+    /// Allows `value` to `ip` under `ruleset`.
+    pub fn write(&mut self, ruleset: u32, ip: IpAddr, value: &AllowValue) -> anyhow::Result<()> {
+        match ip {
+            IpAddr::V4(a) => self.exact4.insert(
+                Addr4Key {
+                    ruleset,
+                    addr: a.octets(),
+                },
+                value,
+                0,
+            ),
+            IpAddr::V6(a) => self.exact6.insert(
+                Addr6Key {
+                    ruleset,
+                    addr: a.octets(),
+                },
+                value,
+                0,
+            ),
+        }
+        .with_context(|| format!("writing learned address {ip} (are the address maps full?)"))
+    }
+
+    /// Removes the exact entry for `ip` under `ruleset` (absent is fine).
+    pub fn remove(&mut self, ruleset: u32, ip: IpAddr) -> anyhow::Result<()> {
+        let res = match ip {
+            IpAddr::V4(a) => self.exact4.remove(&Addr4Key {
+                ruleset,
+                addr: a.octets(),
+            }),
+            IpAddr::V6(a) => self.exact6.remove(&Addr6Key {
+                ruleset,
+                addr: a.octets(),
+            }),
+        };
+        match res {
+            Ok(()) => Ok(()),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(e).with_context(|| format!("removing learned address {ip}")),
+        }
+    }
+
+    /// `(slot, address)` of every open outgoing TCP connection of a guarded cgroup.
+    pub fn open_connections(&self) -> anyhow::Result<std::collections::HashSet<(u32, IpAddr)>> {
+        let mut out = std::collections::HashSet::new();
+        for entry in self.open_conns.iter() {
+            let (_, c) = entry.context("reading OPEN_CONNS")?;
+            let ip = if c.v4 != 0 {
+                IpAddr::from([c.addr[0], c.addr[1], c.addr[2], c.addr[3]])
+            } else {
+                IpAddr::from(c.addr)
+            };
+            out.insert((c.slot, ip));
+        }
+        Ok(out)
+    }
 }

@@ -41,6 +41,11 @@ pub struct Target {
     pub mode: Mode,
     pub compiled: Compiled,
     pub cgroups: Vec<PathBuf>,
+    /// Where the policy's DNS is redirected (the agent's proxy), if it is.
+    pub dns_proxy: Option<std::net::SocketAddrV4>,
+    /// Addresses learned from DNS answers, carried into the new ruleset (exact entries,
+    /// written after `compiled`, with the static rules already merged in).
+    pub learned: Vec<(std::net::IpAddr, agent_common::AllowValue)>,
 }
 
 /// What an [`Kernel::apply`] did.
@@ -58,6 +63,9 @@ pub struct ApplyReport {
 pub struct AppliedPolicy {
     pub name: String,
     pub slot: u32,
+    /// The active ruleset id after the flip.
+    #[serde(skip)]
+    pub ruleset: u32,
     pub mode: Mode,
     pub entries: usize,
     pub cgroups: usize,
@@ -188,8 +196,19 @@ impl Kernel {
         Ok(self.maps.states()?.iter().map(state_name).collect())
     }
 
+    /// Where the maps are pinned.
+    pub fn maps_dir(&self) -> PathBuf {
+        self.root.join("maps")
+    }
+
     fn links_dir(&self) -> PathBuf {
         self.root.join("links")
+    }
+
+    /// The slots `apply(targets)` will use (a policy keeps its slot across restarts and
+    /// reloads); the DNS proxy port of a policy depends on it.
+    pub fn slots(&self, targets: &[Target]) -> anyhow::Result<Vec<u32>> {
+        assign_slots(targets, &self.maps.states()?, &self.link_pins()?)
     }
 
     /// Makes the kernel enforce exactly `targets`.
@@ -213,6 +232,12 @@ impl Kernel {
             };
             self.maps.clear_ruleset(new)?;
             self.maps.write_ruleset(new, &t.compiled)?;
+            for (ip, value) in &t.learned {
+                self.maps.write_exact(new, *ip, value)?;
+            }
+            // Before the flip and before any attach: a guarded process's DNS never goes
+            // anywhere but the proxy.
+            self.maps.set_dns_proxy(slot, t.dns_proxy)?;
             let mut name = [0u8; POLICY_NAME_LEN];
             name[..t.name.len()].copy_from_slice(t.name.as_bytes());
             let flags = STATE_ACTIVE
@@ -233,6 +258,7 @@ impl Kernel {
             report.policies.push(AppliedPolicy {
                 name: t.name.clone(),
                 slot,
+                ruleset: new,
                 mode: t.mode,
                 entries: t.compiled.len(),
                 cgroups: t.cgroups.len(),
@@ -392,6 +418,7 @@ impl Kernel {
             let slot = slot as u32;
             if st.flags & STATE_ACTIVE != 0 && !kept.contains(&slot) {
                 self.maps.set_state(slot, &PolicyState::default())?;
+                self.maps.set_dns_proxy(slot, None)?;
                 for r in ruleset_ids(slot) {
                     self.maps.clear_ruleset(r)?;
                 }

@@ -31,13 +31,18 @@ pub fn object_id() -> String {
     format!("{h:016x}")
 }
 
-/// The per-cgroup hooks, in attach order. The packet backstop and the inbound marker go first,
-/// so the socket hooks never run without them.
+/// The per-cgroup hooks, in attach order. The packet backstop and the TCP tracker go first,
+/// so the socket hooks never run without them; the DNS reply rewrite goes before the
+/// redirects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Hook {
-    Inbound,
+    TcpState,
     Egress,
     SockCreate,
+    Recvmsg4,
+    Recvmsg6,
+    Getpeername4,
+    Getpeername6,
     Connect4,
     Connect6,
     Sendmsg4,
@@ -45,10 +50,14 @@ pub enum Hook {
 }
 
 impl Hook {
-    pub const ALL: [Hook; 7] = [
-        Hook::Inbound,
+    pub const ALL: [Hook; 11] = [
+        Hook::TcpState,
         Hook::Egress,
         Hook::SockCreate,
+        Hook::Recvmsg4,
+        Hook::Recvmsg6,
+        Hook::Getpeername4,
+        Hook::Getpeername6,
         Hook::Connect4,
         Hook::Connect6,
         Hook::Sendmsg4,
@@ -58,7 +67,11 @@ impl Hook {
     /// The program's function name in agent-ebpf, also used in pin names.
     pub fn program(self) -> &'static str {
         match self {
-            Hook::Inbound => "inbound",
+            Hook::TcpState => "tcp_state",
+            Hook::Recvmsg4 => "recvmsg4",
+            Hook::Recvmsg6 => "recvmsg6",
+            Hook::Getpeername4 => "getpeername4",
+            Hook::Getpeername6 => "getpeername6",
             Hook::Egress => "egress",
             Hook::SockCreate => "sock_create",
             Hook::Connect4 => "connect4",
@@ -101,7 +114,14 @@ pub fn attach(ebpf: &mut Ebpf, hook: Hook, cgroup: &File) -> anyhow::Result<FdLi
         .ok_or_else(|| anyhow!("the eBPF object has no program {name}"))?;
     let mode = CgroupAttachMode::Single;
     let link: FdLink = match hook {
-        Hook::Connect4 | Hook::Connect6 | Hook::Sendmsg4 | Hook::Sendmsg6 => {
+        Hook::Connect4
+        | Hook::Connect6
+        | Hook::Sendmsg4
+        | Hook::Sendmsg6
+        | Hook::Recvmsg4
+        | Hook::Recvmsg6
+        | Hook::Getpeername4
+        | Hook::Getpeername6 => {
             let p: &mut CgroupSockAddr = prog.try_into()?;
             if p.fd().is_err() {
                 p.load().with_context(|| format!("loading {name}"))?;
@@ -125,7 +145,7 @@ pub fn attach(ebpf: &mut Ebpf, hook: Hook, cgroup: &File) -> anyhow::Result<FdLi
             let id = p.attach(cgroup, CgroupSkbAttachType::Egress, mode)?;
             p.take_link(id)?.try_into()?
         }
-        Hook::Inbound => {
+        Hook::TcpState => {
             let p: &mut SockOps = prog.try_into()?;
             if p.fd().is_err() {
                 p.load().with_context(|| format!("loading {name}"))?;

@@ -14,6 +14,12 @@
 //! probe serve ADDR:PORT            listen, print `ready`, accept one connection, write `hello`
 //! probe loop tcp ADDR:PORT MILLIS  connect repeatedly for MILLIS; prints `ok=N eperm=M err=K`
 //! probe bench-connect ADDR:PORT MILLIS  connect + close (RST) for MILLIS; prints `ns_per_connect=X`
+//! probe dns SERVER:PORT NAME TYPE [tcp]   one DNS query (UDP from an unconnected socket, or
+//!                                  TCP); prints `rcode=R answers=A,B from=ADDR:PORT tc=0|1`
+//!                                  (`from`: where the answer appeared to come from)
+//! probe dns-connect SERVER:PORT NAME PORT N  N times: resolve NAME (A, UDP), connect to the
+//!                                  first answer on PORT; prints `ok=N eperm=M err=K`
+//! probe dns-raw SERVER:PORT HEX    send these bytes over UDP; prints `reply=HEX` or `no-reply`
 
 use std::{
     io::{BufRead as _, Write as _},
@@ -98,6 +104,72 @@ fn close_with_reset(s: TcpStream) {
             std::mem::size_of::<libc::linger>() as libc::socklen_t,
         )
     };
+}
+
+/// One DNS query; the answer and the address it came from.
+fn dns_query(
+    server: SocketAddr,
+    name: &str,
+    qtype: &str,
+    over_tcp: bool,
+) -> Result<(hickory_proto::op::Message, SocketAddr), String> {
+    use hickory_proto::{
+        op::{Message, MessageType, OpCode, Query},
+        rr::{Name, RecordType},
+    };
+    let t: RecordType = qtype.parse().map_err(|e| format!("{e}"))?;
+    let mut m = Message::new(0x4242, MessageType::Query, OpCode::Query);
+    m.metadata.recursion_desired = true;
+    m.add_query(Query::query(
+        Name::from_ascii(name).map_err(|e| e.to_string())?,
+        t,
+    ));
+    let req = m.to_vec().map_err(|e| e.to_string())?;
+    let (bytes, from) = if over_tcp {
+        let mut s = TcpStream::connect_timeout(&server, Duration::from_secs(5))
+            .map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+        let mut out = (req.len() as u16).to_be_bytes().to_vec();
+        out.extend_from_slice(&req);
+        s.write_all(&out).map_err(|e| e.to_string())?;
+        let mut len = [0u8; 2];
+        std::io::Read::read_exact(&mut s, &mut len).map_err(|e| e.to_string())?;
+        let mut buf = vec![0u8; u16::from_be_bytes(len) as usize];
+        std::io::Read::read_exact(&mut s, &mut buf).map_err(|e| e.to_string())?;
+        let peer = s.peer_addr().map_err(|e| e.to_string())?;
+        (buf, peer)
+    } else {
+        let bind = if server.is_ipv4() {
+            "0.0.0.0:0"
+        } else {
+            "[::]:0"
+        };
+        let s = UdpSocket::bind(bind).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+        s.send_to(&req, server).map_err(|e| e.to_string())?;
+        let mut buf = vec![0u8; 4096];
+        let (n, from) = s.recv_from(&mut buf).map_err(|e| e.to_string())?;
+        buf.truncate(n);
+        (buf, from)
+    };
+    let msg = Message::from_vec(&bytes).map_err(|e| e.to_string())?;
+    Ok((msg, from))
+}
+
+fn addresses(m: &hickory_proto::op::Message) -> Vec<std::net::IpAddr> {
+    use hickory_proto::rr::RData;
+    m.answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::A(a) => Some(std::net::IpAddr::V4(a.0)),
+            RData::AAAA(a) => Some(std::net::IpAddr::V6(a.0)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 fn wait_for_line() {
@@ -212,6 +284,65 @@ fn main() -> ExitCode {
                 n += 1;
             }
             println!("ns_per_connect={}", start.elapsed().as_nanos() / n.max(1));
+            ExitCode::SUCCESS
+        }
+        ["dns", server, name, qtype, rest @ ..] => {
+            match dns_query(addr(server), name, qtype, rest == ["tcp"]) {
+                Ok((m, from)) => {
+                    let answers: Vec<String> =
+                        addresses(&m).iter().map(|a| a.to_string()).collect();
+                    println!(
+                        "rcode={} answers={} from={from} tc={}",
+                        m.metadata.response_code.to_str(),
+                        answers.join(","),
+                        u8::from(m.metadata.truncation)
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    println!("err {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        ["dns-connect", server, name, port, n] => {
+            let port: u16 = port.parse().expect("port");
+            let (mut ok, mut eperm, mut err) = (0u64, 0u64, 0u64);
+            for _ in 0..n.parse::<u32>().expect("count") {
+                let first = dns_query(addr(server), name, "A", false)
+                    .ok()
+                    .and_then(|(m, _)| addresses(&m).first().copied());
+                let Some(ip) = first else {
+                    err += 1;
+                    continue;
+                };
+                match TcpStream::connect_timeout(&SocketAddr::new(ip, port), Duration::from_secs(2))
+                {
+                    Ok(s) => {
+                        close_with_reset(s);
+                        ok += 1
+                    }
+                    Err(e) if e.raw_os_error() == Some(libc::EPERM) => eperm += 1,
+                    Err(_) => err += 1,
+                }
+            }
+            println!("ok={ok} eperm={eperm} err={err}");
+            ExitCode::SUCCESS
+        }
+        ["dns-raw", server, bytes] => {
+            let raw: Vec<u8> = (0..bytes.len() / 2)
+                .map(|i| u8::from_str_radix(&bytes[2 * i..2 * i + 2], 16).expect("hex"))
+                .collect();
+            let s = UdpSocket::bind("0.0.0.0:0").expect("bind");
+            s.set_read_timeout(Some(Duration::from_secs(2))).ok();
+            if let Err(e) = s.send_to(&raw, addr(server)) {
+                return report(classify::<()>(Err(e)));
+            }
+            let mut buf = [0u8; 4096];
+            match s.recv_from(&mut buf) {
+                Ok((n, _)) => println!("reply={}", hex(&buf[..n])),
+                Err(_) => println!("no-reply"),
+            }
             ExitCode::SUCCESS
         }
         _ => {

@@ -1,0 +1,450 @@
+//! The DNS proxy: one UDP and one TCP listener per policy (the port says which policy asks),
+//! request → [`plan`] → answer locally, or ask upstream, learn, then answer.
+
+use std::{
+    collections::HashMap,
+    net::{SocketAddr, SocketAddrV4},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use hickory_proto::op::Message;
+use serde_json::{Value, json};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpStream, UdpSocket},
+    sync::{Semaphore, mpsc},
+    task::JoinHandle,
+    time::timeout,
+};
+
+use super::{
+    learned::Learner,
+    message::{Local, MAX_UDP_MESSAGE, Plan, Question, plan, rcode_name, read_answer, servfail},
+    names::PolicyNames,
+    upstream::{Upstream, random_id},
+};
+use crate::{audit::Notice, config};
+
+/// Queries answered or forwarded at the same time; beyond, UDP queries are dropped (the
+/// client retries) and TCP connections wait.
+const MAX_IN_FLIGHT: usize = 1024;
+const MAX_TCP_CONNECTIONS: usize = 256;
+/// A TCP client that sends nothing for this long is disconnected.
+const TCP_IDLE: Duration = Duration::from_secs(10);
+
+/// One policy as the proxy serves it.
+pub struct PolicyDns {
+    pub policy: String,
+    pub audit: bool,
+    pub names: PolicyNames,
+    pub upstream: Upstream,
+}
+
+struct Shared {
+    refuse: config::Refusal,
+    learner: Arc<Mutex<Learner>>,
+    records: mpsc::UnboundedSender<Notice>,
+    policies: Mutex<HashMap<u16, Arc<PolicyDns>>>,
+    in_flight: Arc<Semaphore>,
+    tcp_slots: Arc<Semaphore>,
+}
+
+/// The running proxy.
+pub struct Proxy {
+    listen: std::net::Ipv4Addr,
+    shared: Arc<Shared>,
+    listeners: HashMap<u16, [JoinHandle<()>; 2]>,
+}
+
+impl Proxy {
+    pub fn new(
+        listen: std::net::Ipv4Addr,
+        refuse: config::Refusal,
+        learner: Arc<Mutex<Learner>>,
+        records: mpsc::UnboundedSender<Notice>,
+    ) -> Self {
+        Self {
+            listen,
+            shared: Arc::new(Shared {
+                refuse,
+                learner,
+                records,
+                policies: Mutex::new(HashMap::new()),
+                in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+                tcp_slots: Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS)),
+            }),
+            listeners: HashMap::new(),
+        }
+    }
+
+    /// Serves exactly `policies` (port → policy): listens on new ports first, so a redirect
+    /// never points at a closed port, then stops listening on ports no longer used. Must be
+    /// called inside the tokio runtime.
+    pub fn serve(&mut self, policies: HashMap<u16, PolicyDns>) -> anyhow::Result<()> {
+        for port in policies.keys() {
+            if self.listeners.contains_key(port) {
+                continue;
+            }
+            let addr = SocketAddrV4::new(self.listen, *port);
+            let (udp, tcp) = bind(addr).map_err(|e| {
+                anyhow::anyhow!(
+                    "the DNS proxy cannot listen on {addr} (UDP and TCP): {e}; set [dns] port to a free range (policy N uses port + N) and [dns] listen to an address the guarded containers reach (Docker's bridge gateway, 172.17.0.1 by default)"
+                )
+            })?;
+            let shared = self.shared.clone();
+            let u = tokio::spawn(serve_udp(udp, *port, shared.clone()));
+            let t = tokio::spawn(serve_tcp(tcp, *port, shared));
+            self.listeners.insert(*port, [u, t]);
+        }
+        let wanted: HashMap<u16, Arc<PolicyDns>> = policies
+            .into_iter()
+            .map(|(k, v)| (k, Arc::new(v)))
+            .collect();
+        self.listeners.retain(|port, tasks| {
+            let keep = wanted.contains_key(port);
+            if !keep {
+                tasks.iter().for_each(JoinHandle::abort);
+            }
+            keep
+        });
+        if let Ok(mut p) = self.shared.policies.lock() {
+            *p = wanted;
+        }
+        Ok(())
+    }
+
+    pub fn stop(&mut self) {
+        for (_, tasks) in self.listeners.drain() {
+            tasks.iter().for_each(JoinHandle::abort);
+        }
+    }
+}
+
+/// Binds UDP and TCP on `addr` with IP_FREEBIND: the agent starts before Docker (so no
+/// container runs unguarded), when Docker's bridge address does not exist yet. Until it does,
+/// redirected queries fail: closed, not open.
+fn bind(addr: SocketAddrV4) -> std::io::Result<(UdpSocket, TcpListener)> {
+    use std::os::fd::{FromRawFd as _, OwnedFd};
+    if std::net::UdpSocket::bind((*addr.ip(), 0)).is_err() {
+        tracing::warn!(
+            "the DNS proxy address {} is not (yet) an address of this host; guarded processes cannot resolve names until it is (Docker creates its bridge when it starts)",
+            addr.ip()
+        );
+    }
+    let socket = |ty: libc::c_int| -> std::io::Result<OwnedFd> {
+        // SAFETY: plain syscalls on a socket this function owns; the sockaddr is fully
+        // initialised and its size is passed.
+        unsafe {
+            let fd = libc::socket(
+                libc::AF_INET,
+                ty | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+                0,
+            );
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let fd = OwnedFd::from_raw_fd(fd);
+            let one: libc::c_int = 1;
+            for (level, opt) in [
+                (libc::IPPROTO_IP, libc::IP_FREEBIND),
+                (libc::SOL_SOCKET, libc::SO_REUSEADDR),
+            ] {
+                let r = libc::setsockopt(
+                    std::os::fd::AsRawFd::as_raw_fd(&fd),
+                    level,
+                    opt,
+                    (&one as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                );
+                if r != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            let sa = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: addr.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(addr.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+            if libc::bind(
+                raw,
+                (&sa as *const libc::sockaddr_in).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            if ty == libc::SOCK_STREAM && libc::listen(raw, 1024) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(fd)
+        }
+    };
+    let udp = std::net::UdpSocket::from(socket(libc::SOCK_DGRAM)?);
+    let tcp = std::net::TcpListener::from(socket(libc::SOCK_STREAM)?);
+    Ok((UdpSocket::from_std(udp)?, TcpListener::from_std(tcp)?))
+}
+
+fn policy_of(shared: &Shared, port: u16) -> Option<Arc<PolicyDns>> {
+    shared.policies.lock().ok()?.get(&port).cloned()
+}
+
+async fn serve_udp(sock: UdpSocket, port: u16, shared: Arc<Shared>) {
+    let sock = Arc::new(sock);
+    let mut buf = vec![0u8; MAX_UDP_MESSAGE];
+    loop {
+        let (n, client) = match sock.recv_from(&mut buf).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!("DNS proxy port {port}: receiving: {e}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let Some(policy) = policy_of(&shared, port) else {
+            continue;
+        };
+        let Ok(permit) = shared.in_flight.clone().try_acquire_owned() else {
+            tracing::warn!(
+                "DNS proxy: {MAX_IN_FLIGHT} queries in flight; dropping one from {client}"
+            );
+            continue;
+        };
+        let request = buf[..n].to_vec();
+        let (sock, shared) = (sock.clone(), shared.clone());
+        tokio::spawn(async move {
+            if let Some(reply) = answer(&shared, &policy, request, client, false).await {
+                let _ = sock.send_to(&reply, client).await;
+            }
+            drop(permit);
+        });
+    }
+}
+
+async fn serve_tcp(listener: TcpListener, port: u16, shared: Arc<Shared>) {
+    loop {
+        let Ok(permit) = shared.tcp_slots.clone().acquire_owned().await else {
+            return;
+        };
+        let (stream, client) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("DNS proxy port {port}: accepting: {e}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            tcp_client(stream, client, port, &shared).await;
+            drop(permit);
+        });
+    }
+}
+
+/// Length-prefixed requests, answered in order, until the client closes or idles.
+async fn tcp_client(mut stream: TcpStream, client: SocketAddr, port: u16, shared: &Shared) {
+    loop {
+        let mut len = [0u8; 2];
+        match timeout(TCP_IDLE, stream.read_exact(&mut len)).await {
+            Ok(Ok(_)) => {}
+            _ => return,
+        }
+        let mut request = vec![0u8; usize::from(u16::from_be_bytes(len))];
+        match timeout(TCP_IDLE, stream.read_exact(&mut request)).await {
+            Ok(Ok(_)) => {}
+            _ => return,
+        }
+        let Some(policy) = policy_of(shared, port) else {
+            return;
+        };
+        let Some(reply) = answer(shared, &policy, request, client, true).await else {
+            return;
+        };
+        let Ok(n) = u16::try_from(reply.len()) else {
+            return;
+        };
+        let mut out = Vec::with_capacity(reply.len() + 2);
+        out.extend_from_slice(&n.to_be_bytes());
+        out.extend_from_slice(&reply);
+        if stream.write_all(&out).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The whole life of one query; `None`: no answer (not a request).
+async fn answer(
+    shared: &Shared,
+    policy: &PolicyDns,
+    mut request: Vec<u8>,
+    client: SocketAddr,
+    tcp: bool,
+) -> Option<Vec<u8>> {
+    let mut rec = Rec {
+        policy: &policy.policy,
+        client,
+        tcp,
+        question: None,
+        verdict: "allow",
+        reason: None,
+        rcode: String::new(),
+        answers: Vec::new(),
+        cnames: Vec::new(),
+        upstream: None,
+    };
+    let (question, would_refuse) = match plan(&request, &policy.names, policy.audit, shared.refuse)
+    {
+        Plan::Drop => return None,
+        Plan::Reply {
+            bytes,
+            question,
+            why,
+        } => {
+            rec.question = question;
+            rec.verdict = if matches!(why, Local::Refused(_)) {
+                "refuse"
+            } else {
+                "local"
+            };
+            rec.reason = Some(why.reason());
+            rec.rcode = rcode_of(&bytes);
+            shared.write(&rec);
+            return Some(bytes);
+        }
+        Plan::Forward {
+            question,
+            would_refuse,
+            ..
+        } => (question, would_refuse),
+    };
+    rec.question = Some(question.clone());
+    if let Some(why) = would_refuse {
+        rec.verdict = "would_refuse";
+        rec.reason = Some(why.reason());
+    }
+    // A fresh id towards the upstream; the client's goes back on the answer.
+    let up_id = random_id();
+    request[..2].copy_from_slice(&up_id.to_be_bytes());
+    let fail = |rec: &mut Rec, why: String| {
+        tracing::warn!(policy = %policy.policy, name = %question.name, "DNS: answering SERVFAIL: {why}");
+        rec.verdict = "error";
+        rec.reason = Some("upstream_failed");
+        rec.rcode = "SERVFAIL".into();
+        shared.write(rec);
+        Some(servfail(&question))
+    };
+    let reply = match policy.upstream.ask(&request, tcp).await {
+        Ok(r) => r,
+        Err(e) => return fail(&mut rec, e),
+    };
+    rec.upstream = Some(reply.server);
+    let max_ttl = shared
+        .learner
+        .lock()
+        .map(|l| l.max_ttl())
+        .unwrap_or(Duration::from_secs(3600));
+    let up_q = Question {
+        id: up_id,
+        ..question.clone()
+    };
+    let (answer, rewritten) = match read_answer(
+        &reply.bytes,
+        &up_q,
+        max_ttl.as_secs().min(u64::from(u32::MAX)) as u32,
+    ) {
+        Ok(a) => a,
+        Err(e) => return fail(&mut rec, format!("{}: {e}", reply.server)),
+    };
+    // Learn before answering: when the client has the address, the kernel allows it.
+    if would_refuse.is_none() && !answer.addrs.is_empty() {
+        let learned = match shared.learner.lock() {
+            Ok(mut l) => l
+                .learn(&policy.policy, &question.name, &answer.addrs)
+                .map_err(|e| e.to_string()),
+            Err(_) => Err("learner state poisoned".to_string()),
+        };
+        if let Err(e) = learned {
+            tracing::error!(policy = %policy.policy, name = %question.name, "DNS: cannot allow the answered addresses: {e}");
+            rec.verdict = "error";
+            rec.reason = Some("learn_failed");
+            rec.rcode = "SERVFAIL".into();
+            shared.write(&rec);
+            return Some(servfail(&question));
+        }
+    }
+    let mut bytes = rewritten.unwrap_or(reply.bytes);
+    bytes[..2].copy_from_slice(&question.id.to_be_bytes());
+    if !tcp && reply.tcp && bytes.len() > client_udp_limit(&request) {
+        // The full answer came over TCP and does not fit the client's UDP size: tell it to
+        // ask again over TCP (the addresses are already allowed).
+        bytes = truncated(&bytes).unwrap_or(bytes);
+    }
+    rec.rcode = answer.rcode.clone();
+    rec.answers = answer.addrs.iter().map(|(ip, _)| ip.to_string()).collect();
+    rec.cnames = answer.cnames;
+    shared.write(&rec);
+    Some(bytes)
+}
+
+fn rcode_of(bytes: &[u8]) -> String {
+    bytes.get(3).map_or_else(|| "?".into(), |b| rcode_name(*b))
+}
+
+/// The largest UDP answer the client accepts: its EDNS size, else 512.
+fn client_udp_limit(request: &[u8]) -> usize {
+    Message::from_vec(request)
+        .ok()
+        .and_then(|m| m.edns.map(|e| usize::from(e.max_payload())))
+        .unwrap_or(512)
+        .max(512)
+}
+
+fn truncated(bytes: &[u8]) -> Option<Vec<u8>> {
+    let m = Message::from_vec(bytes).ok()?;
+    m.truncate().to_vec().ok()
+}
+
+/// What a `dns` audit record says.
+struct Rec<'a> {
+    policy: &'a str,
+    client: SocketAddr,
+    tcp: bool,
+    question: Option<Question>,
+    verdict: &'static str,
+    reason: Option<&'static str>,
+    rcode: String,
+    answers: Vec<String>,
+    cnames: Vec<String>,
+    upstream: Option<SocketAddr>,
+}
+
+impl Shared {
+    fn write(&self, r: &Rec) {
+        let (query, qtype) = match &r.question {
+            Some(q) => (
+                Value::from(q.name.clone()),
+                Value::from(q.qtype.to_string()),
+            ),
+            None => (Value::Null, Value::Null),
+        };
+        let fields = json!({
+            "policy": r.policy,
+            "client": r.client.to_string(),
+            "transport": if r.tcp { "tcp" } else { "udp" },
+            "query": query,
+            "qtype": qtype,
+            "verdict": r.verdict,
+            "reason": r.reason,
+            "rcode": r.rcode,
+            "answers": r.answers,
+            "cnames": r.cnames,
+            "upstream": r.upstream.map(|u| u.to_string()),
+        });
+        let _ = self.records.send(Notice::Agent("dns", fields));
+    }
+}

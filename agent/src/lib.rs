@@ -1,0 +1,18 @@
+//! egress-guard: kernel-enforced egress allowlists for the containers of an OpenHands host.
+//!
+//! Where things are: config parsing in `config.rs`, rule compilation in `policy.rs`, kernel
+//! maps and attachments in `kernel/`, the DNS proxy and learned addresses in `dns/`, the audit
+//! trail in `audit/`, the control socket in `control/`, the daemon loop in `daemon.rs`; the
+//! per-packet decision itself is in `agent-ebpf/src/decide.rs`.
+//!
+//! A library so the fuzz targets (`agent/fuzz`) reach the request handling; the binary is
+//! `main.rs`.
+
+pub mod audit;
+pub mod check;
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod dns;
+pub mod kernel;
+pub mod policy;
