@@ -25,6 +25,8 @@ pub const MAX_INBOUND_SOCKETS: u32 = 65_536;
 pub const MAX_DNS_REDIRECTED: u32 = 65_536;
 /// Outgoing TCP connections tracked so a learned address stays allowed while they are open.
 pub const MAX_OPEN_CONNS: u32 = 65_536;
+/// Recent DNS query sources and the tasks behind them.
+pub const MAX_DNS_CLIENTS: u32 = 16_384;
 /// The port DNS is redirected from (UDP and TCP, any address).
 pub const DNS_PORT: u16 = 53;
 /// Guarded cgroups, for the BPF LSM socket hook which sees tasks, not cgroup attachments.
@@ -221,7 +223,8 @@ pub struct DnsProxy {
     pub _pad: [u8; 6],
 }
 
-/// `DNS_REDIRECTED[socket cookie]`: the server a redirected socket asked for.
+/// `DNS_REDIRECTED[socket cookie]`: the server a redirected socket asked for, and the task
+/// that asked (when it connected or sent).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct OrigDest {
@@ -231,6 +234,21 @@ pub struct OrigDest {
     pub port: u16,
     pub v4: u8,
     pub _pad: [u8; 5],
+    pub task: crate::event::EventHeader,
+}
+
+/// `DNS_CLIENTS` key: the source of a DNS query as the proxy sees it. The packet backstop
+/// fills it from redirected sockets' packets, so the proxy can name the process and container
+/// behind a query.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DnsClientKey {
+    /// IPv4, network byte order (the proxy listens on IPv4).
+    pub addr: [u8; 4],
+    /// Host byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
 }
 
 /// `OPEN_CONNS[socket cookie]`: an established outgoing TCP connection of a guarded cgroup.
@@ -258,7 +276,8 @@ pub mod map_names {
     pub const DNS_PROXY: &str = "DNS_PROXY";
     pub const DNS_REDIRECTED: &str = "DNS_REDIRECTED";
     pub const OPEN_CONNS: &str = "OPEN_CONNS";
-    pub const ALL: [&str; 13] = [
+    pub const DNS_CLIENTS: &str = "DNS_CLIENTS";
+    pub const ALL: [&str; 14] = [
         POLICY_STATE,
         ALLOW_EXACT4,
         ALLOW_EXACT6,
@@ -272,6 +291,7 @@ pub mod map_names {
         DNS_PROXY,
         DNS_REDIRECTED,
         OPEN_CONNS,
+        DNS_CLIENTS,
     ];
 }
 
@@ -290,6 +310,7 @@ mod pod {
     unsafe impl aya::Pod for DnsProxy {}
     unsafe impl aya::Pod for OrigDest {}
     unsafe impl aya::Pod for OpenConn {}
+    unsafe impl aya::Pod for DnsClientKey {}
 }
 
 #[cfg(test)]
@@ -304,7 +325,11 @@ mod tests {
         assert_eq!(core::mem::size_of::<Addr6Key>(), 20);
         assert_eq!(core::mem::size_of::<PolicyState>(), 8 + POLICY_NAME_LEN);
         assert_eq!(core::mem::size_of::<DnsProxy>(), 16);
-        assert_eq!(core::mem::size_of::<OrigDest>(), 24);
+        assert_eq!(
+            core::mem::size_of::<OrigDest>(),
+            24 + core::mem::size_of::<crate::event::EventHeader>()
+        );
+        assert_eq!(core::mem::size_of::<DnsClientKey>(), 8);
         assert_eq!(core::mem::size_of::<OpenConn>(), 24);
     }
 

@@ -12,7 +12,9 @@ mod maps;
 mod process;
 
 use agent_common::event::{kind, reason};
-use agent_common::{Counter, DNS_PORT, DnsProxy, MAX_CGROUP_DEPTH, OpenConn, OrigDest};
+use agent_common::{
+    Counter, DNS_PORT, DnsClientKey, DnsProxy, MAX_CGROUP_DEPTH, OpenConn, OrigDest,
+};
 use aya_ebpf::{
     Global,
     bindings::{
@@ -30,7 +32,7 @@ use aya_ebpf::{
 };
 use decide::{Dest, Verdict, count, count_verdict, decide};
 use emit::Origin;
-use maps::{DNS_REDIRECTED, GUARDED_CGROUPS, INBOUND_SOCKETS, OPEN_CONNS};
+use maps::{DNS_CLIENTS, DNS_REDIRECTED, GUARDED_CGROUPS, INBOUND_SOCKETS, OPEN_CONNS};
 
 /// The policy slot this copy of the programs enforces. The default (no slot) denies.
 #[unsafe(no_mangle)]
@@ -170,6 +172,7 @@ fn redirect_dns(ctx: &SockAddrContext, v6: bool, dest: &Dest, p: &DnsProxy) {
         port: DNS_PORT,
         v4: dest.v4 as u8,
         _pad: [0; 5],
+        task: emit::header(0, POLICY_SLOT.load(), &Origin::Task),
     };
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
     let _ = DNS_REDIRECTED.insert(cookie, orig, 0);
@@ -431,6 +434,8 @@ struct Packet {
     tcp_flags: u8,
     /// No IPv4 options and no IPv6 routing header: the packet goes where its header says.
     plain: bool,
+    /// Offset of the transport header.
+    l4: u32,
 }
 
 /// Reads an outgoing packet; `None` if it cannot be judged: not IPv4/IPv6, too short, or a
@@ -499,6 +504,7 @@ fn read_packet_inner(ctx: &SkBuffContext) -> Result<Option<Packet>, i64> {
         port,
         tcp_flags,
         plain,
+        l4: l4 as u32,
     }))
 }
 
@@ -520,6 +526,7 @@ pub fn egress(ctx: SkBuffContext) -> i32 {
     let (v, why) = decide(slot, &p.dest, p.proto as u32, p.port);
     if let Verdict::Allow = v {
         count(slot, Counter::PacketAllowed);
+        note_dns_client(&ctx, slot, &p);
         return PACKET_PASS;
     }
     if p.proto == IPPROTO_TCP && p.plain && is_inbound_reply(&ctx, &p) {
@@ -527,6 +534,37 @@ pub fn egress(ctx: SkBuffContext) -> i32 {
         return PACKET_PASS;
     }
     packet_verdict(&ctx, slot, &v, why, &p.dest, p.proto, p.port)
+}
+
+/// A packet of a redirected DNS socket on its way to the proxy: remember which task is behind
+/// its source address and port, so the proxy's `dns` record can name the process and
+/// container.
+#[inline(always)]
+fn note_dns_client(ctx: &SkBuffContext, slot: u32, p: &Packet) {
+    let Some(px) = decide::dns_proxy(slot) else {
+        return;
+    };
+    let a = &p.dest.addr;
+    if !p.dest.v4 || [a[0], a[1], a[2], a[3]] != px.addr || p.port != px.port {
+        return;
+    }
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
+    let Some(orig) = (unsafe { DNS_REDIRECTED.get(cookie) }) else {
+        return;
+    };
+    let (Ok(src), Ok(sport)) = (
+        ctx.skb.load::<[u8; 4]>(12),
+        ctx.skb.load::<u16>(p.l4 as usize),
+    ) else {
+        return;
+    };
+    let key = DnsClientKey {
+        addr: src,
+        port: u16::from_be(sport),
+        proto: p.proto,
+        _pad: 0,
+    };
+    let _ = DNS_CLIENTS.insert(key, orig.task, 0);
 }
 
 /// Counts and records a packet no rule allowed (or that could not be read: not IP, too

@@ -3,9 +3,10 @@
 //! outlive the agent (fail closed).
 
 use agent_common::{
-    Addr4Key, Addr6Key, AllowValue, COUNTERS_PER_POLICY, DnsProxy, MAX_CIDR_ENTRIES,
-    MAX_DNS_REDIRECTED, MAX_EXACT_ENTRIES, MAX_GUARDED_CGROUPS, MAX_INBOUND_SOCKETS,
-    MAX_OPEN_CONNS, MAX_POLICIES, OpenConn, OrigDest, PolicyState, event::DEFAULT_RING_BYTES,
+    Addr4Key, Addr6Key, AllowValue, COUNTERS_PER_POLICY, DnsClientKey, DnsProxy, MAX_CIDR_ENTRIES,
+    MAX_DNS_CLIENTS, MAX_DNS_REDIRECTED, MAX_EXACT_ENTRIES, MAX_GUARDED_CGROUPS,
+    MAX_INBOUND_SOCKETS, MAX_OPEN_CONNS, MAX_POLICIES, OpenConn, OrigDest, PolicyState,
+    event::{DEFAULT_RING_BYTES, EventHeader},
 };
 use aya_ebpf::{
     macros::map,
@@ -69,3 +70,9 @@ pub static DNS_REDIRECTED: LruHashMap<u64, OrigDest> = LruHashMap::pinned(MAX_DN
 /// let an address expire early (fail closed).
 #[map]
 pub static OPEN_CONNS: LruHashMap<u64, OpenConn> = LruHashMap::pinned(MAX_OPEN_CONNS, 0);
+
+/// Source address and port of a DNS query on its way to the proxy → the task behind it
+/// (written by the packet backstop from `DNS_REDIRECTED`, read by the proxy for its records).
+#[map]
+pub static DNS_CLIENTS: LruHashMap<DnsClientKey, EventHeader> =
+    LruHashMap::pinned(MAX_DNS_CLIENTS, 0);

@@ -203,9 +203,12 @@ pub fn run(config_path: &Path, config: Config) -> anyhow::Result<()> {
     // The audit notices channel first: the DNS proxy writes `dns` records to it.
     let (tx, rx) = mpsc::unbounded_channel();
     let learn_maps = kernel::maps::LearnMaps::from_pins(&kernel.maps_dir())?;
+    let clients = kernel::maps::DnsClients::from_pins(&kernel.maps_dir())
+        .inspect_err(|e| tracing::warn!("dns records will not name processes: {e:#}"))
+        .ok();
     let mut dns = {
         let _in_runtime = rt.enter();
-        dns::Service::new(&config.dns, learn_maps, tx.clone())
+        dns::Service::new(&config.dns, learn_maps, clients, tx.clone())
     };
     let report = {
         let _in_runtime = rt.enter();

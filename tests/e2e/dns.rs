@@ -155,9 +155,11 @@ fn dns_refused_names_never_reach_the_upstream() {
         let r = probe_in(&cg.path, &["dns", server, "a.svc.test", t]);
         assert!(r.stdout.contains("rcode=No Error answers= "), "{t}: {r:?}");
     }
-    // The allowed A lookup does reach it.
+    // The allowed A lookup does reach it (over UDP and over TCP).
     let r = probe_in(&cg.path, &["dns", server, "a.svc.test", "A"]);
     assert_eq!(field(&r.stdout, "answers"), "127.0.0.21", "{r:?}");
+    let r = probe_in(&cg.path, &["dns", server, "a.svc.test", "AAAA", "tcp"]);
+    assert_eq!(r.code, Some(0), "{r:?}");
 
     let log = dns.log();
     assert!(log.contains("query[A] a.svc.test"), "{log}");
@@ -177,6 +179,16 @@ fn dns_refused_names_never_reach_the_upstream() {
     assert_eq!(refused["reason"], "name_not_allowed");
     assert_eq!(refused["rcode"], "REFUSED");
     assert_eq!(refused["policy"], "sandbox");
+    // The process and cgroup behind each query, as the kernel saw them leave.
+    for r in &dns_records {
+        assert_eq!(r["comm"], "probe", "{r}");
+        assert!(r["pid"].as_u64().is_some_and(|p| p > 0), "{r}");
+        assert!(
+            r["cgroup"].as_str().is_some_and(|c| c.ends_with(&cg.rel())),
+            "{r}"
+        );
+    }
+    assert!(dns_records.iter().any(|r| r["transport"] == "tcp"));
     assert!(
         dns_records
             .iter()

@@ -174,6 +174,13 @@ pub fn run() -> anyhow::Result<()> {
     let target = workspace_root().join("target/release");
     let probe = target.join("probe");
     let part = std::env::var("EG_BENCH").unwrap_or_default();
+    if part == "dns" {
+        print!(
+            "{}",
+            crate::bench_dns::run(&target.join("egress-guard"), &probe)?
+        );
+        return Ok(());
+    }
     if part == "audit" {
         print!(
             "{}",
@@ -320,6 +327,11 @@ pub fn run() -> anyhow::Result<()> {
             "{}",
             crate::bench_audit::run(&target.join("egress-guard"), &probe)?
         );
+        eprintln!("==> DNS proxy");
+        print!(
+            "{}",
+            crate::bench_dns::run(&target.join("egress-guard"), &probe)?
+        );
     }
     Ok(())
 }
@@ -419,7 +431,7 @@ fn setup_size(bench: &mut Bench, size: usize, port: u16) -> anyhow::Result<Durat
     Ok(took)
 }
 
-fn machine() -> serde_json::Value {
+pub fn machine() -> serde_json::Value {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|c| {

@@ -39,6 +39,9 @@ const LOST_REPORTED: u32 = 1;
 pub enum Notice {
     /// An `agent.*` record to write: its type and fields.
     Agent(&'static str, Value),
+    /// A `dns` record from the proxy: its fields, and the task behind the query when the
+    /// kernel saw it.
+    Dns(Value, Option<agent_common::event::EventHeader>),
     /// Policy names by slot and the guarded cgroups, after a (re)load.
     Policies(Vec<String>, Vec<PathBuf>),
 }
@@ -216,6 +219,10 @@ impl Audit {
                 self.write(rec);
             }
             Notice::Policies(names, guarded) => self.enricher.set_policies(names, guarded),
+            Notice::Dns(fields, task) => {
+                let rec = self.enricher.dns(fields, task.as_ref());
+                self.write(rec);
+            }
         }
     }
 

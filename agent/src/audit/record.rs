@@ -166,6 +166,32 @@ impl Enricher {
         Value::from(names)
     }
 
+    /// A `dns` record: the proxy's fields, and the process and container behind the query
+    /// (null when the kernel did not see it).
+    pub fn dns(&mut self, fields: Value, task: Option<&EventHeader>) -> Value {
+        let mut m = self.base(self.now(), "dns");
+        if let Value::Object(f) = fields {
+            m.extend(f);
+        }
+        match task {
+            Some(h) => self.process_fields(&mut m, h),
+            None => {
+                for k in [
+                    "cgroup",
+                    "container",
+                    "container_name",
+                    "pid",
+                    "tid",
+                    "uid",
+                    "comm",
+                ] {
+                    m.insert(k.into(), Value::Null);
+                }
+            }
+        }
+        Value::Object(m)
+    }
+
     /// The fields every record about a process carries (`net.*` and `proc.*`).
     fn task_fields(&mut self, m: &mut Map<String, Value>, h: &EventHeader) {
         let policy = self
@@ -174,6 +200,11 @@ impl Enricher {
             .filter(|n| !n.is_empty())
             .cloned();
         m.insert("policy".into(), policy.map_or(Value::Null, Value::from));
+        self.process_fields(m, h);
+    }
+
+    /// Cgroup, container and process of `h`.
+    fn process_fields(&mut self, m: &mut Map<String, Value>, h: &EventHeader) {
         let cgroup = self.cgroup_path(h.cgroup_id);
         let container = cgroup.as_deref().and_then(container_of);
         let name = container.as_deref().and_then(|id| self.container_name(id));

@@ -66,7 +66,12 @@ pub struct Service {
 }
 
 impl Service {
-    pub fn new(cfg: &config::Dns, maps: LearnMaps, records: mpsc::UnboundedSender<Notice>) -> Self {
+    pub fn new(
+        cfg: &config::Dns,
+        maps: LearnMaps,
+        clients: Option<crate::kernel::maps::DnsClients>,
+        records: mpsc::UnboundedSender<Notice>,
+    ) -> Self {
         let learner = Arc::new(Mutex::new(Learner::new(
             maps,
             cfg.min_ttl,
@@ -74,7 +79,7 @@ impl Service {
             cfg.max_learned,
         )));
         let proxy = (cfg.mode == config::DnsMode::Proxy)
-            .then(|| Proxy::new(cfg.listen, cfg.refuse, learner.clone(), records));
+            .then(|| Proxy::new(cfg.listen, cfg.refuse, learner.clone(), records, clients));
         Self {
             cfg: cfg.clone(),
             learner,

@@ -43,6 +43,8 @@ pub struct PolicyDns {
 
 struct Shared {
     refuse: config::Refusal,
+    /// Who is behind a query (the kernel notes it as the query leaves the process).
+    clients: Option<crate::kernel::maps::DnsClients>,
     learner: Arc<Mutex<Learner>>,
     records: mpsc::UnboundedSender<Notice>,
     policies: Mutex<HashMap<u16, Arc<PolicyDns>>>,
@@ -63,11 +65,13 @@ impl Proxy {
         refuse: config::Refusal,
         learner: Arc<Mutex<Learner>>,
         records: mpsc::UnboundedSender<Notice>,
+        clients: Option<crate::kernel::maps::DnsClients>,
     ) -> Self {
         Self {
             listen,
             shared: Arc::new(Shared {
                 refuse,
+                clients,
                 learner,
                 records,
                 policies: Mutex::new(HashMap::new()),
@@ -432,6 +436,11 @@ impl Shared {
             ),
             None => (Value::Null, Value::Null),
         };
+        let proto = if r.tcp { 6 } else { 17 };
+        let task = self
+            .clients
+            .as_ref()
+            .and_then(|c| c.task_of(r.client, proto));
         let fields = json!({
             "policy": r.policy,
             "client": r.client.to_string(),
@@ -445,6 +454,6 @@ impl Shared {
             "cnames": r.cnames,
             "upstream": r.upstream.map(|u| u.to_string()),
         });
-        let _ = self.records.send(Notice::Agent("dns", fields));
+        let _ = self.records.send(Notice::Dns(fields, task));
     }
 }

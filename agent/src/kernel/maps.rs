@@ -300,3 +300,37 @@ impl LearnMaps {
         Ok(out)
     }
 }
+
+/// Who is behind a DNS query, by its source address and port (see `DNS_CLIENTS`).
+pub struct DnsClients {
+    map: HashMap<MapData, agent_common::DnsClientKey, agent_common::event::EventHeader>,
+}
+
+impl DnsClients {
+    pub fn from_pins(dir: &Path) -> anyhow::Result<Self> {
+        let path = dir.join(map_names::DNS_CLIENTS);
+        let data = MapData::from_pin(&path)
+            .with_context(|| format!("opening pinned map {}", path.display()))?;
+        Ok(Self {
+            map: Map::from_map_data(data)?.try_into()?,
+        })
+    }
+
+    /// The task that sent from `client` over `proto` (6 TCP, 17 UDP), if the kernel saw it.
+    pub fn task_of(
+        &self,
+        client: std::net::SocketAddr,
+        proto: u8,
+    ) -> Option<agent_common::event::EventHeader> {
+        let IpAddr::V4(ip) = client.ip() else {
+            return None;
+        };
+        let key = agent_common::DnsClientKey {
+            addr: ip.octets(),
+            port: client.port(),
+            proto,
+            _pad: 0,
+        };
+        self.map.get(&key, 0).ok()
+    }
+}

@@ -20,6 +20,8 @@
 //! probe dns-connect SERVER:PORT NAME PORT N  N times: resolve NAME (A, UDP), connect to the
 //!                                  first answer on PORT; prints `ok=N eperm=M err=K`
 //! probe dns-raw SERVER:PORT HEX    send these bytes over UDP; prints `reply=HEX` or `no-reply`
+//! probe dns-bench SERVER:PORT NAME QPS COUNT  COUNT A queries paced at QPS from one UDP
+//!                                  socket; prints `n=N timeouts=T us=L1,L2,…` (latencies)
 
 use std::{
     io::{BufRead as _, Write as _},
@@ -327,6 +329,52 @@ fn main() -> ExitCode {
                 }
             }
             println!("ok={ok} eperm={eperm} err={err}");
+            ExitCode::SUCCESS
+        }
+        ["dns-bench", server, name, qps, count] => {
+            let (server, qps, count): (SocketAddr, f64, u32) = (
+                addr(server),
+                qps.parse().expect("qps"),
+                count.parse().expect("count"),
+            );
+            let s = UdpSocket::bind("0.0.0.0:0").expect("bind");
+            s.set_read_timeout(Some(Duration::from_secs(2))).ok();
+            let (mut lat, mut timeouts) = (Vec::new(), 0u32);
+            let start = Instant::now();
+            let mut buf = [0u8; 4096];
+            for i in 0..count {
+                let due = start + Duration::from_secs_f64(f64::from(i) / qps);
+                if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+                let id = (i % 65_536) as u16;
+                let mut q = vec![0u8; 12];
+                q[..2].copy_from_slice(&id.to_be_bytes());
+                q[2] = 0x01; // RD
+                q[5] = 1; // one question
+                for label in name.split('.') {
+                    q.push(label.len() as u8);
+                    q.extend_from_slice(label.as_bytes());
+                }
+                q.extend_from_slice(&[0, 0, 1, 0, 1]); // root, A, IN
+                let sent = Instant::now();
+                s.send_to(&q, server).expect("send");
+                loop {
+                    match s.recv_from(&mut buf) {
+                        Ok((n, _)) if n >= 2 && buf[..2] == id.to_be_bytes() => {
+                            lat.push(sent.elapsed().as_micros());
+                            break;
+                        }
+                        Ok(_) => continue,
+                        Err(_) => {
+                            timeouts += 1;
+                            break;
+                        }
+                    }
+                }
+            }
+            let us: Vec<String> = lat.iter().map(u128::to_string).collect();
+            println!("n={} timeouts={timeouts} us={}", lat.len(), us.join(","));
             ExitCode::SUCCESS
         }
         ["dns-raw", server, bytes] => {
