@@ -66,7 +66,10 @@ pub struct PortRule {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct AllowValue {
     pub count: u32,
-    pub _pad: u32,
+    /// 0 for a configured entry. For an address learned from a DNS answer: until when (whole
+    /// seconds of CLOCK_BOOTTIME) it stays allowed, so a restarted agent can adopt it. The
+    /// programs do not read it.
+    pub learned_until: u32,
     pub rules: [PortRule; MAX_PORT_RULES],
 }
 

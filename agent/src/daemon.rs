@@ -210,6 +210,20 @@ pub fn run(config_path: &Path, config: Config) -> anyhow::Result<()> {
         let _in_runtime = rt.enter();
         dns::Service::new(&config.dns, learn_maps, clients, tx.clone())
     };
+    // The addresses the previous agent learned: connections to them survive the restart.
+    match kernel.learned_entries() {
+        Ok(entries) => {
+            let n = dns
+                .learner
+                .lock()
+                .map_err(|_| anyhow::anyhow!("DNS learner state poisoned"))?
+                .adopt(entries);
+            if n > 0 {
+                tracing::info!("adopted {n} addresses learned from DNS before the restart");
+            }
+        }
+        Err(e) => tracing::warn!("cannot adopt learned addresses: {e:#}"),
+    }
     let report = {
         let _in_runtime = rt.enter();
         apply(&mut kernel, &mut dns, &config, &mut targets)

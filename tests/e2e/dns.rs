@@ -249,11 +249,20 @@ fn dns_hardcoded_resolvers_tcp_and_truncation_all_go_through_the_proxy() {
     assert_eq!(field(&r.stdout, "tc"), "0", "{r:?}");
 }
 
+/// Reads what the other end of `conn` sent (up to 1.5 s).
+fn arrived(conn: &mut std::net::TcpStream) -> String {
+    conn.set_read_timeout(Some(Duration::from_millis(1500)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let n = std::io::Read::read(conn, &mut buf).unwrap_or(0);
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
 #[test]
 fn dns_learned_addresses_expire_unless_a_connection_is_open() {
     setup();
     let port = free_port_range(1);
-    listen_on("127.0.0.21", port);
+    let held_server = std::net::TcpListener::bind(("127.0.0.21", port)).unwrap();
     listen_on("127.0.0.23", port);
     let dns = Dnsmasq::start("127.0.0.21 held.svc.test\n127.0.0.23 idle.svc.test\n", 1);
     let cg = TestCgroup::new("dns-expiry");
@@ -266,6 +275,7 @@ fn dns_learned_addresses_expire_unless_a_connection_is_open() {
     // A connection to one of them stays open past the TTL (2 s).
     let held: SocketAddr = format!("127.0.0.21:{port}").parse().unwrap();
     let mut open = RunningProbe::start(&cg.path, &["tcp-presocket", &held.to_string()]);
+    let (mut conn, _) = held_server.accept().unwrap();
     std::thread::sleep(Duration::from_secs(5));
 
     let r = probe_in(&cg.path, &["tcp", &format!("127.0.0.23:{port}")]);
@@ -273,7 +283,13 @@ fn dns_learned_addresses_expire_unless_a_connection_is_open() {
     let r = probe_in(&cg.path, &["tcp", &held.to_string()]);
     assert!(r.ok(), "a connection to it is open, so it stays: {r:?}");
     open.go();
-    assert_eq!(open.finish().trim(), "ok", "the open connection survives");
+    assert_eq!(open.finish().trim(), "ok");
+    assert_eq!(
+        arrived(&mut conn),
+        "presocket",
+        "the open connection survives"
+    );
+    drop(conn);
 
     // Closed: it goes too (re-checked every 5 s).
     std::thread::sleep(Duration::from_secs(8));
@@ -353,4 +369,52 @@ mode = "direct"
     assert_eq!(field(&r.stdout, "answers"), "127.0.0.24", "{r:?}");
     let r = probe_in(&cg.path, &["dns", "127.0.0.53:53", "api.exact.test", "A"]);
     assert!(r.stdout.contains("os error 1)"), "EPERM expected: {r:?}");
+}
+
+#[test]
+fn dns_learned_addresses_and_their_connections_survive_an_agent_restart() {
+    setup();
+    let port = free_port_range(1);
+    let held_server = std::net::TcpListener::bind(("127.0.0.21", port)).unwrap();
+    let dns = Dnsmasq::start("127.0.0.21 held.svc.test\n", 1);
+    let cg = TestCgroup::new("dns-restart");
+    let body = format!(
+        r#"[[policy]]
+name = "sandbox"
+cgroups = ["{}"]
+allow = ["*.svc.test:{port}"]
+dns = ["{}"]
+
+[dns]
+min_ttl = "60s"
+"#,
+        cg.rel(),
+        dns.addr
+    );
+    let mut agent = Agent::start(&body);
+    let r = probe_in(&cg.path, &["dns", "127.0.0.53:53", "held.svc.test", "A"]);
+    assert_eq!(field(&r.stdout, "answers"), "127.0.0.21", "{r:?}");
+    let held = format!("127.0.0.21:{port}");
+    let mut open = RunningProbe::start(&cg.path, &["tcp-presocket", &held]);
+    let (mut conn, _) = held_server.accept().unwrap();
+
+    // A crash and a new agent: it adopts what the old one learned.
+    agent.kill9();
+    agent.spawn();
+    let adopted = learned(&agent);
+    assert!(
+        adopted
+            .iter()
+            .any(|(n, a)| a == "127.0.0.21" && n.contains("restart")),
+        "{adopted:?}"
+    );
+    open.go();
+    assert_eq!(open.finish().trim(), "ok");
+    assert_eq!(
+        arrived(&mut conn),
+        "presocket",
+        "the open connection survives"
+    );
+    let r = probe_in(&cg.path, &["tcp", &held]);
+    assert!(r.ok(), "the learned address is still allowed: {r:?}");
 }

@@ -5,7 +5,9 @@
 //! stays for the answer's TTL (raised to `min_ttl`, capped at `max_ttl`), longer while an
 //! outgoing TCP connection to it is open, and goes when no name that resolved to it is still
 //! fresh. A reload rewrites every ruleset: [`Learner::entries_for`] carries the learned
-//! addresses over, and [`Learner::rebind`] points the learner at the new rulesets.
+//! addresses over, and [`Learner::rebind`] points the learner at the new rulesets. Each kernel
+//! entry says until when it was learned (`learned_until`), so a restarted agent adopts the
+//! addresses of the one before ([`Learner::adopt`]): connections to them survive the restart.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -22,6 +24,30 @@ use crate::{kernel::maps::LearnMaps, policy::Compiled};
 /// How often an address whose TTL ran out, but which still has an open connection, is looked
 /// at again.
 const OPEN_CONNECTION_RECHECK: Duration = Duration::from_secs(5);
+
+/// What listings call an address adopted from the agent that ran before.
+pub const ADOPTED: &str = "(learned before the agent restarted)";
+
+/// Adopted addresses: their port rules and until when they stay.
+type Adopted = HashMap<IpAddr, (Vec<PortRule>, Instant)>;
+
+/// CLOCK_BOOTTIME in whole seconds (the clock of `AllowValue::learned_until`).
+fn boottime_secs() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid pointer; CLOCK_BOOTTIME exists on every kernel this runs on.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    ts.tv_sec as u64
+}
+
+/// `until` as CLOCK_BOOTTIME seconds (rounded up, at least 1: 0 means "not learned").
+fn until_boottime(until: Instant) -> u32 {
+    let left = until.saturating_duration_since(Instant::now());
+    let secs = boottime_secs() + left.as_secs() + u64::from(left.subsec_nanos() > 0);
+    secs.clamp(1, u64::from(u32::MAX)) as u32
+}
 
 /// Where one policy's learned addresses go.
 pub struct Binding {
@@ -41,6 +67,8 @@ struct PolicyLearned {
     names: PolicyNames,
     /// Address → the names it was answered for, with when each stops counting.
     ips: HashMap<IpAddr, BTreeMap<String, Instant>>,
+    /// Addresses the agent before a restart had learned (names unknown).
+    adopted: Adopted,
     pairs: usize,
 }
 
@@ -59,6 +87,8 @@ pub struct Learner {
     max_ttl: Duration,
     max_pairs: usize,
     policies: HashMap<String, PolicyLearned>,
+    /// Adopted at start, for policies not bound yet.
+    pending: HashMap<String, Adopted>,
 }
 
 /// Why an answer could not be learned (the client gets SERVFAIL).
@@ -83,18 +113,28 @@ fn static_value(statics: &HashMap<IpNet, AllowValue>, ip: IpAddr) -> Option<Allo
 }
 
 impl PolicyLearned {
-    /// The kernel entry for `ip`: static rules first, then each fresh name's rules.
+    /// The kernel entry for `ip`: static rules first, then each fresh name's rules, then those
+    /// adopted from before a restart; `learned_until` is the latest expiry among them.
     fn value(&self, ip: IpAddr) -> AllowValue {
         let mut v = static_value(&self.statics, ip).unwrap_or_default();
         let mut rules: Vec<PortRule> = v.rules[..v.count as usize].to_vec();
-        if let Some(names) = self.ips.get(&ip) {
-            for name in names.keys() {
-                for r in self.names.rules_for(name).unwrap_or_default() {
-                    if !rules.contains(&r) {
-                        rules.push(r);
-                    }
+        let mut until: Option<Instant> = None;
+        let mut add = |rs: &[PortRule]| {
+            for r in rs {
+                if !rules.contains(r) {
+                    rules.push(*r);
                 }
             }
+        };
+        if let Some(names) = self.ips.get(&ip) {
+            for (name, e) in names {
+                add(&self.names.rules_for(name).unwrap_or_default());
+                until = until.max(Some(*e));
+            }
+        }
+        if let Some((rs, e)) = self.adopted.get(&ip) {
+            add(rs);
+            until = until.max(Some(*e));
         }
         if rules.len() > MAX_PORT_RULES {
             tracing::warn!(
@@ -106,7 +146,14 @@ impl PolicyLearned {
         v.count = rules.len() as u32;
         v.rules = [PortRule::default(); MAX_PORT_RULES];
         v.rules[..rules.len()].copy_from_slice(&rules);
+        v.learned_until = until.map_or(0, until_boottime);
         v
+    }
+
+    fn learned_ips(&self) -> impl Iterator<Item = &IpAddr> {
+        self.ips
+            .keys()
+            .chain(self.adopted.keys().filter(|ip| !self.ips.contains_key(*ip)))
     }
 }
 
@@ -118,7 +165,28 @@ impl Learner {
             max_ttl,
             max_pairs,
             policies: HashMap::new(),
+            pending: HashMap::new(),
         }
+    }
+
+    /// Takes over the learned entries the kernel holds from the agent that ran before (see
+    /// `Kernel::learned_entries`), before the first apply. Each stays until its recorded time;
+    /// one whose time passed while no agent ran goes at the first expiry round unless a
+    /// connection to it is open.
+    pub fn adopt(&mut self, entries: HashMap<String, Vec<(IpAddr, AllowValue)>>) -> usize {
+        let now_boot = boottime_secs();
+        let now = Instant::now();
+        let mut n = 0;
+        for (policy, list) in entries {
+            let adopted = self.pending.entry(policy).or_default();
+            for (ip, v) in list {
+                let left = u64::from(v.learned_until).saturating_sub(now_boot);
+                let rules = v.rules[..(v.count as usize).min(MAX_PORT_RULES)].to_vec();
+                adopted.insert(ip, (rules, now + Duration::from_secs(left)));
+                n += 1;
+            }
+        }
+        n
     }
 
     pub fn max_ttl(&self) -> Duration {
@@ -162,11 +230,12 @@ impl Learner {
             *expiry = (*expiry).max(now + life);
             if new_pair {
                 p.pairs += 1;
-                let v = p.value(ip);
-                self.maps
-                    .write(p.ruleset, ip, &v)
-                    .map_err(LearnError::Kernel)?;
             }
+            // Also when only the expiry moved: the kernel entry records it for a restart.
+            let v = p.value(ip);
+            self.maps
+                .write(p.ruleset, ip, &v)
+                .map_err(LearnError::Kernel)?;
         }
         Ok(())
     }
@@ -174,10 +243,10 @@ impl Learner {
     /// Forgets (name, address) pairs whose time is up, unless a TCP connection to the
     /// address is open; updates or removes the kernel entries. Returns how many went.
     pub fn expire(&mut self, now: Instant) -> anyhow::Result<usize> {
-        let due = self
-            .policies
-            .values()
-            .any(|p| p.ips.values().flat_map(|n| n.values()).any(|&e| e <= now));
+        let due = self.policies.values().any(|p| {
+            p.ips.values().flat_map(|n| n.values()).any(|&e| e <= now)
+                || p.adopted.values().any(|(_, e)| *e <= now)
+        });
         if !due {
             return Ok(0);
         }
@@ -200,9 +269,25 @@ impl Learner {
                     changed.push(*ip);
                 }
             }
+            for (ip, (_, e)) in p.adopted.iter_mut() {
+                if *e > now {
+                    continue;
+                }
+                if open.contains(&(p.slot, *ip)) {
+                    *e = now + OPEN_CONNECTION_RECHECK;
+                } else {
+                    changed.push(*ip);
+                    gone += 1;
+                }
+            }
+            p.adopted.retain(|_, (_, e)| *e > now);
+            changed.sort();
+            changed.dedup();
             for ip in changed {
                 if p.ips.get(&ip).is_some_and(|n| n.is_empty()) {
                     p.ips.remove(&ip);
+                }
+                if !p.ips.contains_key(&ip) && !p.adopted.contains_key(&ip) {
                     match p.statics.get(&IpNet::from(ip)) {
                         // A static exact entry of its own: back to just that.
                         Some(v) => self.maps.write(p.ruleset, ip, v)?,
@@ -226,30 +311,33 @@ impl Learner {
         compiled: &Compiled,
         names: &PolicyNames,
     ) -> Vec<(IpAddr, AllowValue)> {
-        let Some(old) = self.policies.get(policy) else {
-            return Vec::new();
+        let (ips, adopted) = match (self.policies.get(policy), self.pending.get(policy)) {
+            (Some(old), _) => (old.ips.clone(), old.adopted.clone()),
+            (None, Some(pending)) => (HashMap::new(), pending.clone()),
+            (None, None) => return Vec::new(),
         };
         let next = PolicyLearned {
-            slot: old.slot,
+            slot: 0,
             ruleset: 0,
             statics: compiled.entries.iter().copied().collect(),
             names: names.clone(),
-            ips: old
-                .ips
-                .iter()
+            ips: ips
+                .into_iter()
                 .map(|(ip, n)| {
                     let kept = n
-                        .iter()
+                        .into_iter()
                         .filter(|(name, _)| names.rules_for(name).is_ok())
-                        .map(|(k, v)| (k.clone(), *v))
                         .collect::<BTreeMap<_, _>>();
-                    (*ip, kept)
+                    (ip, kept)
                 })
                 .filter(|(_, n)| !n.is_empty())
                 .collect(),
+            adopted,
             pairs: 0,
         };
-        next.ips.keys().map(|ip| (*ip, next.value(*ip))).collect()
+        next.learned_ips()
+            .map(|ip| (*ip, next.value(*ip)))
+            .collect()
     }
 
     /// After a (re)load: the policies, their slots and active rulesets. Learned pairs of
@@ -257,7 +345,12 @@ impl Learner {
     pub fn rebind(&mut self, bindings: Vec<Binding>) {
         let mut old = std::mem::take(&mut self.policies);
         for b in bindings {
-            let mut ips = old.remove(&b.policy).map(|p| p.ips).unwrap_or_default();
+            let previous = old.remove(&b.policy);
+            let adopted = match &previous {
+                Some(p) => p.adopted.clone(),
+                None => self.pending.remove(&b.policy).unwrap_or_default(),
+            };
+            let mut ips = previous.map(|p| p.ips).unwrap_or_default();
             for n in ips.values_mut() {
                 n.retain(|name, _| b.names.rules_for(name).is_ok());
             }
@@ -271,29 +364,40 @@ impl Learner {
                     statics: b.compiled.entries.into_iter().collect(),
                     names: b.names,
                     ips,
+                    adopted,
                     pairs,
                 },
             );
         }
+        // Adopted entries of policies that no longer exist went with their rulesets.
+        self.pending.clear();
     }
 
     /// Every learned pair, for the CLI.
     pub fn entries(&self) -> Vec<LearnedEntry> {
         let now = Instant::now();
-        let mut out: Vec<LearnedEntry> = self
-            .policies
-            .iter()
-            .flat_map(|(policy, p)| {
-                p.ips.iter().flat_map(move |(ip, names)| {
-                    names.iter().map(move |(name, e)| LearnedEntry {
+        let left = |e: &Instant| e.saturating_duration_since(now).as_secs();
+        let mut out: Vec<LearnedEntry> = Vec::new();
+        for (policy, p) in &self.policies {
+            for (ip, names) in &p.ips {
+                for (name, e) in names {
+                    out.push(LearnedEntry {
                         policy: policy.clone(),
                         name: name.clone(),
                         address: *ip,
-                        expires_in_secs: e.saturating_duration_since(now).as_secs(),
-                    })
-                })
-            })
-            .collect();
+                        expires_in_secs: left(e),
+                    });
+                }
+            }
+            for (ip, (_, e)) in &p.adopted {
+                out.push(LearnedEntry {
+                    policy: policy.clone(),
+                    name: ADOPTED.into(),
+                    address: *ip,
+                    expires_in_secs: left(e),
+                });
+            }
+        }
         out.sort_by(|a, b| (&a.policy, &a.name, a.address).cmp(&(&b.policy, &b.name, b.address)));
         out
     }
@@ -303,9 +407,18 @@ impl Learner {
         let Some(p) = self.policies.get(policy) else {
             return Vec::new();
         };
-        p.ips
-            .iter()
-            .map(|(ip, names)| (*ip, p.value(*ip), names.keys().cloned().collect()))
+        p.learned_ips()
+            .map(|ip| {
+                let mut names: Vec<String> = p
+                    .ips
+                    .get(ip)
+                    .map(|n| n.keys().cloned().collect())
+                    .unwrap_or_default();
+                if p.adopted.contains_key(ip) {
+                    names.push(ADOPTED.into());
+                }
+                (*ip, p.value(*ip), names)
+            })
             .collect()
     }
 

@@ -155,6 +155,24 @@ impl Maps {
         Ok(())
     }
 
+    /// Every exact entry learned from DNS, as `(ruleset, address, entry)`.
+    pub fn learned_entries(&self) -> anyhow::Result<Vec<(u32, IpAddr, AllowValue)>> {
+        let mut out = Vec::new();
+        for e in self.exact4.iter() {
+            let (k, v) = e.context("reading ALLOW_EXACT4")?;
+            if v.learned_until != 0 {
+                out.push((k.ruleset, IpAddr::from(k.addr), v));
+            }
+        }
+        for e in self.exact6.iter() {
+            let (k, v) = e.context("reading ALLOW_EXACT6")?;
+            if v.learned_until != 0 {
+                out.push((k.ruleset, IpAddr::from(k.addr), v));
+            }
+        }
+        Ok(out)
+    }
+
     /// Removes every entry of `ruleset`.
     pub fn clear_ruleset(&mut self, ruleset: u32) -> anyhow::Result<()> {
         // Collect first: deleting while iterating a BPF map restarts the iteration.

@@ -191,6 +191,29 @@ impl Kernel {
         self.audit_maps.take()
     }
 
+    /// The learned (DNS-answered) entries of each policy's active ruleset, by policy name:
+    /// what a restarted agent adopts, so connections to them keep working.
+    pub fn learned_entries(
+        &self,
+    ) -> anyhow::Result<HashMap<String, Vec<(std::net::IpAddr, agent_common::AllowValue)>>> {
+        let mut out: HashMap<String, Vec<_>> = HashMap::new();
+        let entries = self.maps.learned_entries()?;
+        for st in self.maps.states()? {
+            if st.flags & STATE_ACTIVE == 0 {
+                continue;
+            }
+            let mine: Vec<_> = entries
+                .iter()
+                .filter(|(r, _, _)| *r == st.ruleset)
+                .map(|(_, ip, v)| (*ip, *v))
+                .collect();
+            if !mine.is_empty() {
+                out.entry(state_name(&st)).or_default().extend(mine);
+            }
+        }
+        Ok(out)
+    }
+
     /// Policy names by slot, as the kernel holds them.
     pub fn policy_names(&self) -> anyhow::Result<Vec<String>> {
         Ok(self.maps.states()?.iter().map(state_name).collect())
