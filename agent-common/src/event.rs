@@ -140,6 +140,8 @@ pub struct TaskOffsets {
     pub signal_live: u32,
     pub signal_flags: u32,
     pub signal_group_exit_code: u32,
+    /// `linux_binprm::filename`: the executable as execve resolved it.
+    pub bprm_filename: u32,
     /// 1 when the offsets were found; the programs read no fields otherwise.
     pub valid: u32,
 }

@@ -1,10 +1,10 @@
-//! Process records of guarded tasks: `sched:sched_process_exec` and `sched:sched_process_exit`
-//! (perf tracepoints: no BPF LSM, kprobes or trampolines needed). Kernel struct fields are read
-//! at offsets the agent finds in the kernel's BTF (`TASK_OFFSETS`).
+//! Process records of guarded tasks: the `sched_process_exec` and `sched_process_exit` raw
+//! tracepoints (no tracefs, BPF LSM, kprobes or trampolines needed). Kernel struct fields are
+//! read at offsets the agent finds in the kernel's BTF (`TASK_OFFSETS`).
 
 use agent_common::event::{ARGS_LEN, ExecEvent, ExitEvent, FILENAME_LEN, TaskOffsets, kind};
 use aya_ebpf::{
-    EbpfContext as _, Global,
+    Global,
     helpers::{
         bpf_get_current_pid_tgid, bpf_probe_read_kernel,
         generated::{
@@ -12,8 +12,8 @@ use aya_ebpf::{
             bpf_probe_read_user,
         },
     },
-    macros::tracepoint,
-    programs::TracePointContext,
+    macros::raw_tracepoint,
+    programs::RawTracePointContext,
 };
 
 use crate::{
@@ -37,6 +37,7 @@ static TASK_OFFSETS: Global<TaskOffsets> = Global::new(TaskOffsets {
     signal_live: 0,
     signal_flags: 0,
     signal_group_exit_code: 0,
+    bprm_filename: 0,
     valid: 0,
 });
 
@@ -45,8 +46,9 @@ fn field<T>(base: u64, offset: u32) -> Option<T> {
     unsafe { bpf_probe_read_kernel((base + u64::from(offset)) as *const T) }.ok()
 }
 
-#[tracepoint]
-pub fn proc_exec(ctx: TracePointContext) -> u32 {
+/// `sched_process_exec(struct task_struct *p, pid_t old_pid, struct linux_binprm *bprm)`.
+#[raw_tracepoint(tracepoint = "sched_process_exec")]
+pub fn proc_exec(ctx: RawTracePointContext) -> i32 {
     let Some(slot) = guarded_slot_of_current_task() else {
         return 0;
     };
@@ -62,19 +64,18 @@ pub fn proc_exec(ctx: TracePointContext) -> u32 {
         (*e).args_len = 0;
         (*e).args_total = 0;
         (*e).filename_len = 0;
-        // The event's `filename` is a __data_loc field at offset 8: low 16 bits = offset.
-        if let Ok(loc) = ctx.read_at::<u32>(8) {
-            let src = (ctx.as_ptr() as *const u8).add((loc & 0xffff) as usize);
-            let n = bpf_probe_read_kernel_str(
-                (*e).filename.as_mut_ptr().cast(),
-                FILENAME_LEN as u32,
-                src.cast(),
-            );
-            if n > 0 {
-                (*e).filename_len = n as u32;
-            }
-        }
         if off.valid != 0 {
+            let bprm: u64 = ctx.arg(2);
+            if let Some(src) = field::<u64>(bprm, off.bprm_filename) {
+                let n = bpf_probe_read_kernel_str(
+                    (*e).filename.as_mut_ptr().cast(),
+                    FILENAME_LEN as u32,
+                    src as *const _,
+                );
+                if n > 0 {
+                    (*e).filename_len = n as u32;
+                }
+            }
             let task = bpf_get_current_task();
             if let Some(parent) = field::<u64>(task, off.task_real_parent) {
                 (*e).ppid = field::<u32>(parent, off.task_tgid).unwrap_or(0);
@@ -105,8 +106,9 @@ pub fn proc_exec(ctx: TracePointContext) -> u32 {
 /// `signal_struct::flags`: the whole group is exiting (include/linux/sched/signal.h).
 const SIGNAL_GROUP_EXIT: u32 = 0x4;
 
-#[tracepoint]
-pub fn proc_exit(_ctx: TracePointContext) -> u32 {
+/// `sched_process_exit(struct task_struct *p, …)`: the current task is the one exiting.
+#[raw_tracepoint(tracepoint = "sched_process_exit")]
+pub fn proc_exit(_ctx: RawTracePointContext) -> i32 {
     let off = TASK_OFFSETS.load();
     let task = unsafe { bpf_get_current_task() };
     // One record per process, when its last thread exits: `signal->live` has already been

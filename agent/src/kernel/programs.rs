@@ -11,8 +11,8 @@ use anyhow::{Context as _, anyhow};
 use aya::{
     Btf, Ebpf, EbpfLoader,
     programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, Lsm, SockOps,
-        TracePoint, links::FdLink,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, Lsm,
+        RawTracePoint, SockOps, TracePoint, links::FdLink,
     },
 };
 
@@ -171,30 +171,28 @@ pub fn attach_lsm(ebpf: &mut Ebpf) -> anyhow::Result<FdLink> {
     Ok(p.take_link(id)?.into())
 }
 
-/// The process-event programs and their `sched:` tracepoints.
+/// The process-event programs and their raw tracepoints.
 pub const PROCESS_TRACEPOINTS: [(&str, &str); 2] = [
     ("proc_exec", "sched_process_exec"),
     ("proc_exit", "sched_process_exit"),
 ];
 
-/// Loads and attaches one of [`PROCESS_TRACEPOINTS`].
+/// Loads and attaches one of [`PROCESS_TRACEPOINTS`]: raw tracepoints, which need no tracefs.
 pub fn attach_process_tracepoint(
     ebpf: &mut Ebpf,
     program: &str,
     event: &str,
 ) -> anyhow::Result<FdLink> {
-    super::mounts::ensure_tracefs()?;
     let prog = ebpf
         .program_mut(program)
         .ok_or_else(|| anyhow!("the eBPF object has no program {program}"))?;
-    let p: &mut TracePoint = prog.try_into()?;
+    let p: &mut RawTracePoint = prog.try_into()?;
     p.load().with_context(|| format!("loading {program}"))?;
-    let id = p.attach("sched", event)?;
+    let id = p.attach(event)?;
     Ok(p.take_link(id)?.try_into()?)
 }
 
-/// Field offsets from the kernel's BTF; all zero (and `valid` 0) if one is missing, so the
-/// programs then record no ppid, argv, exit code or lifetime rather than read garbage.
+/// Kernel struct offsets for the process programs, from the kernel's BTF.
 pub fn task_offsets() -> TaskOffsets {
     let find = || -> anyhow::Result<TaskOffsets> {
         let btf = super::btf::Btf::from_sys_fs()?;
@@ -211,6 +209,7 @@ pub fn task_offsets() -> TaskOffsets {
             signal_live: btf.offset_of("signal_struct", "live")?,
             signal_flags: btf.offset_of("signal_struct", "flags")?,
             signal_group_exit_code: btf.offset_of("signal_struct", "group_exit_code")?,
+            bprm_filename: btf.offset_of("linux_binprm", "filename")?,
             valid: 1,
         })
     };
