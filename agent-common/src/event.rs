@@ -172,6 +172,6 @@ mod tests {
             56 + 16 + FILENAME_LEN + ARGS_LEN
         );
         assert_eq!(core::mem::size_of::<ExitEvent>(), 56 + 16);
-        assert_eq!(core::mem::size_of::<TaskOffsets>(), 52);
+        assert_eq!(core::mem::size_of::<TaskOffsets>(), 56);
     }
 }

@@ -99,7 +99,7 @@ pub fn proc_exec(ctx: RawTracePointContext) -> i32 {
             }
         }
     }
-    entry.submit(0);
+    entry.submit(emit::wakeup_flags());
     0
 }
 
@@ -149,7 +149,10 @@ pub fn proc_exit(_ctx: RawTracePointContext) -> i32 {
             event.lifetime_ns = unsafe { bpf_ktime_get_boot_ns() }.saturating_sub(start);
         }
     }
-    if EVENTS.output::<ExitEvent>(&event, 0).is_err() {
+    if EVENTS
+        .output::<ExitEvent>(&event, emit::wakeup_flags())
+        .is_err()
+    {
         emit::lost();
     }
     0

@@ -309,14 +309,22 @@ fn garbage_half_requests_and_many_abrupt_followers_leave_the_agent_serving() {
     assert!(probe_in(&cg.path, &["tcp", &allowed.to_string()]).ok());
     let v = json(&agent.ctl(&["status", "--json"]));
     assert_eq!(v["policies"][0]["name"], "sandbox");
-    let out = agent.ctl(&[
-        "events",
-        "--json",
-        "--type",
-        "net.connect",
-        "--verdict",
-        "deny",
-    ]);
+    // Records reach the feed within the agent's drain interval: wait for the second one.
+    let mut out = agent.ctl(&["status"]);
+    for _ in 0..50 {
+        out = agent.ctl(&[
+            "events",
+            "--json",
+            "--type",
+            "net.connect",
+            "--verdict",
+            "deny",
+        ]);
+        if String::from_utf8_lossy(&out.stdout).lines().count() >= 2 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).lines().count(),
         2,

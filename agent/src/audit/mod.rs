@@ -68,6 +68,9 @@ pub struct Audit {
 
 /// Records decoded per wake-up before the task yields to its other work.
 const DRAIN_BATCH: usize = 2048;
+/// The kernel wakes the agent only for a batch of records (see agent-ebpf's `wakeup_flags`);
+/// anything less waits at most this long.
+const DRAIN_EVERY: Duration = Duration::from_millis(50);
 /// Allowed-send flows aggregated at once.
 const MAX_FLOWS: usize = 10_000;
 
@@ -238,6 +241,8 @@ impl Audit {
                 .map_err(|e| anyhow::anyhow!("watching the audit ring buffer: {e}"))?;
         self.check_lost();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut poll = tokio::time::interval(DRAIN_EVERY);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 guard = ring.readable_mut() => {
@@ -268,6 +273,15 @@ impl Audit {
                     }
                     None => break,
                 },
+                _ = poll.tick() => {
+                    if self.drain(ring.get_mut(), DRAIN_BATCH) {
+                        // More than a batch: let the readiness arm pick up the rest.
+                        tokio::task::yield_now().await;
+                    }
+                    if let Err(e) = self.file.flush() {
+                        tracing::error!("audit file sink: {e:#}");
+                    }
+                }
                 _ = tick.tick() => {
                     self.enricher.refresh_clock();
                     self.flush_flows(false);

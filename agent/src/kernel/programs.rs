@@ -189,7 +189,7 @@ pub fn attach_process_tracepoint(
     let p: &mut RawTracePoint = prog.try_into()?;
     p.load().with_context(|| format!("loading {program}"))?;
     let id = p.attach(event)?;
-    Ok(p.take_link(id)?.try_into()?)
+    Ok(p.take_link(id)?.into())
 }
 
 /// Kernel struct offsets for the process programs, from the kernel's BTF.
