@@ -9,6 +9,8 @@ fn main() -> anyhow::Result<()> {
         // SAFETY: the build script is single-threaded.
         unsafe { std::env::set_var("RUSTC_BOOTSTRAP", "1") };
     }
+    // The programs' map and event types live in agent-common: rebuild them when it changes.
+    println!("cargo:rerun-if-changed=../agent-common/src");
     let manifest_dir = std::env::var("CARGO_MANIFEST_DIR")?;
     let ebpf_dir = std::path::Path::new(&manifest_dir).join("../agent-ebpf");
     let ebpf_dir = ebpf_dir.to_str().context("non-UTF-8 path")?;

@@ -131,6 +131,9 @@ pub struct PolicyState {
     pub ruleset: u32,
     pub flags: u32,
     pub name: [u8; POLICY_NAME_LEN],
+    /// A fingerprint of the policy's hostname rules: a restarted agent adopts the addresses
+    /// learned for them only if they are unchanged. The programs do not read it.
+    pub hostnames: u64,
 }
 
 impl Default for PolicyState {
@@ -139,6 +142,7 @@ impl Default for PolicyState {
             ruleset: 0,
             flags: 0,
             name: [0; POLICY_NAME_LEN],
+            hostnames: 0,
         }
     }
 }
@@ -326,7 +330,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<AllowValue>(), 8 + 8 * MAX_PORT_RULES);
         assert_eq!(core::mem::size_of::<Addr4Key>(), 8);
         assert_eq!(core::mem::size_of::<Addr6Key>(), 20);
-        assert_eq!(core::mem::size_of::<PolicyState>(), 8 + POLICY_NAME_LEN);
+        assert_eq!(core::mem::size_of::<PolicyState>(), 8 + POLICY_NAME_LEN + 8);
         assert_eq!(core::mem::size_of::<DnsProxy>(), 16);
         assert_eq!(
             core::mem::size_of::<OrigDest>(),

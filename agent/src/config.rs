@@ -101,7 +101,24 @@ pub struct Dns {
     pub upstream_attempts: u32,
     /// Learned (name, address) pairs per policy; beyond it, answers are SERVFAIL.
     pub max_learned: usize,
+    /// Addresses never allowed from a DNS answer, whatever the name (DNS rebinding to the
+    /// cloud metadata service, the host, …).
+    pub never_learn: Vec<IpNet>,
 }
+
+/// The default `[dns] never_learn`: this host and network, link-local (the cloud metadata
+/// service at 169.254.169.254), multicast and broadcast.
+pub const DEFAULT_NEVER_LEARN: [&str; 9] = [
+    "0.0.0.0/8",
+    "127.0.0.0/8",
+    "169.254.0.0/16",
+    "224.0.0.0/4",
+    "255.255.255.255/32",
+    "::/128",
+    "::1/128",
+    "fe80::/10",
+    "ff00::/8",
+];
 
 impl Default for Dns {
     fn default() -> Self {
@@ -115,6 +132,10 @@ impl Default for Dns {
             upstream_timeout: Duration::from_millis(1500),
             upstream_attempts: 2,
             max_learned: 16_384,
+            never_learn: DEFAULT_NEVER_LEARN
+                .iter()
+                .map(|n| n.parse().expect("constant"))
+                .collect(),
         }
     }
 }
@@ -131,6 +152,7 @@ struct RawDns {
     upstream_timeout: Option<String>,
     upstream_attempts: Option<u32>,
     max_learned: Option<usize>,
+    never_learn: Option<Vec<String>>,
 }
 
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/egress-guard/control.sock";
@@ -703,6 +725,18 @@ fn validate_dns(raw: RawDns) -> Result<Dns, Vec<String>> {
             d.max_learned = m;
         } else {
             problems.push(format!("[dns] max_learned = {m}: must be 1 to 1048576"));
+        }
+    }
+    if let Some(list) = raw.never_learn {
+        d.never_learn.clear();
+        for n in list {
+            match parse_net(&n) {
+                Ok(Some(net)) => d.never_learn.push(net),
+                Ok(None) => problems.push(format!(
+                    "[dns] never_learn entry {n:?} is not an address or CIDR"
+                )),
+                Err(e) => problems.push(format!("[dns] never_learn entry {n:?}: {e}")),
+            }
         }
     }
     if problems.is_empty() {

@@ -52,10 +52,11 @@ fn apply(
                 .context("target without a policy")?;
             let names = PolicyNames::new(&p.hostnames);
             let port = dns.port_of(slot);
-            t.dns_proxy = port.map(|port| std::net::SocketAddrV4::new(config.dns.listen, port));
+            t.dns_proxy = dns.redirect_of(slot);
             t.learned = learner.entries_for(&t.name, &t.compiled, &names);
             setups.push(PolicySetup {
                 policy: t.name.clone(),
+                slot,
                 port,
                 audit: t.mode == Mode::Audit,
                 names: names.clone(),
@@ -128,6 +129,7 @@ pub fn prepare(config: &Config) -> anyhow::Result<Result<Vec<Target>, ConfigErro
                 // Filled in by `apply` once the policy's slot is known.
                 dns_proxy: None,
                 learned: Vec::new(),
+                hostnames: dns::names::fingerprint(&p.hostnames),
             }),
             Err(e) => problems.extend(e),
         }
@@ -208,7 +210,14 @@ pub fn run(config_path: &Path, config: Config) -> anyhow::Result<()> {
         .ok();
     let mut dns = {
         let _in_runtime = rt.enter();
-        dns::Service::new(&config.dns, learn_maps, clients, tx.clone())
+        let redirect_map = kernel::maps::DnsProxyMap::from_pins(&kernel.maps_dir())?;
+        dns::Service::new(
+            &config.dns,
+            learn_maps,
+            clients,
+            Some(redirect_map),
+            tx.clone(),
+        )
     };
     // The addresses the previous agent learned: connections to them survive the restart.
     match kernel.learned_entries() {
@@ -472,6 +481,7 @@ fn reload(
                     cgroups: t.cgroups.clone(),
                     dns_proxy: None,
                     learned: Vec::new(),
+                    hostnames: t.hostnames,
                 })
                 .collect();
             match apply(kernel, dns, current, &mut previous) {

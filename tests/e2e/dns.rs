@@ -208,8 +208,8 @@ fn dns_refused_names_never_reach_the_upstream() {
 #[test]
 fn dns_hardcoded_resolvers_tcp_and_truncation_all_go_through_the_proxy() {
     setup();
-    // 40 addresses: more than a 512-byte UDP answer holds.
-    let many: String = (1..=40)
+    // 120 addresses: more than a UDP answer to the proxy holds (it offers 1,232 bytes).
+    let many: String = (1..=120)
         .map(|i| format!("127.0.1.{i} big.svc.test\n"))
         .collect();
     let dns = Dnsmasq::start(&format!("127.0.0.21 a.svc.test\n{many}"), 1);
@@ -232,7 +232,7 @@ fn dns_hardcoded_resolvers_tcp_and_truncation_all_go_through_the_proxy() {
     let r = probe_in(&cg.path, &["dns", "[::1]:53", "a.svc.test", "A", "tcp"]);
     assert_eq!(field(&r.stdout, "answers"), "127.0.0.21", "{r:?}");
 
-    // Too big for UDP: the proxy fetches it whole over TCP from the upstream, allows all 40
+    // Too big for UDP: the proxy fetches it whole over TCP from the upstream, allows all 120
     // addresses, and tells the UDP client to retry over TCP.
     let r = probe_in(&cg.path, &["dns", "127.0.0.99:53", "big.svc.test", "A"]);
     assert_eq!(field(&r.stdout, "tc"), "1", "{r:?}");
@@ -240,12 +240,12 @@ fn dns_hardcoded_resolvers_tcp_and_truncation_all_go_through_the_proxy() {
         .into_iter()
         .filter(|(n, _)| n == "big.svc.test")
         .collect();
-    assert_eq!(big.len(), 40, "{big:?}");
+    assert_eq!(big.len(), 120, "{big:?}");
     let r = probe_in(
         &cg.path,
         &["dns", "127.0.0.99:53", "big.svc.test", "A", "tcp"],
     );
-    assert_eq!(field(&r.stdout, "answers").split(',').count(), 40, "{r:?}");
+    assert_eq!(field(&r.stdout, "answers").split(',').count(), 120, "{r:?}");
     assert_eq!(field(&r.stdout, "tc"), "0", "{r:?}");
 }
 
@@ -417,4 +417,122 @@ min_ttl = "60s"
     );
     let r = probe_in(&cg.path, &["tcp", &held]);
     assert!(r.ok(), "the learned address is still allowed: {r:?}");
+
+    // A restart with a config that no longer allows the name: the address goes at once.
+    drop(conn);
+    agent.kill9();
+    agent.rewrite_config(&body.replace("*.svc.test", "*.other.test"));
+    agent.spawn();
+    let r = probe_in(&cg.path, &["tcp", &held]);
+    assert!(r.eperm(), "adopted despite the new config: {r:?}");
+    assert!(learned(&agent).is_empty());
+}
+
+#[test]
+fn dns_answers_never_make_the_metadata_service_or_the_host_reachable() {
+    setup();
+    let dns = Dnsmasq::start(
+        "169.254.169.254 meta.svc.test\n127.0.0.21 meta.svc.test\n",
+        1,
+    );
+    let cg = TestCgroup::new("dns-rebind");
+    // The harness's [dns] table keeps only 169.254.0.0/16 in never_learn (its destinations are
+    // loopback); the default list also has loopback, 0.0.0.0/8, multicast and fe80::/10.
+    let agent = Agent::start(&policy(&cg, &dns, 443, ""));
+    let r = probe_in(&cg.path, &["dns", "127.0.0.53:53", "meta.svc.test", "A"]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let got = learned(&agent);
+    assert!(
+        got.iter().any(|(_, a)| a == "127.0.0.21")
+            && !got.iter().any(|(_, a)| a.starts_with("169.254.")),
+        "{got:?}"
+    );
+    // Asked of the agent, not tried: no traffic leaves for the metadata address.
+    let out = agent.ctl(&["check", "169.254.169.254:443"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+/// A network interface of the test's own (a veth pair), removed on drop.
+struct Veth(&'static str);
+
+impl Drop for Veth {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", self.0])
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+#[test]
+fn dns_is_redirected_only_while_the_proxy_address_belongs_to_the_host() {
+    setup();
+    let dns = Dnsmasq::start("127.0.0.21 a.svc.test\n", 1);
+    let cg = TestCgroup::new("dns-local");
+    // TEST-NET-1: on no interface of this machine until the test puts it on its own veth.
+    let body = format!(
+        r#"[[policy]]
+name = "sandbox"
+cgroups = ["{}"]
+allow = ["*.svc.test:443"]
+dns = ["{}"]
+
+[dns]
+listen = "192.0.2.53"
+"#,
+        cg.rel(),
+        dns.addr
+    );
+    // Left by a killed earlier run.
+    drop(Veth("egtest-dns0"));
+    let agent = Agent::start(&body);
+    assert!(
+        agent
+            .log_text()
+            .contains("not (yet) an address of this host")
+    );
+    // Not redirected: the query meets the policy like any other traffic, and is refused.
+    let r = probe_in(&cg.path, &["dns", "127.0.0.53:53", "a.svc.test", "A"]);
+    assert!(r.stdout.contains("os error 1)"), "EPERM expected: {r:?}");
+
+    let ip = |args: &[&str]| {
+        assert!(
+            std::process::Command::new("ip")
+                .args(args)
+                .status()
+                .unwrap()
+                .success(),
+            "ip {args:?}"
+        )
+    };
+    let _dummy = Veth("egtest-dns0");
+    ip(&[
+        "link",
+        "add",
+        "egtest-dns0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "egtest-dns1",
+    ]);
+    ip(&["addr", "add", "192.0.2.53/32", "dev", "egtest-dns0"]);
+    ip(&["link", "set", "egtest-dns0", "up"]);
+    // Within the agent's next check (every second), the redirect is on.
+    let mut answered = None;
+    for _ in 0..50 {
+        let r = probe_in(&cg.path, &["dns", "127.0.0.53:53", "a.svc.test", "A"]);
+        if r.stdout.starts_with("rcode=") {
+            answered = Some(r);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let r = answered.expect("no answer after the address appeared");
+    assert_eq!(field(&r.stdout, "answers"), "127.0.0.21", "{r:?}");
 }

@@ -386,10 +386,18 @@ impl Agent {
         );
         // The DNS proxy on loopback (the tests' processes share the host's network), on a
         // port range of its own.
-        let dns = format!(
-            "[dns]\nlisten = \"127.0.0.1\"\nport = {}\n",
-            free_port_range(64)
-        );
+        // Loopback may be learned here: the tests' destinations are loopback addresses. A
+        // test's own `[dns]` keys win.
+        let mut dns = String::from("[dns]\n");
+        for (key, value) in [
+            ("listen", "\"127.0.0.1\"".to_string()),
+            ("port", free_port_range(64).to_string()),
+            ("never_learn", "[\"169.254.0.0/16\"]".to_string()),
+        ] {
+            if !body.contains(&format!("\n{key} =")) {
+                dns.push_str(&format!("{key} = {value}\n"));
+            }
+        }
         let mut body = body.to_string();
         for (table, content) in [
             ("[audit]\n", audit),

@@ -10,7 +10,8 @@ use anyhow::Context as _;
 
 /// The `[dns]` table of throwaway set-ups: the DNS proxy on loopback (the guarded processes
 /// share the host's network), not on Docker's bridge.
-pub const LOOPBACK_DNS: &str = "[dns]\nlisten = \"127.0.0.1\"\nport = 10353\n";
+pub const LOOPBACK_DNS: &str =
+    "[dns]\nlisten = \"127.0.0.1\"\nport = 10353\nnever_learn = [\"169.254.0.0/16\"]\n";
 
 pub struct Scratch {
     pub cgroup: PathBuf,

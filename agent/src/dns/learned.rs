@@ -29,7 +29,43 @@ const OPEN_CONNECTION_RECHECK: Duration = Duration::from_secs(5);
 pub const ADOPTED: &str = "(learned before the agent restarted)";
 
 /// Adopted addresses: their port rules and until when they stay.
-type Adopted = HashMap<IpAddr, (Vec<PortRule>, Instant)>;
+type AdoptedIps = HashMap<IpAddr, (Vec<PortRule>, Instant)>;
+
+/// Addresses adopted from the agent before a restart, and the fingerprint of the hostname
+/// rules they were learned under.
+#[derive(Clone, Debug, Default)]
+struct Adopted {
+    hostnames: u64,
+    ips: AdoptedIps,
+}
+
+/// Adopted entries as far as `names` still grants them. Their names are unknown, so they are
+/// kept only if the policy's hostname rules are exactly those they were learned under, with
+/// the port rules those grant, for at most `max_ttl` from now: a config change at a restart
+/// takes effect at once (connections to such addresses then need a new lookup).
+fn restrict(adopted: &Adopted, names: &PolicyNames, max_ttl: Duration) -> Adopted {
+    if adopted.hostnames != names.fingerprint() {
+        return Adopted::default();
+    }
+    let grantable = names.all_rules();
+    let latest = Instant::now() + max_ttl;
+    let ips = adopted
+        .ips
+        .iter()
+        .filter_map(|(ip, (rules, until))| {
+            let kept: Vec<PortRule> = rules
+                .iter()
+                .filter(|r| grantable.contains(r))
+                .copied()
+                .collect();
+            (!kept.is_empty()).then(|| (*ip, (kept, (*until).min(latest))))
+        })
+        .collect();
+    Adopted {
+        hostnames: adopted.hostnames,
+        ips,
+    }
+}
 
 /// CLOCK_BOOTTIME in whole seconds (the clock of `AllowValue::learned_until`).
 fn boottime_secs() -> u64 {
@@ -86,6 +122,8 @@ pub struct Learner {
     min_ttl: Duration,
     max_ttl: Duration,
     max_pairs: usize,
+    /// `[dns] never_learn`: addresses no answer makes allowed (DNS rebinding).
+    never_learn: Vec<IpNet>,
     policies: HashMap<String, PolicyLearned>,
     /// Adopted at start, for policies not bound yet.
     pending: HashMap<String, Adopted>,
@@ -132,7 +170,7 @@ impl PolicyLearned {
                 until = until.max(Some(*e));
             }
         }
-        if let Some((rs, e)) = self.adopted.get(&ip) {
+        if let Some((rs, e)) = self.adopted.ips.get(&ip) {
             add(rs);
             until = until.max(Some(*e));
         }
@@ -151,19 +189,29 @@ impl PolicyLearned {
     }
 
     fn learned_ips(&self) -> impl Iterator<Item = &IpAddr> {
-        self.ips
-            .keys()
-            .chain(self.adopted.keys().filter(|ip| !self.ips.contains_key(*ip)))
+        self.ips.keys().chain(
+            self.adopted
+                .ips
+                .keys()
+                .filter(|ip| !self.ips.contains_key(*ip)),
+        )
     }
 }
 
 impl Learner {
-    pub fn new(maps: LearnMaps, min_ttl: Duration, max_ttl: Duration, max_pairs: usize) -> Self {
+    pub fn new(
+        maps: LearnMaps,
+        min_ttl: Duration,
+        max_ttl: Duration,
+        max_pairs: usize,
+        never_learn: Vec<IpNet>,
+    ) -> Self {
         Self {
             maps,
             min_ttl,
             max_ttl,
             max_pairs,
+            never_learn,
             policies: HashMap::new(),
             pending: HashMap::new(),
         }
@@ -173,16 +221,20 @@ impl Learner {
     /// `Kernel::learned_entries`), before the first apply. Each stays until its recorded time;
     /// one whose time passed while no agent ran goes at the first expiry round unless a
     /// connection to it is open.
-    pub fn adopt(&mut self, entries: HashMap<String, Vec<(IpAddr, AllowValue)>>) -> usize {
+    #[allow(clippy::type_complexity)]
+    pub fn adopt(&mut self, entries: HashMap<String, (u64, Vec<(IpAddr, AllowValue)>)>) -> usize {
         let now_boot = boottime_secs();
         let now = Instant::now();
         let mut n = 0;
-        for (policy, list) in entries {
+        for (policy, (hostnames, list)) in entries {
             let adopted = self.pending.entry(policy).or_default();
+            adopted.hostnames = hostnames;
             for (ip, v) in list {
                 let left = u64::from(v.learned_until).saturating_sub(now_boot);
                 let rules = v.rules[..(v.count as usize).min(MAX_PORT_RULES)].to_vec();
-                adopted.insert(ip, (rules, now + Duration::from_secs(left)));
+                adopted
+                    .ips
+                    .insert(ip, (rules, now + Duration::from_secs(left)));
                 n += 1;
             }
         }
@@ -214,6 +266,14 @@ impl Learner {
                 IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
                 v4 => v4,
             };
+            if self.never_learn.iter().any(|n| n.contains(&ip)) {
+                tracing::warn!(
+                    policy,
+                    name,
+                    "not allowing {ip}: it is in [dns] never_learn (DNS rebinding guard: the metadata service, the host itself, …)"
+                );
+                continue;
+            }
             let life = Duration::from_secs(u64::from(ttl)).clamp(self.min_ttl, self.max_ttl);
             let names = p.ips.entry(ip).or_default();
             let new_pair = !names.contains_key(name);
@@ -241,66 +301,90 @@ impl Learner {
     }
 
     /// Forgets (name, address) pairs whose time is up, unless a TCP connection to the
-    /// address is open; updates or removes the kernel entries. Returns how many went.
+    /// address is open; updates or removes the kernel entries. Returns how many went. An
+    /// address whose kernel entry cannot be changed keeps its state, to be tried again.
     pub fn expire(&mut self, now: Instant) -> anyhow::Result<usize> {
         let due = self.policies.values().any(|p| {
             p.ips.values().flat_map(|n| n.values()).any(|&e| e <= now)
-                || p.adopted.values().any(|(_, e)| *e <= now)
+                || p.adopted.ips.values().any(|(_, e)| *e <= now)
         });
         if !due {
             return Ok(0);
         }
         let open = self.maps.open_connections()?;
         let mut gone = 0;
+        let mut failed = None;
         for p in self.policies.values_mut() {
-            let mut changed = Vec::new();
-            for (ip, names) in p.ips.iter_mut() {
-                let before = names.len();
-                if open.contains(&(p.slot, *ip)) {
-                    for e in names.values_mut().filter(|e| **e <= now) {
+            let ips: Vec<IpAddr> = p.learned_ips().copied().collect();
+            for ip in ips {
+                let names_due = p
+                    .ips
+                    .get(&ip)
+                    .is_some_and(|n| n.values().any(|e| *e <= now));
+                let adopted_due = p.adopted.ips.get(&ip).is_some_and(|(_, e)| *e <= now);
+                if !names_due && !adopted_due {
+                    continue;
+                }
+                if open.contains(&(p.slot, ip)) {
+                    for e in p.ips.get_mut(&ip).into_iter().flat_map(|n| n.values_mut()) {
+                        if *e <= now {
+                            *e = now + OPEN_CONNECTION_RECHECK;
+                        }
+                    }
+                    if let Some((_, e)) = p.adopted.ips.get_mut(&ip)
+                        && *e <= now
+                    {
                         *e = now + OPEN_CONNECTION_RECHECK;
                     }
                     continue;
                 }
-                names.retain(|_, e| *e > now);
-                if names.len() != before {
-                    gone += before - names.len();
-                    p.pairs -= before - names.len();
-                    changed.push(*ip);
+                let old_names = p.ips.remove(&ip);
+                let old_adopted = p.adopted.ips.remove(&ip);
+                let mut left = old_names.clone().unwrap_or_default();
+                left.retain(|_, e| *e > now);
+                let expired = old_names.as_ref().map_or(0, |n| n.len() - left.len())
+                    + usize::from(adopted_due);
+                if !left.is_empty() {
+                    p.ips.insert(ip, left);
                 }
-            }
-            for (ip, (_, e)) in p.adopted.iter_mut() {
-                if *e > now {
-                    continue;
+                if let Some(a) = old_adopted.clone().filter(|(_, e)| *e > now) {
+                    p.adopted.ips.insert(ip, a);
                 }
-                if open.contains(&(p.slot, *ip)) {
-                    *e = now + OPEN_CONNECTION_RECHECK;
+                let res = if p.ips.contains_key(&ip) || p.adopted.ips.contains_key(&ip) {
+                    let v = p.value(ip);
+                    self.maps.write(p.ruleset, ip, &v)
                 } else {
-                    changed.push(*ip);
-                    gone += 1;
-                }
-            }
-            p.adopted.retain(|_, (_, e)| *e > now);
-            changed.sort();
-            changed.dedup();
-            for ip in changed {
-                if p.ips.get(&ip).is_some_and(|n| n.is_empty()) {
-                    p.ips.remove(&ip);
-                }
-                if !p.ips.contains_key(&ip) && !p.adopted.contains_key(&ip) {
                     match p.statics.get(&IpNet::from(ip)) {
                         // A static exact entry of its own: back to just that.
-                        Some(v) => self.maps.write(p.ruleset, ip, v)?,
+                        Some(v) => self.maps.write(p.ruleset, ip, v),
                         // Else no exact entry (a covering CIDR, if any, decides again).
-                        None => self.maps.remove(p.ruleset, ip)?,
+                        None => self.maps.remove(p.ruleset, ip),
                     }
-                } else {
-                    let v = p.value(ip);
-                    self.maps.write(p.ruleset, ip, &v)?;
+                };
+                match res {
+                    Ok(()) => gone += expired,
+                    Err(e) => {
+                        // Put it back as it was: the next round tries again.
+                        p.ips.remove(&ip);
+                        p.adopted.ips.remove(&ip);
+                        if let Some(n) = old_names {
+                            p.ips.insert(ip, n);
+                        }
+                        if let Some(a) = old_adopted {
+                            p.adopted.ips.insert(ip, a);
+                        }
+                        failed = Some(e);
+                    }
                 }
             }
+            p.pairs = p.ips.values().map(BTreeMap::len).sum();
         }
-        Ok(gone)
+        match failed {
+            Some(e) => Err(
+                e.context("an expired learned address could not be removed (retried every second)")
+            ),
+            None => Ok(gone),
+        }
     }
 
     /// The learned entries `policy` should carry into a new ruleset built from `compiled`
@@ -312,8 +396,8 @@ impl Learner {
         names: &PolicyNames,
     ) -> Vec<(IpAddr, AllowValue)> {
         let (ips, adopted) = match (self.policies.get(policy), self.pending.get(policy)) {
-            (Some(old), _) => (old.ips.clone(), old.adopted.clone()),
-            (None, Some(pending)) => (HashMap::new(), pending.clone()),
+            (Some(old), _) => (old.ips.clone(), restrict(&old.adopted, names, self.max_ttl)),
+            (None, Some(pending)) => (HashMap::new(), restrict(pending, names, self.max_ttl)),
             (None, None) => return Vec::new(),
         };
         let next = PolicyLearned {
@@ -347,8 +431,12 @@ impl Learner {
         for b in bindings {
             let previous = old.remove(&b.policy);
             let adopted = match &previous {
-                Some(p) => p.adopted.clone(),
-                None => self.pending.remove(&b.policy).unwrap_or_default(),
+                Some(p) => restrict(&p.adopted, &b.names, self.max_ttl),
+                None => restrict(
+                    &self.pending.remove(&b.policy).unwrap_or_default(),
+                    &b.names,
+                    self.max_ttl,
+                ),
             };
             let mut ips = previous.map(|p| p.ips).unwrap_or_default();
             for n in ips.values_mut() {
@@ -389,7 +477,7 @@ impl Learner {
                     });
                 }
             }
-            for (ip, (_, e)) in &p.adopted {
+            for (ip, (_, e)) in &p.adopted.ips {
                 out.push(LearnedEntry {
                     policy: policy.clone(),
                     name: ADOPTED.into(),
@@ -414,7 +502,7 @@ impl Learner {
                     .get(ip)
                     .map(|n| n.keys().cloned().collect())
                     .unwrap_or_default();
-                if p.adopted.contains_key(ip) {
+                if p.adopted.ips.contains_key(ip) {
                     names.push(ADOPTED.into());
                 }
                 (*ip, p.value(*ip), names)
@@ -430,5 +518,73 @@ impl Learner {
             .filter_map(|p| p.ips.get(&ip))
             .flat_map(|n| n.keys().cloned())
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use agent_common::{PROTO_TCP, PROTO_UDP};
+
+    use super::*;
+    use crate::config::HostnameRule;
+
+    fn rule(lo: u16, protos: u8) -> PortRule {
+        PortRule {
+            lo,
+            hi: lo,
+            protos,
+            _pad: [0; 3],
+        }
+    }
+
+    #[test]
+    fn adopted_addresses_keep_only_what_the_new_policy_grants() {
+        let names = PolicyNames::new(&[HostnameRule {
+            name: "*.svc.test".into(),
+            protos: PROTO_TCP,
+            ports: (443, 443),
+            line: 1,
+        }]);
+        let far = Instant::now() + Duration::from_secs(7 * 86_400);
+        let mut adopted = Adopted {
+            hostnames: names.fingerprint(),
+            ips: HashMap::new(),
+        };
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        // a: learned for 443 and (under the old config) for 22; b: only for 22.
+        adopted
+            .ips
+            .insert(a, (vec![rule(443, PROTO_TCP), rule(22, PROTO_TCP)], far));
+        adopted
+            .ips
+            .insert(b, (vec![rule(22, PROTO_TCP), rule(53, PROTO_UDP)], far));
+        let kept = restrict(&adopted, &names, Duration::from_secs(3600)).ips;
+        assert_eq!(kept.len(), 1, "{kept:?}");
+        let (rules, until) = &kept[&a];
+        assert_eq!(rules, &vec![rule(443, PROTO_TCP)]);
+        assert!(*until <= Instant::now() + Duration::from_secs(3600));
+        // Other hostname rules (even with the same ports), or none: nothing is kept.
+        let other = PolicyNames::new(&[HostnameRule {
+            name: "*.other.test".into(),
+            protos: PROTO_TCP,
+            ports: (443, 443),
+            line: 1,
+        }]);
+        for n in [other, PolicyNames::new(&[])] {
+            assert!(
+                restrict(&adopted, &n, Duration::from_secs(60))
+                    .ips
+                    .is_empty()
+            );
+        }
+    }
+
+    #[test]
+    fn learned_until_is_in_boottime_seconds_and_never_zero() {
+        let now = boottime_secs();
+        let t = u64::from(until_boottime(Instant::now() + Duration::from_secs(90)));
+        assert!((now + 89..=now + 92).contains(&t), "{now} {t}");
+        assert!(until_boottime(Instant::now()) >= 1);
     }
 }

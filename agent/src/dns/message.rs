@@ -11,8 +11,11 @@ use hickory_proto::{
 use super::names::{PolicyNames, Refusal, normalize};
 use crate::config::Refusal as RefuseWith;
 
-/// Largest DNS message over UDP the proxy reads; larger datagrams are dropped.
+/// Largest DNS message over UDP the proxy reads (a longer datagram is cut to it: only its
+/// question matters, since the proxy asks upstream with a query of its own).
 pub const MAX_UDP_MESSAGE: usize = 4096;
+/// The EDNS payload size the proxy offers upstream: answers fit its UDP buffer.
+const UPSTREAM_EDNS_PAYLOAD: u16 = 1232;
 /// DNS header length.
 const HEADER: usize = 12;
 
@@ -115,6 +118,11 @@ pub fn plan(request: &[u8], names: &PolicyNames, audit: bool, refuse: RefuseWith
     if q.query_class() != DNSClass::IN {
         return local(Local::NotImplemented);
     }
+    // A label holding a dot or an odd byte prints escaped ("x\\.foo"): no allowed name
+    // looks like that, and matching on the text would be fooled by it.
+    if question.name.contains('\\') {
+        return local(Local::Refused(Refusal::NotAllowed));
+    }
     let refused = match names.rules_for(&question.name) {
         Ok(_) => {
             let wanted = matches!(
@@ -189,6 +197,56 @@ pub fn rcode_name(low: u8) -> String {
         4 => "NOTIMP".into(),
         5 => "REFUSED".into(),
         n => format!("RCODE{n}"),
+    }
+}
+
+/// The query the proxy sends upstream for `q`: a fresh message with `id`, the question in lower
+/// case, recursion desired and an EDNS record of the proxy's own. Nothing else of the client's
+/// request (extra records, EDNS options such as client subnet, header bits, trailing bytes,
+/// letter case) leaves the host.
+pub fn upstream_query(q: &Question, id: u16) -> Result<Vec<u8>, &'static str> {
+    let mut m = Message::new(id, MessageType::Query, OpCode::Query);
+    m.metadata.recursion_desired = true;
+    let name =
+        hickory_proto::rr::Name::from_ascii(format!("{}.", q.name)).map_err(|_| "bad name")?;
+    m.add_query(hickory_proto::op::Query::query(name, q.qtype));
+    let mut edns = hickory_proto::op::Edns::new();
+    edns.set_max_payload(UPSTREAM_EDNS_PAYLOAD);
+    m.set_edns(edns);
+    m.to_vec().map_err(|_| "query cannot be encoded")
+}
+
+/// Length of the question section of a request (name, type, class), read from the wire.
+fn question_len(request: &[u8]) -> Option<usize> {
+    let mut i = HEADER;
+    loop {
+        let l = *request.get(i)? as usize;
+        if l & 0xc0 != 0 {
+            return None;
+        }
+        i += 1 + l;
+        if l == 0 {
+            break;
+        }
+    }
+    let end = i + 4;
+    (end <= request.len()).then_some(end - HEADER)
+}
+
+/// Puts the client's own question (its letter case) into `reply`, whose question is the same
+/// one in lower case.
+pub fn restore_question(reply: &mut [u8], request: &[u8]) {
+    let Some(n) = question_len(request) else {
+        return;
+    };
+    let (Some(ours), Some(theirs)) = (
+        reply.get(HEADER..HEADER + n),
+        request.get(HEADER..HEADER + n),
+    ) else {
+        return;
+    };
+    if ours.eq_ignore_ascii_case(theirs) {
+        reply[HEADER..HEADER + n].copy_from_slice(&request[HEADER..HEADER + n]);
     }
 }
 
@@ -397,6 +455,52 @@ mod tests {
             plan(&resp, &names(), false, RefuseWith::Refused),
             Plan::Drop
         ));
+    }
+
+    #[test]
+    fn escaped_labels_are_refused() {
+        // One label "x.api" under example.com: prints as x\.api.example.com.
+        let mut q = vec![0, 7, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+        q.extend_from_slice(b"\x05x.api\x07example\x03com\x00\x00\x01\x00\x01");
+        let wild = PolicyNames::new(&[HostnameRule {
+            name: "*.api.example.com".into(),
+            protos: PROTO_TCP,
+            ports: (443, 443),
+            line: 1,
+        }]);
+        match plan(&q, &wild, false, RefuseWith::Refused) {
+            Plan::Reply { why, .. } => assert_eq!(why, Local::Refused(Refusal::NotAllowed)),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_upstream_query_is_the_proxys_own_and_the_reply_keeps_the_clients_case() {
+        let q = Question {
+            id: 7,
+            name: "api.example.com".into(),
+            qtype: RecordType::A,
+        };
+        let up = Message::from_vec(&upstream_query(&q, 99).unwrap()).unwrap();
+        assert_eq!(up.metadata.id, 99);
+        assert_eq!(up.queries.len(), 1);
+        assert_eq!(up.queries[0].name().to_ascii(), "api.example.com.");
+        assert!(up.answers.is_empty() && up.authorities.is_empty());
+        assert_eq!(
+            up.edns.as_ref().unwrap().max_payload(),
+            UPSTREAM_EDNS_PAYLOAD
+        );
+        // The client asked in mixed case; the answer goes back with its question as asked.
+        let request = query("API.Example.com", RecordType::A);
+        let mut reply = Message::response(7, OpCode::Query);
+        reply.add_query(Query::query(
+            Name::from_ascii("api.example.com.").unwrap(),
+            RecordType::A,
+        ));
+        let mut bytes = reply.to_vec().unwrap();
+        restore_question(&mut bytes, &request);
+        let back = Message::from_vec(&bytes).unwrap();
+        assert_eq!(back.queries[0].name().to_ascii(), "API.Example.com.");
     }
 
     #[test]

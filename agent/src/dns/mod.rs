@@ -43,6 +43,7 @@ const PREFETCH_RETRY: Duration = Duration::from_secs(5);
 /// One policy as the DNS side serves it.
 pub struct PolicySetup {
     pub policy: String,
+    pub slot: u32,
     /// The proxy port of the policy (`None` in direct mode).
     pub port: Option<u16>,
     pub audit: bool,
@@ -63,6 +64,55 @@ pub struct Service {
     proxy: Option<Proxy>,
     prefetch: Arc<Mutex<Prefetch>>,
     task: Option<JoinHandle<()>>,
+    /// The redirects the kernel holds while the proxy's address is local (see `redirect`).
+    redirects: Arc<Mutex<Redirects>>,
+}
+
+/// Which slots redirect DNS to which proxy port, and whether the proxy's address belongs to
+/// this host. Traffic to the proxy address is allowed by the kernel, so the redirect is on
+/// only while that address is this host's: otherwise the queries, and anything a process
+/// sends to that port, could be routed off the host to whoever holds the address.
+struct Redirects {
+    map: Option<crate::kernel::maps::DnsProxyMap>,
+    listen: std::net::Ipv4Addr,
+    slots: Vec<(u32, u16)>,
+    local: bool,
+}
+
+/// Whether `addr` is an address of this host (binding to it works without IP_FREEBIND).
+fn is_local(addr: std::net::Ipv4Addr) -> bool {
+    std::net::UdpSocket::bind((addr, 0)).is_ok()
+}
+
+impl Redirects {
+    /// Re-checks the address; switches the redirects on or off when it appeared or went.
+    fn refresh(&mut self) {
+        let local = is_local(self.listen);
+        if local == self.local {
+            return;
+        }
+        self.local = local;
+        let Some(map) = &mut self.map else {
+            return;
+        };
+        for &(slot, port) in &self.slots {
+            let to = local.then(|| std::net::SocketAddrV4::new(self.listen, port));
+            if let Err(e) = map.set(slot, to) {
+                tracing::error!("switching the DNS redirect of slot {slot}: {e:#}");
+            }
+        }
+        if local {
+            tracing::info!(
+                "the DNS proxy address {} is now an address of this host: guarded processes' DNS goes to the proxy",
+                self.listen
+            );
+        } else {
+            tracing::warn!(
+                "the DNS proxy address {} is not an address of this host: DNS of guarded processes is not redirected (their queries are refused) until it is",
+                self.listen
+            );
+        }
+    }
 }
 
 impl Service {
@@ -70,6 +120,7 @@ impl Service {
         cfg: &config::Dns,
         maps: LearnMaps,
         clients: Option<crate::kernel::maps::DnsClients>,
+        redirect_map: Option<crate::kernel::maps::DnsProxyMap>,
         records: mpsc::UnboundedSender<Notice>,
     ) -> Self {
         let learner = Arc::new(Mutex::new(Learner::new(
@@ -77,6 +128,7 @@ impl Service {
             cfg.min_ttl,
             cfg.max_ttl,
             cfg.max_learned,
+            cfg.never_learn.clone(),
         )));
         let proxy = (cfg.mode == config::DnsMode::Proxy)
             .then(|| Proxy::new(cfg.listen, cfg.refuse, learner.clone(), records, clients));
@@ -86,7 +138,22 @@ impl Service {
             proxy,
             prefetch: Arc::new(Mutex::new(Prefetch::default())),
             task: None,
+            redirects: Arc::new(Mutex::new(Redirects {
+                map: redirect_map,
+                listen: cfg.listen,
+                slots: Vec::new(),
+                local: is_local(cfg.listen),
+            })),
         }
+    }
+
+    /// Where the policy in `slot` has its DNS redirected now: its proxy port, if the proxy
+    /// runs and its address belongs to this host (else nothing is redirected, and the
+    /// queries meet the policy like any other traffic: refused).
+    pub fn redirect_of(&self, slot: u32) -> Option<std::net::SocketAddrV4> {
+        let port = self.port_of(slot)?;
+        let local = self.redirects.lock().map(|r| r.local).unwrap_or(false);
+        local.then(|| std::net::SocketAddrV4::new(self.cfg.listen, port))
     }
 
     /// The proxy port of the policy in `slot`.
@@ -98,6 +165,12 @@ impl Service {
     /// Serves exactly `setups`: proxy listeners (before the kernel redirects to them) and the
     /// names to pre-resolve. Call inside the runtime.
     pub fn serve(&mut self, setups: Vec<PolicySetup>) -> anyhow::Result<()> {
+        if let Ok(mut r) = self.redirects.lock() {
+            r.slots = setups
+                .iter()
+                .filter_map(|s| Some((s.slot, s.port?)))
+                .collect();
+        }
         let mut wanted = HashMap::new();
         if let Ok(mut p) = self.prefetch.lock() {
             let old = std::mem::take(&mut p.due);
@@ -133,11 +206,15 @@ impl Service {
     /// Starts expiry and pre-resolution.
     pub fn start(&mut self) {
         let (learner, prefetch) = (self.learner.clone(), self.prefetch.clone());
+        let redirects = self.redirects.clone();
         let (min_ttl, max_ttl) = (self.cfg.min_ttl, self.cfg.max_ttl);
         self.task = Some(tokio::spawn(async move {
             let mut tick = tokio::time::interval(TICK);
             loop {
                 tick.tick().await;
+                if let Ok(mut r) = redirects.lock() {
+                    r.refresh();
+                }
                 let now = Instant::now();
                 match learner.lock().map(|mut l| l.expire(now)) {
                     Ok(Ok(n)) if n > 0 => tracing::debug!("{n} learned addresses expired"),

@@ -22,6 +22,8 @@ pub struct PolicyNames {
     exact: HashMap<String, Vec<PortRule>>,
     /// `(suffix without "*.", rules)`.
     wildcards: Vec<(String, Vec<PortRule>)>,
+    /// [`fingerprint`] of the rules.
+    fingerprint: u64,
 }
 
 /// Why a name is not answered.
@@ -51,6 +53,23 @@ fn port_rule(h: &HostnameRule) -> PortRule {
     }
 }
 
+/// A fingerprint of a policy's hostname rules (order does not matter), kept in the kernel so
+/// a restarted agent knows whether the addresses learned before still apply.
+pub fn fingerprint(rules: &[HostnameRule]) -> u64 {
+    let mut items: Vec<String> = rules
+        .iter()
+        .map(|h| format!("{}|{}|{}|{}", h.name, h.protos, h.ports.0, h.ports.1))
+        .collect();
+    items.sort();
+    // FNV-1a: stable across builds, unlike std's hasher.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in items.join("\n").bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x100_0000_01b3);
+    }
+    h | 1
+}
+
 /// Lower case, no trailing dot.
 pub fn normalize(name: &str) -> String {
     name.trim_end_matches('.').to_ascii_lowercase()
@@ -58,7 +77,10 @@ pub fn normalize(name: &str) -> String {
 
 impl PolicyNames {
     pub fn new(rules: &[HostnameRule]) -> Self {
-        let mut n = PolicyNames::default();
+        let mut n = PolicyNames {
+            fingerprint: fingerprint(rules),
+            ..Default::default()
+        };
         for h in rules {
             match h.name.strip_prefix("*.") {
                 Some(suffix) => match n.wildcards.iter_mut().find(|(s, _)| s == suffix) {
@@ -73,6 +95,26 @@ impl PolicyNames {
             }
         }
         n
+    }
+
+    pub fn fingerprint(&self) -> u64 {
+        self.fingerprint
+    }
+
+    /// Every port rule any of the policy's hostnames can grant.
+    pub fn all_rules(&self) -> Vec<PortRule> {
+        let mut out: Vec<PortRule> = Vec::new();
+        for r in self
+            .exact
+            .values()
+            .chain(self.wildcards.iter().map(|(_, r)| r))
+            .flatten()
+        {
+            if !out.contains(r) {
+                out.push(*r);
+            }
+        }
+        out
     }
 
     /// The exact names (the ones the agent can resolve ahead of time).

@@ -20,14 +20,18 @@ use tokio::{
 
 use super::{
     learned::Learner,
-    message::{Local, MAX_UDP_MESSAGE, Plan, Question, plan, rcode_name, read_answer, servfail},
+    message::{
+        Local, MAX_UDP_MESSAGE, Plan, Question, plan, rcode_name, read_answer, restore_question,
+        servfail, upstream_query,
+    },
     names::PolicyNames,
     upstream::{Upstream, random_id},
 };
 use crate::{audit::Notice, config};
 
-/// Queries answered or forwarded at the same time; beyond, UDP queries are dropped (the
-/// client retries) and TCP connections wait.
+/// Per policy: queries answered or forwarded at the same time; beyond, UDP queries are
+/// dropped (the client retries) and TCP connections wait. Per policy, so one policy's
+/// containers cannot starve another's DNS.
 const MAX_IN_FLIGHT: usize = 1024;
 const MAX_TCP_CONNECTIONS: usize = 256;
 /// A TCP client that sends nothing for this long is disconnected.
@@ -41,22 +45,26 @@ pub struct PolicyDns {
     pub upstream: Upstream,
 }
 
+/// A policy's listener state: its settings (replaced on reload) and its own limits.
+struct Port {
+    policy: Mutex<Arc<PolicyDns>>,
+    in_flight: Arc<Semaphore>,
+    tcp_slots: Arc<Semaphore>,
+}
+
 struct Shared {
     refuse: config::Refusal,
     /// Who is behind a query (the kernel notes it as the query leaves the process).
     clients: Option<crate::kernel::maps::DnsClients>,
     learner: Arc<Mutex<Learner>>,
     records: mpsc::UnboundedSender<Notice>,
-    policies: Mutex<HashMap<u16, Arc<PolicyDns>>>,
-    in_flight: Arc<Semaphore>,
-    tcp_slots: Arc<Semaphore>,
 }
 
 /// The running proxy.
 pub struct Proxy {
     listen: std::net::Ipv4Addr,
     shared: Arc<Shared>,
-    listeners: HashMap<u16, [JoinHandle<()>; 2]>,
+    listeners: HashMap<u16, (Arc<Port>, [JoinHandle<()>; 2])>,
 }
 
 impl Proxy {
@@ -74,9 +82,6 @@ impl Proxy {
                 clients,
                 learner,
                 records,
-                policies: Mutex::new(HashMap::new()),
-                in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
-                tcp_slots: Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS)),
             }),
             listeners: HashMap::new(),
         }
@@ -86,40 +91,49 @@ impl Proxy {
     /// never points at a closed port, then stops listening on ports no longer used. Must be
     /// called inside the tokio runtime.
     pub fn serve(&mut self, policies: HashMap<u16, PolicyDns>) -> anyhow::Result<()> {
-        for port in policies.keys() {
-            if self.listeners.contains_key(port) {
+        for (port, policy) in policies.iter().map(|(p, d)| (*p, d)) {
+            if self.listeners.contains_key(&port) {
                 continue;
             }
-            let addr = SocketAddrV4::new(self.listen, *port);
+            let addr = SocketAddrV4::new(self.listen, port);
             let (udp, tcp) = bind(addr).map_err(|e| {
                 anyhow::anyhow!(
                     "the DNS proxy cannot listen on {addr} (UDP and TCP): {e}; set [dns] port to a free range (policy N uses port + N) and [dns] listen to an address the guarded containers reach (Docker's bridge gateway, 172.17.0.1 by default)"
                 )
             })?;
-            let shared = self.shared.clone();
-            let u = tokio::spawn(serve_udp(udp, *port, shared.clone()));
-            let t = tokio::spawn(serve_tcp(tcp, *port, shared));
-            self.listeners.insert(*port, [u, t]);
+            let state = Arc::new(Port {
+                policy: Mutex::new(Arc::new(PolicyDns {
+                    policy: policy.policy.clone(),
+                    audit: policy.audit,
+                    names: policy.names.clone(),
+                    upstream: policy.upstream.clone(),
+                })),
+                in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+                tcp_slots: Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS)),
+            });
+            let u = tokio::spawn(serve_udp(udp, port, state.clone(), self.shared.clone()));
+            let t = tokio::spawn(serve_tcp(tcp, port, state.clone(), self.shared.clone()));
+            self.listeners.insert(port, (state, [u, t]));
         }
-        let wanted: HashMap<u16, Arc<PolicyDns>> = policies
-            .into_iter()
-            .map(|(k, v)| (k, Arc::new(v)))
-            .collect();
-        self.listeners.retain(|port, tasks| {
-            let keep = wanted.contains_key(port);
+        self.listeners.retain(|port, (_, tasks)| {
+            let keep = policies.contains_key(port);
             if !keep {
                 tasks.iter().for_each(JoinHandle::abort);
             }
             keep
         });
-        if let Ok(mut p) = self.shared.policies.lock() {
-            *p = wanted;
+        for (port, policy) in policies {
+            if let Some((state, _)) = self.listeners.get(&port)
+                && let Ok(mut p) = state.policy.lock()
+            {
+                *p = Arc::new(policy);
+            }
         }
         Ok(())
     }
 
     pub fn stop(&mut self) {
-        for (_, tasks) in self.listeners.drain() {
+        for (_, (_, tasks)) in self.listeners.drain() {
             tasks.iter().for_each(JoinHandle::abort);
         }
     }
@@ -127,12 +141,12 @@ impl Proxy {
 
 /// Binds UDP and TCP on `addr` with IP_FREEBIND: the agent starts before Docker (so no
 /// container runs unguarded), when Docker's bridge address does not exist yet. Until it does,
-/// redirected queries fail: closed, not open.
+/// the kernel does not redirect to it (see `dns::Redirects`) and queries are refused.
 fn bind(addr: SocketAddrV4) -> std::io::Result<(UdpSocket, TcpListener)> {
     use std::os::fd::{FromRawFd as _, OwnedFd};
     if std::net::UdpSocket::bind((*addr.ip(), 0)).is_err() {
         tracing::warn!(
-            "the DNS proxy address {} is not (yet) an address of this host; guarded processes cannot resolve names until it is (Docker creates its bridge when it starts)",
+            "the DNS proxy address {} is not (yet) an address of this host: DNS of guarded processes is not redirected (their queries are refused) until it is (Docker creates its bridge when it starts)",
             addr.ip()
         );
     }
@@ -150,10 +164,17 @@ fn bind(addr: SocketAddrV4) -> std::io::Result<(UdpSocket, TcpListener)> {
             }
             let fd = OwnedFd::from_raw_fd(fd);
             let one: libc::c_int = 1;
-            for (level, opt) in [
-                (libc::IPPROTO_IP, libc::IP_FREEBIND),
-                (libc::SOL_SOCKET, libc::SO_REUSEADDR),
-            ] {
+            // SO_REUSEADDR for TCP only (a restart rebinds at once); on UDP it would let
+            // another socket share the port and take the queries.
+            let opts: &[(libc::c_int, libc::c_int)] = if ty == libc::SOCK_STREAM {
+                &[
+                    (libc::IPPROTO_IP, libc::IP_FREEBIND),
+                    (libc::SOL_SOCKET, libc::SO_REUSEADDR),
+                ]
+            } else {
+                &[(libc::IPPROTO_IP, libc::IP_FREEBIND)]
+            };
+            for &(level, opt) in opts {
                 let r = libc::setsockopt(
                     std::os::fd::AsRawFd::as_raw_fd(&fd),
                     level,
@@ -193,11 +214,11 @@ fn bind(addr: SocketAddrV4) -> std::io::Result<(UdpSocket, TcpListener)> {
     Ok((UdpSocket::from_std(udp)?, TcpListener::from_std(tcp)?))
 }
 
-fn policy_of(shared: &Shared, port: u16) -> Option<Arc<PolicyDns>> {
-    shared.policies.lock().ok()?.get(&port).cloned()
+fn policy_of(state: &Port) -> Option<Arc<PolicyDns>> {
+    state.policy.lock().ok().map(|p| p.clone())
 }
 
-async fn serve_udp(sock: UdpSocket, port: u16, shared: Arc<Shared>) {
+async fn serve_udp(sock: UdpSocket, port: u16, state: Arc<Port>, shared: Arc<Shared>) {
     let sock = Arc::new(sock);
     let mut buf = vec![0u8; MAX_UDP_MESSAGE];
     loop {
@@ -209,12 +230,12 @@ async fn serve_udp(sock: UdpSocket, port: u16, shared: Arc<Shared>) {
                 continue;
             }
         };
-        let Some(policy) = policy_of(&shared, port) else {
+        let Some(policy) = policy_of(&state) else {
             continue;
         };
-        let Ok(permit) = shared.in_flight.clone().try_acquire_owned() else {
+        let Ok(permit) = state.in_flight.clone().try_acquire_owned() else {
             tracing::warn!(
-                "DNS proxy: {MAX_IN_FLIGHT} queries in flight; dropping one from {client}"
+                "DNS proxy port {port}: {MAX_IN_FLIGHT} queries in flight; dropping one from {client}"
             );
             continue;
         };
@@ -229,9 +250,9 @@ async fn serve_udp(sock: UdpSocket, port: u16, shared: Arc<Shared>) {
     }
 }
 
-async fn serve_tcp(listener: TcpListener, port: u16, shared: Arc<Shared>) {
+async fn serve_tcp(listener: TcpListener, port: u16, state: Arc<Port>, shared: Arc<Shared>) {
     loop {
-        let Ok(permit) = shared.tcp_slots.clone().acquire_owned().await else {
+        let Ok(permit) = state.tcp_slots.clone().acquire_owned().await else {
             return;
         };
         let (stream, client) = match listener.accept().await {
@@ -242,16 +263,17 @@ async fn serve_tcp(listener: TcpListener, port: u16, shared: Arc<Shared>) {
                 continue;
             }
         };
-        let shared = shared.clone();
+        let (state, shared) = (state.clone(), shared.clone());
         tokio::spawn(async move {
-            tcp_client(stream, client, port, &shared).await;
+            tcp_client(stream, client, &state, &shared).await;
             drop(permit);
         });
     }
 }
 
-/// Length-prefixed requests, answered in order, until the client closes or idles.
-async fn tcp_client(mut stream: TcpStream, client: SocketAddr, port: u16, shared: &Shared) {
+/// Length-prefixed requests, answered in order, until the client closes, idles, or stops
+/// reading.
+async fn tcp_client(mut stream: TcpStream, client: SocketAddr, state: &Port, shared: &Shared) {
     loop {
         let mut len = [0u8; 2];
         match timeout(TCP_IDLE, stream.read_exact(&mut len)).await {
@@ -263,7 +285,7 @@ async fn tcp_client(mut stream: TcpStream, client: SocketAddr, port: u16, shared
             Ok(Ok(_)) => {}
             _ => return,
         }
-        let Some(policy) = policy_of(shared, port) else {
+        let Some(policy) = policy_of(state) else {
             return;
         };
         let Some(reply) = answer(shared, &policy, request, client, true).await else {
@@ -275,7 +297,7 @@ async fn tcp_client(mut stream: TcpStream, client: SocketAddr, port: u16, shared
         let mut out = Vec::with_capacity(reply.len() + 2);
         out.extend_from_slice(&n.to_be_bytes());
         out.extend_from_slice(&reply);
-        if stream.write_all(&out).await.is_err() {
+        if !matches!(timeout(TCP_IDLE, stream.write_all(&out)).await, Ok(Ok(()))) {
             return;
         }
     }
@@ -285,7 +307,7 @@ async fn tcp_client(mut stream: TcpStream, client: SocketAddr, port: u16, shared
 async fn answer(
     shared: &Shared,
     policy: &PolicyDns,
-    mut request: Vec<u8>,
+    request: Vec<u8>,
     client: SocketAddr,
     tcp: bool,
 ) -> Option<Vec<u8>> {
@@ -331,9 +353,9 @@ async fn answer(
         rec.verdict = "would_refuse";
         rec.reason = Some(why.reason());
     }
-    // A fresh id towards the upstream; the client's goes back on the answer.
+    // The proxy's own query, with a fresh id; the client's id and question go back on the
+    // answer.
     let up_id = random_id();
-    request[..2].copy_from_slice(&up_id.to_be_bytes());
     let fail = |rec: &mut Rec, why: String| {
         tracing::warn!(policy = %policy.policy, name = %question.name, "DNS: answering SERVFAIL: {why}");
         rec.verdict = "error";
@@ -342,7 +364,11 @@ async fn answer(
         shared.write(rec);
         Some(servfail(&question))
     };
-    let reply = match policy.upstream.ask(&request, tcp).await {
+    let up_request = match upstream_query(&question, up_id) {
+        Ok(q) => q,
+        Err(e) => return fail(&mut rec, e.to_string()),
+    };
+    let reply = match policy.upstream.ask(&up_request, tcp).await {
         Ok(r) => r,
         Err(e) => return fail(&mut rec, e),
     };
@@ -383,9 +409,11 @@ async fn answer(
     }
     let mut bytes = rewritten.unwrap_or(reply.bytes);
     bytes[..2].copy_from_slice(&question.id.to_be_bytes());
-    if !tcp && reply.tcp && bytes.len() > client_udp_limit(&request) {
-        // The full answer came over TCP and does not fit the client's UDP size: tell it to
-        // ask again over TCP (the addresses are already allowed).
+    restore_question(&mut bytes, &request);
+    if !tcp && bytes.len() > client_udp_limit(&request) {
+        // The full answer (over TCP from the upstream, or a large UDP one) does not fit the
+        // client's UDP size: tell it to ask again over TCP (the addresses are already
+        // allowed).
         bytes = truncated(&bytes).unwrap_or(bytes);
     }
     rec.rcode = answer.rcode.clone();

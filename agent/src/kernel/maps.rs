@@ -23,6 +23,7 @@ pub struct Maps {
     counters: PerCpuArray<MapData, u64>,
     guarded: HashMap<MapData, u64, u32>,
     dns_proxy: Array<MapData, DnsProxy>,
+    open_conns: HashMap<MapData, u64, OpenConn>,
 }
 
 /// Per-policy counter values, summed over CPUs, in `Counter` order.
@@ -57,6 +58,7 @@ impl Maps {
             counters: take(map_names::COUNTERS)?.try_into()?,
             guarded: take(map_names::GUARDED_CGROUPS)?.try_into()?,
             dns_proxy: take(map_names::DNS_PROXY)?.try_into()?,
+            open_conns: take(map_names::OPEN_CONNS)?.try_into()?,
         })
     }
 
@@ -71,6 +73,22 @@ impl Maps {
         self.state
             .set(slot, state, 0)
             .with_context(|| format!("writing POLICY_STATE[{slot}]"))
+    }
+
+    /// Forgets the open connections recorded for `slot` (its policy is gone, so their close
+    /// would never be seen, and they must not keep a later policy's learned addresses alive).
+    pub fn forget_open_connections(&mut self, slot: u32) -> anyhow::Result<()> {
+        let stale: Vec<u64> = self
+            .open_conns
+            .iter()
+            .filter_map(|e| e.ok())
+            .filter(|(_, c)| c.slot == slot)
+            .map(|(k, _)| k)
+            .collect();
+        for k in stale {
+            let _ = self.open_conns.remove(&k);
+        }
+        Ok(())
     }
 
     /// Where the slot's DNS is redirected (`None`: not redirected).
@@ -350,5 +368,37 @@ impl DnsClients {
             _pad: 0,
         };
         self.map.get(&key, 0).ok()
+    }
+}
+
+/// The slots' DNS redirects (`DNS_PROXY`), for the DNS service to switch them on only while
+/// the proxy's address belongs to this host.
+pub struct DnsProxyMap {
+    map: Array<MapData, DnsProxy>,
+}
+
+impl DnsProxyMap {
+    pub fn from_pins(dir: &Path) -> anyhow::Result<Self> {
+        let path = dir.join(map_names::DNS_PROXY);
+        let data = MapData::from_pin(&path)
+            .with_context(|| format!("opening pinned map {}", path.display()))?;
+        Ok(Self {
+            map: Map::from_map_data(data)?.try_into()?,
+        })
+    }
+
+    pub fn set(&mut self, slot: u32, to: Option<std::net::SocketAddrV4>) -> anyhow::Result<()> {
+        let v = match to {
+            Some(a) => DnsProxy {
+                enabled: 1,
+                addr: a.ip().octets(),
+                port: a.port(),
+                _pad: [0; 6],
+            },
+            None => DnsProxy::default(),
+        };
+        self.map
+            .set(slot, v, 0)
+            .with_context(|| format!("writing DNS_PROXY[{slot}]"))
     }
 }

@@ -46,6 +46,8 @@ pub struct Target {
     /// Addresses learned from DNS answers, carried into the new ruleset (exact entries,
     /// written after `compiled`, with the static rules already merged in).
     pub learned: Vec<(std::net::IpAddr, agent_common::AllowValue)>,
+    /// Fingerprint of the policy's hostname rules (kept in the policy's state).
+    pub hostnames: u64,
 }
 
 /// What an [`Kernel::apply`] did.
@@ -193,10 +195,12 @@ impl Kernel {
 
     /// The learned (DNS-answered) entries of each policy's active ruleset, by policy name:
     /// what a restarted agent adopts, so connections to them keep working.
+    #[allow(clippy::type_complexity)]
     pub fn learned_entries(
         &self,
-    ) -> anyhow::Result<HashMap<String, Vec<(std::net::IpAddr, agent_common::AllowValue)>>> {
-        let mut out: HashMap<String, Vec<_>> = HashMap::new();
+    ) -> anyhow::Result<HashMap<String, (u64, Vec<(std::net::IpAddr, agent_common::AllowValue)>)>>
+    {
+        let mut out: HashMap<String, (u64, Vec<_>)> = HashMap::new();
         let entries = self.maps.learned_entries()?;
         for st in self.maps.states()? {
             if st.flags & STATE_ACTIVE == 0 {
@@ -208,7 +212,7 @@ impl Kernel {
                 .map(|(_, ip, v)| (*ip, *v))
                 .collect();
             if !mine.is_empty() {
-                out.entry(state_name(&st)).or_default().extend(mine);
+                out.insert(state_name(&st), (st.hostnames, mine));
             }
         }
         Ok(out)
@@ -275,6 +279,7 @@ impl Kernel {
                     ruleset: new,
                     flags,
                     name,
+                    hostnames: t.hostnames,
                 },
             )?;
             retired.push(old);
@@ -442,6 +447,7 @@ impl Kernel {
             if st.flags & STATE_ACTIVE != 0 && !kept.contains(&slot) {
                 self.maps.set_state(slot, &PolicyState::default())?;
                 self.maps.set_dns_proxy(slot, None)?;
+                self.maps.forget_open_connections(slot)?;
                 for r in ruleset_ids(slot) {
                     self.maps.clear_ruleset(r)?;
                 }
