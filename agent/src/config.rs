@@ -46,7 +46,112 @@ pub struct Config {
     pub audit: Audit,
     pub control: Control,
     pub dns: Dns,
+    /// `[cloudwatch]`: absent, nothing is shipped.
+    pub cloudwatch: Option<CloudWatch>,
     pub policies: Vec<Policy>,
+}
+
+pub const DEFAULT_SPOOL_DIR: &str = "/var/lib/egress-guard/spool";
+
+/// `[cloudwatch]`: shipping the audit trail to CloudWatch Logs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CloudWatch {
+    pub log_group: String,
+    /// Default: the EC2 instance id, else the host name.
+    pub log_stream: Option<String>,
+    /// Default: the SDK's (AWS_REGION, the profile, IMDS on EC2).
+    pub region: Option<String>,
+    /// A VPC endpoint, or a test server.
+    pub endpoint: Option<String>,
+    pub flush_interval: Duration,
+    pub spool_dir: PathBuf,
+    pub spool_max_bytes: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCloudWatch {
+    log_group: String,
+    log_stream: Option<String>,
+    region: Option<String>,
+    endpoint: Option<String>,
+    flush_interval: Option<String>,
+    spool_dir: Option<PathBuf>,
+    spool_max_bytes: Option<u64>,
+}
+
+fn validate_cloudwatch(raw: RawCloudWatch) -> Result<CloudWatch, Vec<String>> {
+    let mut problems = Vec::new();
+    let name_ok = |s: &str, extra: &str| {
+        !s.is_empty()
+            && s.len() <= 512
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-/#".contains(c) || extra.contains(c))
+    };
+    if !name_ok(&raw.log_group, "") {
+        problems.push(format!(
+            "[cloudwatch] log_group {:?}: 1 to 512 characters of letters, digits, '.', '_', '-', '/' and '#'",
+            raw.log_group
+        ));
+    }
+    if let Some(st) = &raw.log_stream
+        && (st.is_empty() || st.len() > 512 || st.contains([':', '*']))
+    {
+        problems.push(format!(
+            "[cloudwatch] log_stream {st:?}: 1 to 512 characters, no ':' or '*'"
+        ));
+    }
+    if let Some(e) = &raw.endpoint
+        && !(e.starts_with("https://") || e.starts_with("http://"))
+    {
+        problems.push(format!(
+            "[cloudwatch] endpoint {e:?} must be a URL (https://logs.REGION.amazonaws.com, a VPC endpoint, or http:// for a test server)"
+        ));
+    }
+    let flush_interval = match raw.flush_interval {
+        Some(t) => match humantime::parse_duration(&t) {
+            Ok(d) if (Duration::from_millis(100)..=Duration::from_secs(60)).contains(&d) => d,
+            Ok(_) => {
+                problems.push(format!(
+                    "[cloudwatch] flush_interval = {t:?}: must be from 100ms to 60s"
+                ));
+                Duration::from_secs(1)
+            }
+            Err(e) => {
+                problems.push(format!("[cloudwatch] flush_interval = {t:?}: {e}"));
+                Duration::from_secs(1)
+            }
+        },
+        None => Duration::from_secs(1),
+    };
+    let spool_dir = raw
+        .spool_dir
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_SPOOL_DIR));
+    if !spool_dir.is_absolute() {
+        problems.push(format!(
+            "[cloudwatch] spool_dir {:?} must be an absolute path",
+            spool_dir
+        ));
+    }
+    let spool_max_bytes = raw.spool_max_bytes.unwrap_or(1 << 30);
+    if spool_max_bytes < 32 << 20 {
+        problems.push(format!(
+            "[cloudwatch] spool_max_bytes = {spool_max_bytes}: at least 33554432 (32 MiB)"
+        ));
+    }
+    if problems.is_empty() {
+        Ok(CloudWatch {
+            log_group: raw.log_group,
+            log_stream: raw.log_stream,
+            region: raw.region,
+            endpoint: raw.endpoint,
+            flush_interval,
+            spool_dir,
+            spool_max_bytes,
+        })
+    } else {
+        Err(problems)
+    }
 }
 
 /// How guarded processes resolve names.
@@ -292,6 +397,7 @@ struct RawConfig {
     audit: Option<Spanned<Audit>>,
     control: Option<Spanned<Control>>,
     dns: Option<Spanned<RawDns>>,
+    cloudwatch: Option<Spanned<RawCloudWatch>>,
     #[serde(default)]
     policy: Vec<Spanned<RawPolicy>>,
 }
@@ -477,6 +583,17 @@ fn validate(raw: RawConfig, path: &Path, lines: &LineIndex, problems: &mut Vec<P
         None => Dns::default(),
     };
 
+    let cloudwatch = raw.cloudwatch.and_then(|c| {
+        let line = lines.of(&c);
+        validate_cloudwatch(c.into_inner())
+            .map_err(|reasons| {
+                for r in reasons {
+                    problem(line, r);
+                }
+            })
+            .ok()
+    });
+
     if raw.policy.is_empty() {
         problem(1, "no [[policy]] table: define at least one policy with a name, cgroups and an allow list".into());
     }
@@ -651,6 +768,7 @@ fn validate(raw: RawConfig, path: &Path, lines: &LineIndex, problems: &mut Vec<P
         audit,
         control,
         dns,
+        cloudwatch,
         policies,
     }
 }

@@ -91,6 +91,9 @@ fn apply(
     Ok(report)
 }
 
+/// How long a stopping agent lets the CloudWatch sink deliver what is spooled.
+const SINK_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// Everything about a config that can be checked without changing the kernel: cgroups
 /// resolved against the live hierarchy, rules compiled to map entries, and whether it all fits
 /// the kernel maps. Every problem is reported, sorted by line.
@@ -249,6 +252,39 @@ pub fn run(config_path: &Path, config: Config) -> anyhow::Result<()> {
         let mut audit = Audit::new(lost, &config.audit, kernel::mounts::cgroup2_root()?, feed.clone())
             .context("starting the audit trail (see [audit] in the config)")?;
         audit.set_learner(dns.learner.clone());
+        // CloudWatch: every record is spooled before it counts as accepted; the sink sends
+        // from the spool and acknowledges what CloudWatch took.
+        let mut cloudwatch_health = None;
+        let mut sink_stop = None;
+        let sink_task = match &config.cloudwatch {
+            Some(cw) => {
+                let spool = crate::cloudwatch::spool::Spool::open(&cw.spool_dir, cw.spool_max_bytes)
+                    .with_context(|| format!("opening the CloudWatch spool {} (see [cloudwatch] spool_dir)", cw.spool_dir.display()))?;
+                let spool = Arc::new(Mutex::new(spool));
+                let stream = cw.log_stream.clone().unwrap_or_else(|| {
+                    crate::audit::record::ec2_instance_id().unwrap_or_else(crate::audit::record::hostname)
+                });
+                let sink = crate::cloudwatch::sink::Sink::new(
+                    crate::cloudwatch::sink::Settings {
+                        log_group: cw.log_group.clone(),
+                        log_stream: stream.clone(),
+                        region: cw.region.clone(),
+                        endpoint: cw.endpoint.clone(),
+                        flush_interval: cw.flush_interval,
+                    },
+                    spool.clone(),
+                    cw.spool_dir.clone(),
+                    tx.clone(),
+                );
+                audit.set_spool(crate::audit::SpoolLink { spool, wake: sink.wake.clone() });
+                cloudwatch_health = Some(sink.health.clone());
+                let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+                sink_stop = Some((stop_tx, sink.wake.clone()));
+                tracing::info!(log_group = %cw.log_group, log_stream = %stream, spool = %cw.spool_dir.display(), "shipping the audit trail to CloudWatch Logs");
+                Some(tokio::spawn(sink.run(stop_rx)))
+            }
+            None => None,
+        };
         let say = |n: Notice| {
             // The receiver lives until after the loop below.
             let _ = tx.send(n);
@@ -284,6 +320,7 @@ pub fn run(config_path: &Path, config: Config) -> anyhow::Result<()> {
             group,
             dns: Mutex::new(Value::Null),
             learner: dns.learner.clone(),
+            cloudwatch: cloudwatch_health,
         });
         publish(&shared, &config, &targets, &report, &kernel);
         let socket = config.control.socket.clone();
@@ -346,7 +383,18 @@ pub fn run(config_path: &Path, config: Config) -> anyhow::Result<()> {
         let _ = std::fs::remove_file(&socket);
         say(Notice::Agent("agent.stop", json!({ "enforcement": "stays in force (pinned)" })));
         drop(tx);
-        audit_task.await.context("the audit task panicked")?.context("audit trail")
+        let audited = audit_task.await.context("the audit task panicked")?.context("audit trail");
+        // The sink gets a moment to deliver the rest (the stop record too); what it cannot
+        // stays in the spool for the next start.
+        if let (Some(mut t), Some((stop, wake))) = (sink_task, sink_stop) {
+            let _ = stop.send(true);
+            wake.notify_one();
+            if tokio::time::timeout(SINK_GRACE, &mut t).await.is_err() {
+                tracing::warn!("CloudWatch: undelivered records stay in the spool for the next start");
+                t.abort();
+            }
+        }
+        audited
     })
 }
 

@@ -10,6 +10,7 @@
 
 pub mod audit;
 pub mod check;
+pub mod cloudwatch;
 pub mod config;
 pub mod control;
 pub mod daemon;

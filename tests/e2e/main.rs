@@ -2,6 +2,7 @@
 //! decisions, loopback traffic only. Run by `cargo xtask test` (as root, one at a time).
 
 mod audit;
+mod cloudwatch;
 mod config_errors;
 mod control;
 mod dns;

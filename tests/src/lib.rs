@@ -351,6 +351,98 @@ impl Drop for Dnsmasq {
     }
 }
 
+/// moto_server on loopback: the CloudWatch Logs API for the tests. Read back with boto3.
+pub struct Moto {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl Moto {
+    pub fn start() -> Self {
+        let mut m = Moto {
+            port: free_port_range(1),
+            child: None,
+        };
+        m.restart();
+        m
+    }
+
+    /// (Re)starts the server on the same port (it starts empty).
+    pub fn restart(&mut self) {
+        self.stop();
+        let child = Command::new("python3")
+            .args([
+                "-m",
+                "moto.server",
+                "-H",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting moto_server (installed by `cargo xtask setup`)");
+        self.child = Some(child);
+        let end = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < end, "moto_server did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Every message in `group`/`stream`, oldest first (empty if they do not exist).
+    pub fn messages(&self, group: &str, stream: &str) -> Vec<String> {
+        let script = r#"
+import sys, json, boto3
+c = boto3.client("logs", endpoint_url=sys.argv[1], region_name="us-east-1",
+                 aws_access_key_id="testing", aws_secret_access_key="testing")
+kw = dict(logGroupName=sys.argv[2], logStreamName=sys.argv[3], startFromHead=True)
+token = None
+try:
+    while True:
+        r = c.get_log_events(**kw, **({"nextToken": token} if token else {}))
+        for e in r["events"]:
+            print(json.dumps(e["message"]))
+        if r.get("nextForwardToken") in (None, token):
+            break
+        token = r["nextForwardToken"]
+except c.exceptions.ResourceNotFoundException:
+    pass
+"#;
+        let out = Command::new("python3")
+            .args(["-c", script, &self.endpoint(), group, stream])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "reading CloudWatch: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str::<String>(l).unwrap())
+            .collect()
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// The real agent, started with a config, stopped and uninstalled on drop.
 pub struct Agent {
     pub pin_dir: PathBuf,
@@ -411,6 +503,11 @@ impl Agent {
             };
         }
         format!("pin_dir = \"{}\"\n{body}", pin_dir.display())
+    }
+
+    /// The directory of this agent's files (config, audit file, socket).
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// The agent's control socket.
@@ -479,6 +576,12 @@ impl Agent {
             .args(["run", "--config"])
             .arg(&self.config)
             .env("EGRESS_GUARD_LOG", "info")
+            // For a [cloudwatch] table pointing at moto_server: static credentials, and never
+            // the instance metadata service (no traffic leaves the host).
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

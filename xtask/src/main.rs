@@ -166,6 +166,7 @@ fn setup() -> anyhow::Result<()> {
     ensure_rust_src()?;
     ensure_bpf_linker()?;
     ensure_apt_packages()?;
+    ensure_python_packages()?;
     eprintln!("==> setup complete");
     Ok(())
 }
@@ -243,6 +244,22 @@ fn ensure_bpf_linker() -> anyhow::Result<()> {
         ])
         .args(["--features", &format!("llvm-{major}")])
         .env("LLVM_PREFIX", &prefix))
+}
+
+/// The CloudWatch tests' server (moto_server) and client (boto3), from PyPI.
+const PIP_PACKAGES: &[&str] = &["moto[server]>=5,<6", "boto3"];
+
+fn ensure_python_packages() -> anyhow::Result<()> {
+    let have = Command::new("python3")
+        .args(["-c", "import moto.server, boto3, flask"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if have {
+        return Ok(());
+    }
+    run(Command::new("python3")
+        .args(["-m", "pip", "install", "--quiet"])
+        .args(PIP_PACKAGES))
 }
 
 fn ensure_apt_packages() -> anyhow::Result<()> {

@@ -46,7 +46,13 @@ impl FileSink {
     }
 
     pub fn write(&mut self, record: &Value) -> anyhow::Result<()> {
-        let mut line = serde_json::to_vec(record)?;
+        self.write_line(&serde_json::to_string(record)?)
+    }
+
+    /// One record, already serialized (without the newline).
+    pub fn write_line(&mut self, record: &str) -> anyhow::Result<()> {
+        let mut line = Vec::with_capacity(record.len() + 1);
+        line.extend_from_slice(record.as_bytes());
         line.push(b'\n');
         if self.size > 0 && self.size + line.len() as u64 > self.max_bytes {
             // A failed rotation still leaves an open file: report it and keep writing.

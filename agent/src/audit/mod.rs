@@ -64,10 +64,24 @@ pub struct Audit {
     feed: std::sync::Arc<crate::control::EventFeed>,
     /// Records read from the ring that could not be decoded, not yet reported.
     undecodable: u64,
+    /// The CloudWatch sink's spool, when `[cloudwatch]` is configured.
+    spool: Option<SpoolLink>,
+    /// Written to the spool since its last sync.
+    spool_dirty: bool,
+    /// Records the spool dropped (full) since start.
+    spool_dropped: u64,
 }
 
 /// Records decoded per wake-up before the task yields to its other work.
 const DRAIN_BATCH: usize = 2048;
+/// The CloudWatch sink is woken before its flush interval when this much is spooled.
+const SPOOL_WAKE_BYTES: u64 = 512 << 10;
+
+/// The CloudWatch sink's side of the pipeline: its spool, and how to wake it.
+pub struct SpoolLink {
+    pub spool: std::sync::Arc<std::sync::Mutex<crate::cloudwatch::spool::Spool>>,
+    pub wake: std::sync::Arc<tokio::sync::Notify>,
+}
 /// The kernel wakes the agent only for a batch of records (see agent-ebpf's `wakeup_flags`);
 /// anything less waits at most this long.
 const DRAIN_EVERY: Duration = Duration::from_millis(50);
@@ -91,11 +105,19 @@ impl Audit {
             lost_reported: 0,
             feed,
             undecodable: 0,
+            spool: None,
+            spool_dirty: false,
+            spool_dropped: 0,
         };
         // What earlier agents already reported; the rest (lost while no agent was reading)
         // is reported at the first check.
         audit.lost_reported = audit.lost_counter(LOST_REPORTED)?;
         Ok(audit)
+    }
+
+    /// Every record also goes to the CloudWatch sink's spool.
+    pub fn set_spool(&mut self, link: SpoolLink) {
+        self.spool = Some(link);
     }
 
     /// Lets `net.*` records name the hostnames their destination was answered for.
@@ -128,11 +150,62 @@ impl Audit {
 
     /// Every sink gets every record.
     fn write(&mut self, record: Value) {
-        if let Err(e) = self.file.write(&record) {
-            tracing::error!("audit file sink: {e:#}");
+        match serde_json::to_string(&record) {
+            Ok(line) => {
+                if let Err(e) = self.file.write_line(&line) {
+                    tracing::error!("audit file sink: {e:#}");
+                }
+                self.spool_line(&line);
+            }
+            Err(e) => tracing::error!("audit record cannot be serialized: {e}"),
         }
         // Moved, not copied, into the in-memory sink.
         self.feed.push(std::sync::Arc::new(record));
+    }
+
+    /// Ships the CloudWatch sink the same line the file got.
+    fn spool_line(&mut self, line: &str) {
+        let Some(sp) = &self.spool else {
+            return;
+        };
+        let dropped = match sp.spool.lock() {
+            Ok(mut s) => s.append(line),
+            Err(_) => Err(anyhow::anyhow!("spool poisoned")),
+        };
+        self.spool_dirty = true;
+        match dropped {
+            Ok(0) => {}
+            Ok(n) => {
+                self.spool_dropped += n;
+                tracing::error!("the CloudWatch spool is full: dropped its {n} oldest records");
+                let rec = self.enricher.agent(
+                    "agent.events_lost",
+                    json!({ "count": n, "total": self.spool_dropped, "cause": "cloudwatch spool full: its oldest records were dropped" }),
+                );
+                // Into the file and the feed; the spool has just made room for it.
+                self.write(rec);
+            }
+            Err(e) => tracing::error!("CloudWatch spool: {e:#}"),
+        }
+    }
+
+    /// Makes what was spooled durable, and wakes the sink when a batch is waiting.
+    fn sync_spool(&mut self) {
+        if !self.spool_dirty {
+            return;
+        }
+        self.spool_dirty = false;
+        let Some(sp) = &self.spool else {
+            return;
+        };
+        if let Ok(mut s) = sp.spool.lock() {
+            if let Err(e) = s.sync() {
+                tracing::error!("CloudWatch spool: {e:#}");
+            }
+            if s.pending_bytes() >= SPOOL_WAKE_BYTES {
+                sp.wake.notify_one();
+            }
+        }
     }
 
     /// A network record: written at once, or (allowed UDP sends) added to its flow.
@@ -252,9 +325,7 @@ impl Audit {
                     if !self.drain(guard.get_inner_mut(), DRAIN_BATCH) {
                         guard.clear_ready();
                     }
-                    if let Err(e) = self.file.flush() {
-                        tracing::error!("audit file sink: {e:#}");
-                    }
+                    self.flush();
                 }
                 n = notices.recv() => match n {
                     Some(n) => {
@@ -278,24 +349,29 @@ impl Audit {
                         // More than a batch: let the readiness arm pick up the rest.
                         tokio::task::yield_now().await;
                     }
-                    if let Err(e) = self.file.flush() {
-                        tracing::error!("audit file sink: {e:#}");
-                    }
+                    self.flush();
                 }
                 _ = tick.tick() => {
                     self.enricher.refresh_clock();
                     self.flush_flows(false);
                     self.check_lost();
-                    if let Err(e) = self.file.flush() {
-                        tracing::error!("audit file sink: {e:#}");
-                    }
+                    self.flush();
                 }
             }
         }
         while self.drain(ring.get_mut(), DRAIN_BATCH) {}
         self.flush_flows(true);
         self.check_lost();
+        self.sync_spool();
         self.file.flush()
+    }
+
+    /// Pushes what was written to disk: the file sink and the spool.
+    fn flush(&mut self) {
+        if let Err(e) = self.file.flush() {
+            tracing::error!("audit file sink: {e:#}");
+        }
+        self.sync_spool();
     }
 
     /// Decodes up to `max` records; returns whether more may be waiting.

@@ -408,7 +408,7 @@ fn dst(e: &NetEvent) -> Value {
 }
 
 /// The EC2 instance id: Nitro instances expose it as the DMI board asset tag.
-fn ec2_instance_id() -> Option<String> {
+pub fn ec2_instance_id() -> Option<String> {
     let tag = std::fs::read_to_string("/sys/devices/virtual/dmi/id/board_asset_tag").ok()?;
     let tag = tag.trim();
     tag.starts_with("i-").then(|| tag.to_string())

@@ -149,6 +149,25 @@ pub fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
         audit["file_bytes"],
         audit["records_since_start"]
     );
+    let cw = &v["cloudwatch"];
+    if cw["log_group"].is_string() {
+        println!(
+            "  cloudwatch: {}/{}; last delivery {}; delivered {}, rejected {}, quarantined {}; spool backlog {} bytes{}",
+            cw["log_group"].as_str().unwrap_or("?"),
+            cw["log_stream"].as_str().unwrap_or("?"),
+            cw["last_delivery"].as_str().unwrap_or("never"),
+            cw["delivered_events"],
+            cw["rejected_events"],
+            cw["quarantined_events"],
+            cw["spool_pending_bytes"],
+            cw["last_error"]
+                .as_str()
+                .map(|e| format!("; LAST ERROR: {e}"))
+                .unwrap_or_default()
+        );
+    } else {
+        println!("  cloudwatch: off (no [cloudwatch] in the config)");
+    }
     Ok(())
 }
 

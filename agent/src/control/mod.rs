@@ -87,6 +87,8 @@ pub struct Shared {
     /// The DNS side: mode and listeners (`dns` of the status), and the learned addresses.
     pub dns: Mutex<Value>,
     pub learner: Arc<Mutex<crate::dns::learned::Learner>>,
+    /// The CloudWatch sink's delivery state, when `[cloudwatch]` is configured.
+    pub cloudwatch: Option<Arc<Mutex<crate::cloudwatch::sink::Health>>>,
 }
 
 /// The policies in force, with the addresses learned so far.
@@ -417,6 +419,15 @@ fn status(shared: &Shared) -> Value {
                 "records_since_start": shared.events.total.load(std::sync::atomic::Ordering::Relaxed),
             }),
         );
+        let cw = match &shared.cloudwatch {
+            Some(h) => h
+                .lock()
+                .ok()
+                .and_then(|h| serde_json::to_value(&*h).ok())
+                .unwrap_or(Value::Null),
+            None => json!({ "enabled": false }),
+        };
+        m.insert("cloudwatch".into(), cw);
         if let Ok(s) = stats(shared) {
             m.insert("stats".into(), s);
         }

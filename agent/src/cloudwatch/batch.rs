@@ -1,0 +1,174 @@
+//! PutLogEvents batches, within every rule of the API, enforced here (the test server does
+//! not): at most 10,000 events and 1,048,576 bytes (each event's UTF-8 message plus 26 bytes),
+//! events in time order, one batch spanning at most 24 hours, and no event over 256 KiB
+//! (longer ones are cut, with a marker saying so).
+
+/// Per-event overhead CloudWatch counts against the batch size.
+pub const EVENT_OVERHEAD: usize = 26;
+pub const MAX_BATCH_BYTES: usize = 1_048_576;
+pub const MAX_BATCH_EVENTS: usize = 10_000;
+/// The largest event: 256 KiB including the overhead.
+pub const MAX_EVENT_BYTES: usize = 262_144 - EVENT_OVERHEAD;
+pub const MAX_SPAN_MS: i64 = 24 * 3600 * 1000;
+/// Appended to a message that was cut to fit.
+pub const TRUNCATED_MARKER: &str = "…[truncated by egress-guard]";
+
+/// One log event: milliseconds since the epoch and the message (one JSON record).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub timestamp_ms: i64,
+    pub message: String,
+}
+
+impl Event {
+    /// Cuts an oversized message at a character boundary and marks it.
+    pub fn fit(mut self) -> Self {
+        if self.message.len() > MAX_EVENT_BYTES {
+            let mut end = MAX_EVENT_BYTES - TRUNCATED_MARKER.len();
+            while !self.message.is_char_boundary(end) {
+                end -= 1;
+            }
+            self.message.truncate(end);
+            self.message.push_str(TRUNCATED_MARKER);
+        }
+        self
+    }
+
+    pub fn cost(&self) -> usize {
+        self.message.len() + EVENT_OVERHEAD
+    }
+}
+
+/// The timestamp of a record: its `ts` field (RFC 3339), else `fallback_ms`.
+pub fn timestamp_of(record: &str, fallback_ms: i64) -> i64 {
+    let ts = serde_json::from_str::<serde_json::Value>(record)
+        .ok()
+        .and_then(|v| v.get("ts")?.as_str().map(str::to_string));
+    ts.and_then(|t| humantime::parse_rfc3339(&t).ok())
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(fallback_ms, |d| d.as_millis() as i64)
+}
+
+/// Whether `next` can join a batch holding `events` (already `bytes` large) without breaking
+/// a rule.
+pub fn fits(events: &[Event], bytes: usize, next: &Event) -> bool {
+    if events.len() >= MAX_BATCH_EVENTS || bytes + next.cost() > MAX_BATCH_BYTES {
+        return false;
+    }
+    let (lo, hi) = events
+        .iter()
+        .fold((next.timestamp_ms, next.timestamp_ms), |(lo, hi), e| {
+            (lo.min(e.timestamp_ms), hi.max(e.timestamp_ms))
+        });
+    hi - lo <= MAX_SPAN_MS
+}
+
+/// Puts a batch in time order (stable: equal times keep their order).
+pub fn order(events: &mut [Event]) {
+    events.sort_by_key(|e| e.timestamp_ms);
+}
+
+/// Checks a batch against every rule; the tests use it on what was sent.
+pub fn check(events: &[Event]) -> Result<(), String> {
+    if events.is_empty() {
+        return Err("empty batch".into());
+    }
+    if events.len() > MAX_BATCH_EVENTS {
+        return Err(format!("{} events", events.len()));
+    }
+    let bytes: usize = events.iter().map(Event::cost).sum();
+    if bytes > MAX_BATCH_BYTES {
+        return Err(format!("{bytes} bytes"));
+    }
+    if let Some(e) = events.iter().find(|e| e.message.len() > MAX_EVENT_BYTES) {
+        return Err(format!("an event of {} bytes", e.message.len()));
+    }
+    if events
+        .windows(2)
+        .any(|w| w[0].timestamp_ms > w[1].timestamp_ms)
+    {
+        return Err("events out of time order".into());
+    }
+    let span = events[events.len() - 1].timestamp_ms - events[0].timestamp_ms;
+    if span > MAX_SPAN_MS {
+        return Err(format!("a span of {span} ms"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(ts: i64, len: usize) -> Event {
+        Event {
+            timestamp_ms: ts,
+            message: "x".repeat(len),
+        }
+    }
+
+    #[test]
+    fn oversized_events_are_cut_with_a_marker() {
+        let e = Event {
+            timestamp_ms: 1,
+            message: "é".repeat(MAX_EVENT_BYTES),
+        }
+        .fit();
+        assert!(e.message.len() <= MAX_EVENT_BYTES);
+        assert!(e.message.ends_with(TRUNCATED_MARKER));
+        let small = ev(1, 10).fit();
+        assert_eq!(small.message.len(), 10);
+    }
+
+    #[test]
+    fn batches_respect_count_size_and_span() {
+        let mut batch = Vec::new();
+        let mut bytes = 0;
+        let e = ev(0, 50);
+        while fits(&batch, bytes, &e) {
+            bytes += e.cost();
+            batch.push(e.clone());
+        }
+        assert_eq!(
+            batch.len(),
+            MAX_BATCH_EVENTS,
+            "count bound first for small events"
+        );
+        let mut batch = Vec::new();
+        let mut bytes = 0;
+        let e = ev(0, 100);
+        while fits(&batch, bytes, &e) {
+            bytes += e.cost();
+            batch.push(e.clone());
+        }
+        assert_eq!(batch.len(), MAX_BATCH_BYTES / 126, "then the byte bound");
+        let big = ev(0, 200_000);
+        let mut batch = Vec::new();
+        let mut bytes = 0;
+        while fits(&batch, bytes, &big) {
+            bytes += big.cost();
+            batch.push(big.clone());
+        }
+        assert_eq!(batch.len(), 5, "size bound: 5 × 200,026 bytes ≤ 1 MiB");
+        assert!(check(&batch).is_ok());
+        assert!(!fits(&[ev(0, 1)], 27, &ev(MAX_SPAN_MS + 1, 1)));
+        assert!(fits(&[ev(0, 1)], 27, &ev(MAX_SPAN_MS, 1)));
+    }
+
+    #[test]
+    fn check_finds_every_broken_rule() {
+        assert!(check(&[ev(2, 1), ev(1, 1)]).is_err());
+        assert!(check(&[ev(0, 1), ev(MAX_SPAN_MS + 1, 1)]).is_err());
+        assert!(check(&[ev(0, MAX_EVENT_BYTES + 1)]).is_err());
+        let mut v = vec![ev(3, 1), ev(1, 1), ev(2, 1)];
+        order(&mut v);
+        assert!(check(&v).is_ok());
+    }
+
+    #[test]
+    fn timestamps_come_from_the_record() {
+        let r = r#"{"version":1,"ts":"2026-11-22T04:44:34.526190885Z","type":"x"}"#;
+        assert_eq!(timestamp_of(r, 7), 1_795_322_674_526);
+        assert_eq!(timestamp_of("not json", 7), 7);
+    }
+}

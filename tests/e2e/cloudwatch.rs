@@ -1,0 +1,111 @@
+//! The CloudWatch Logs sink against moto_server: what arrives, and what survives an outage
+//! and a crash.
+
+use std::time::{Duration, Instant};
+
+use egress_guard_e2e::*;
+
+use crate::setup;
+
+const GROUP: &str = "/egress-guard/test";
+const STREAM: &str = "host-1";
+
+fn body(cg: &TestCgroup, moto: &Moto, spool: &std::path::Path) -> String {
+    format!(
+        r#"[[policy]]
+name = "sandbox"
+cgroups = ["{}"]
+allow = ["127.0.0.2:9"]
+
+[cloudwatch]
+log_group = "{GROUP}"
+log_stream = "{STREAM}"
+region = "us-east-1"
+endpoint = "{}"
+flush_interval = "200ms"
+spool_dir = "{}"
+"#,
+        cg.rel(),
+        moto.endpoint(),
+        spool.display()
+    )
+}
+
+fn file_lines(agent: &Agent) -> Vec<String> {
+    std::fs::read_to_string(agent.dir().join("audit.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// Waits until CloudWatch holds every line in `want`.
+fn wait_for_all(moto: &Moto, want: &[String]) -> Vec<String> {
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        let got = moto.messages(GROUP, STREAM);
+        if want.iter().all(|w| got.contains(w)) {
+            return got;
+        }
+        assert!(
+            Instant::now() < end,
+            "missing in CloudWatch: {:?}",
+            want.iter().filter(|w| !got.contains(w)).collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+#[test]
+fn cloudwatch_gets_every_record_of_the_file_sink_through_an_outage_and_a_crash() {
+    setup();
+    let mut moto = Moto::start();
+    let cg = TestCgroup::new("cloudwatch");
+    let spool = std::env::temp_dir().join(unique("spool"));
+    let mut agent = Agent::start(&body(&cg, &moto, &spool));
+    let denied = tcp_listener("127.0.0.3");
+    for _ in 0..3 {
+        assert!(probe_in(&cg.path, &["tcp", &denied.to_string()]).eperm());
+    }
+    // Exactly the file sink's JSON, every line of it.
+    agent.stop();
+    let file = file_lines(&agent);
+    assert!(file.iter().any(|l| l.contains("\"net.connect\"")));
+    let got = wait_for_all(&moto, &file);
+    assert_eq!(got.len(), file.len(), "nothing twice, nothing else");
+
+    // An outage: records made while CloudWatch is down, then a crash (kill -9) during it.
+    agent.spawn();
+    // A new moto starts empty: only records made from here on are checked after it returns.
+    let mark = file_lines(&agent).len();
+    moto.stop();
+    for _ in 0..5 {
+        assert!(probe_in(&cg.path, &["tcp", &denied.to_string()]).eperm());
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    agent.kill9();
+    let during = file_lines(&agent);
+    // Back: a new moto starts empty; the new agent sends what its spool holds.
+    moto.restart();
+    agent.spawn();
+    let outage: Vec<String> = during[mark..].to_vec();
+    assert!(
+        outage
+            .iter()
+            .filter(|l| l.contains("\"net.connect\""))
+            .count()
+            >= 5
+    );
+    wait_for_all(&moto, &outage);
+    let status: serde_json::Value =
+        serde_json::from_slice(&agent.ctl(&["status", "--json"]).stdout).unwrap();
+    let cw = &status["cloudwatch"];
+    assert_eq!(cw["log_group"], GROUP, "{status}");
+    assert!(
+        cw["delivered_events"].as_u64().unwrap() >= outage.len() as u64,
+        "{cw}"
+    );
+    assert!(cw["last_delivery"].is_string(), "{cw}");
+    agent.stop();
+    let _ = std::fs::remove_dir_all(&spool);
+}
