@@ -10,7 +10,7 @@ use crate::setup;
 const GROUP: &str = "/egress-guard/test";
 const STREAM: &str = "host-1";
 
-fn body(cg: &TestCgroup, moto: &Moto, spool: &std::path::Path) -> String {
+fn body(cg: &TestCgroup, endpoint: &str, spool: &std::path::Path) -> String {
     format!(
         r#"[[policy]]
 name = "sandbox"
@@ -26,7 +26,7 @@ flush_interval = "200ms"
 spool_dir = "{}"
 "#,
         cg.rel(),
-        moto.endpoint(),
+        endpoint,
         spool.display()
     )
 }
@@ -37,6 +37,19 @@ fn file_lines(agent: &Agent) -> Vec<String> {
         .lines()
         .map(str::to_string)
         .collect()
+}
+
+/// The file sink's lines once one of them contains `what` (the file is written every 50 ms).
+fn file_lines_with(agent: &Agent, what: &str) -> Vec<String> {
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let lines = file_lines(agent);
+        if lines.iter().any(|l| l.contains(what)) {
+            return lines;
+        }
+        assert!(Instant::now() < end, "no {what} in the audit file");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Waits until CloudWatch holds every line in `want`.
@@ -62,7 +75,7 @@ fn cloudwatch_gets_every_record_of_the_file_sink_through_an_outage_and_a_crash()
     let mut moto = Moto::start();
     let cg = TestCgroup::new("cloudwatch");
     let spool = std::env::temp_dir().join(unique("spool"));
-    let mut agent = Agent::start(&body(&cg, &moto, &spool));
+    let mut agent = Agent::start(&body(&cg, &moto.endpoint(), &spool));
     let denied = tcp_listener("127.0.0.3");
     for _ in 0..3 {
         assert!(probe_in(&cg.path, &["tcp", &denied.to_string()]).eperm());
@@ -107,5 +120,64 @@ fn cloudwatch_gets_every_record_of_the_file_sink_through_an_outage_and_a_crash()
     );
     assert!(cw["last_delivery"].is_string(), "{cw}");
     agent.stop();
+    let _ = std::fs::remove_dir_all(&spool);
+}
+
+#[test]
+fn cloudwatch_errors_are_retried_or_quarantined_as_they_should_be() {
+    setup();
+    let moto = Moto::start();
+    let proxy = FaultProxy::start(moto.port);
+    let cg = TestCgroup::new("cloudwatch-faults");
+    let spool = std::env::temp_dir().join(unique("spool"));
+    let denied = tcp_listener("127.0.0.3");
+    // Throttling, then two kinds of 5xx: retried until CloudWatch takes the batch.
+    proxy.inject(&[
+        (400, "ThrottlingException"),
+        (500, "InternalFailure"),
+        (503, "ServiceUnavailableException"),
+    ]);
+    let mut agent = Agent::start(&body(&cg, &proxy.endpoint(), &spool));
+    assert!(probe_in(&cg.path, &["tcp", &denied.to_string()]).eperm());
+    let first = file_lines_with(&agent, "\"net.connect\"");
+    wait_for_all(&moto, &first);
+    assert_eq!(proxy.pending(), 0);
+    assert!(proxy.puts.load(std::sync::atomic::Ordering::SeqCst) >= 4);
+
+    // An invalid-parameter answer: that batch is quarantined, not retried; later ones flow.
+    let before = moto.messages(GROUP, STREAM).len();
+    proxy.inject(&[(400, "InvalidParameterException")]);
+    assert!(probe_in(&cg.path, &["tcp", &denied.to_string()]).eperm());
+    let end = Instant::now() + Duration::from_secs(20);
+    let quarantined = loop {
+        let q: Vec<_> = std::fs::read_dir(&spool)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("quarantine-"))
+            .collect();
+        if !q.is_empty() {
+            break std::fs::read_to_string(q[0].path()).unwrap();
+        }
+        assert!(Instant::now() < end, "no quarantine file");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(quarantined.contains("\"net.connect\""), "{quarantined}");
+    assert!(probe_in(&cg.path, &["tcp", &denied.to_string()]).eperm());
+    agent.stop();
+    let file = file_lines(&agent);
+    let got = wait_for_all(
+        &moto,
+        &file
+            .iter()
+            .filter(|l| !quarantined.contains(l.as_str()))
+            .cloned()
+            .collect::<Vec<_>>(),
+    );
+    assert!(got.len() > before);
+    assert!(
+        file.iter()
+            .any(|l| l.contains("agent.cloudwatch_quarantined")),
+        "the quarantine is on record"
+    );
     let _ = std::fs::remove_dir_all(&spool);
 }

@@ -443,6 +443,113 @@ impl Drop for Moto {
     }
 }
 
+/// A fault to inject into the next PutLogEvents calls: (HTTP status, error type).
+pub type Fault = (u16, &'static str);
+
+/// An HTTP proxy on loopback in front of moto_server that answers the next PutLogEvents calls
+/// with injected errors (throttling, 5xx, invalid parameter), and forwards everything else.
+pub struct FaultProxy {
+    pub port: u16,
+    faults: std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<Fault>>>,
+    /// PutLogEvents calls seen (faulted or forwarded).
+    pub puts: std::sync::Arc<std::sync::atomic::AtomicU32>,
+}
+
+impl FaultProxy {
+    pub fn start(upstream: u16) -> Self {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let faults = std::sync::Arc::new(std::sync::Mutex::new(std::collections::VecDeque::new()));
+        let puts = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let (f, p) = (faults.clone(), puts.clone());
+        std::thread::spawn(move || {
+            for c in l.incoming().flatten() {
+                let (f, p) = (f.clone(), p.clone());
+                std::thread::spawn(move || {
+                    let _ = proxy_connection(c, upstream, &f, &p);
+                });
+            }
+        });
+        Self { port, faults, puts }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The next PutLogEvents calls get these answers, one each.
+    pub fn inject(&self, faults: &[Fault]) {
+        self.faults.lock().unwrap().extend(faults.iter().copied());
+    }
+
+    pub fn pending(&self) -> usize {
+        self.faults.lock().unwrap().len()
+    }
+}
+
+/// One HTTP/1.1 message (head and Content-Length body) from `r`.
+fn read_http(r: &mut BufReader<std::net::TcpStream>) -> std::io::Result<Option<(String, Vec<u8>)>> {
+    let mut head = String::new();
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line)? == 0 {
+            return Ok(None);
+        }
+        let end = line == "\r\n";
+        head.push_str(&line);
+        if end {
+            break;
+        }
+    }
+    let len = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse::<usize>().ok())?
+        })
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body)?;
+    Ok(Some((head, body)))
+}
+
+fn proxy_connection(
+    client: std::net::TcpStream,
+    upstream: u16,
+    faults: &std::sync::Mutex<std::collections::VecDeque<Fault>>,
+    puts: &std::sync::atomic::AtomicU32,
+) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut out = client.try_clone()?;
+    let mut from_client = BufReader::new(client);
+    let server = std::net::TcpStream::connect(("127.0.0.1", upstream))?;
+    let mut to_server = server.try_clone()?;
+    let mut from_server = BufReader::new(server);
+    while let Some((head, body)) = read_http(&mut from_client)? {
+        if head.contains("Logs_20140328.PutLogEvents") {
+            puts.fetch_add(1, Ordering::SeqCst);
+            if let Some((status, kind)) = faults.lock().unwrap().pop_front() {
+                let msg = format!("{{\"__type\":\"{kind}\",\"message\":\"injected by the test\"}}");
+                write!(
+                    out,
+                    "HTTP/1.1 {status} Injected\r\nContent-Type: application/x-amz-json-1.1\r\nx-amzn-ErrorType: {kind}\r\nContent-Length: {}\r\n\r\n{msg}",
+                    msg.len()
+                )?;
+                continue;
+            }
+        }
+        to_server.write_all(head.as_bytes())?;
+        to_server.write_all(&body)?;
+        let Some((rhead, rbody)) = read_http(&mut from_server)? else {
+            return Ok(());
+        };
+        out.write_all(rhead.as_bytes())?;
+        out.write_all(&rbody)?;
+    }
+    Ok(())
+}
+
 /// The real agent, started with a config, stopped and uninstalled on drop.
 pub struct Agent {
     pub pin_dir: PathBuf,

@@ -97,17 +97,8 @@ impl Maps {
         slot: u32,
         to: Option<std::net::SocketAddrV4>,
     ) -> anyhow::Result<()> {
-        let v = match to {
-            Some(a) => DnsProxy {
-                enabled: 1,
-                addr: a.ip().octets(),
-                port: a.port(),
-                _pad: [0; 6],
-            },
-            None => DnsProxy::default(),
-        };
         self.dns_proxy
-            .set(slot, v, 0)
+            .set(slot, dns_proxy_value(to), 0)
             .with_context(|| format!("writing DNS_PROXY[{slot}]"))
     }
 
@@ -371,6 +362,19 @@ impl DnsClients {
     }
 }
 
+/// A `DNS_PROXY` entry: redirect to `to`, or (None) do not redirect.
+fn dns_proxy_value(to: Option<std::net::SocketAddrV4>) -> DnsProxy {
+    match to {
+        Some(a) => DnsProxy {
+            enabled: 1,
+            addr: a.ip().octets(),
+            port: a.port(),
+            _pad: [0; 6],
+        },
+        None => DnsProxy::default(),
+    }
+}
+
 /// The slots' DNS redirects (`DNS_PROXY`), for the DNS service to switch them on only while
 /// the proxy's address belongs to this host.
 pub struct DnsProxyMap {
@@ -388,17 +392,8 @@ impl DnsProxyMap {
     }
 
     pub fn set(&mut self, slot: u32, to: Option<std::net::SocketAddrV4>) -> anyhow::Result<()> {
-        let v = match to {
-            Some(a) => DnsProxy {
-                enabled: 1,
-                addr: a.ip().octets(),
-                port: a.port(),
-                _pad: [0; 6],
-            },
-            None => DnsProxy::default(),
-        };
         self.map
-            .set(slot, v, 0)
+            .set(slot, dns_proxy_value(to), 0)
             .with_context(|| format!("writing DNS_PROXY[{slot}]"))
     }
 }
