@@ -66,6 +66,8 @@ pub struct CloudWatch {
     pub flush_interval: Duration,
     pub spool_dir: PathBuf,
     pub spool_max_bytes: u64,
+    /// How often the EMF metrics are written (default 60 s).
+    pub metrics_interval: Duration,
 }
 
 #[derive(Deserialize)]
@@ -78,6 +80,7 @@ struct RawCloudWatch {
     flush_interval: Option<String>,
     spool_dir: Option<PathBuf>,
     spool_max_bytes: Option<u64>,
+    metrics_interval: Option<String>,
 }
 
 fn validate_cloudwatch(raw: RawCloudWatch) -> Result<CloudWatch, Vec<String>> {
@@ -124,6 +127,18 @@ fn validate_cloudwatch(raw: RawCloudWatch) -> Result<CloudWatch, Vec<String>> {
         },
         None => Duration::from_secs(1),
     };
+    let metrics_interval = match raw.metrics_interval {
+        Some(t) => match humantime::parse_duration(&t) {
+            Ok(d) if (Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&d) => d,
+            _ => {
+                problems.push(format!(
+                    "[cloudwatch] metrics_interval = {t:?}: a duration from 1s to 1h"
+                ));
+                Duration::from_secs(60)
+            }
+        },
+        None => Duration::from_secs(60),
+    };
     let spool_dir = raw
         .spool_dir
         .unwrap_or_else(|| PathBuf::from(DEFAULT_SPOOL_DIR));
@@ -148,6 +163,7 @@ fn validate_cloudwatch(raw: RawCloudWatch) -> Result<CloudWatch, Vec<String>> {
             flush_interval,
             spool_dir,
             spool_max_bytes,
+            metrics_interval,
         })
     } else {
         Err(problems)

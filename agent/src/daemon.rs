@@ -276,7 +276,11 @@ pub fn run(config_path: &Path, config: Config) -> anyhow::Result<()> {
                     cw.spool_dir.clone(),
                     tx.clone(),
                 );
-                audit.set_spool(crate::audit::SpoolLink { spool, wake: sink.wake.clone() });
+                audit.set_spool(crate::audit::SpoolLink {
+                    spool,
+                    wake: sink.wake.clone(),
+                    metrics_every: cw.metrics_interval,
+                });
                 cloudwatch_health = Some(sink.health.clone());
                 let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
                 sink_stop = Some((stop_tx, sink.wake.clone()));

@@ -11,6 +11,10 @@ const GROUP: &str = "/egress-guard/test";
 const STREAM: &str = "host-1";
 
 fn body(cg: &TestCgroup, endpoint: &str, spool: &std::path::Path) -> String {
+    body_with(cg, endpoint, spool, "")
+}
+
+fn body_with(cg: &TestCgroup, endpoint: &str, spool: &std::path::Path, extra: &str) -> String {
     format!(
         r#"[[policy]]
 name = "sandbox"
@@ -24,6 +28,7 @@ region = "us-east-1"
 endpoint = "{}"
 flush_interval = "200ms"
 spool_dir = "{}"
+{extra}
 "#,
         cg.rel(),
         endpoint,
@@ -85,7 +90,8 @@ fn cloudwatch_gets_every_record_of_the_file_sink_through_an_outage_and_a_crash()
     let file = file_lines(&agent);
     assert!(file.iter().any(|l| l.contains("\"net.connect\"")));
     let got = wait_for_all(&moto, &file);
-    assert_eq!(got.len(), file.len(), "nothing twice, nothing else");
+    let records: Vec<&String> = got.iter().filter(|m| !m.contains("\"_aws\"")).collect();
+    assert_eq!(records.len(), file.len(), "nothing twice, nothing else");
 
     // An outage: records made while CloudWatch is down, then a crash (kill -9) during it.
     agent.spawn();
@@ -137,7 +143,12 @@ fn cloudwatch_errors_are_retried_or_quarantined_as_they_should_be() {
         (500, "InternalFailure"),
         (503, "ServiceUnavailableException"),
     ]);
-    let mut agent = Agent::start(&body(&cg, &proxy.endpoint(), &spool));
+    let mut agent = Agent::start(&body_with(
+        &cg,
+        &proxy.endpoint(),
+        &spool,
+        "metrics_interval = \"1s\"",
+    ));
     assert!(probe_in(&cg.path, &["tcp", &denied.to_string()]).eperm());
     let first = file_lines_with(&agent, "\"net.connect\"");
     wait_for_all(&moto, &first);
@@ -179,5 +190,13 @@ fn cloudwatch_errors_are_retried_or_quarantined_as_they_should_be() {
             .any(|l| l.contains("agent.cloudwatch_quarantined")),
         "the quarantine is on record"
     );
+    // The metrics, in the Embedded Metric Format, in the same stream.
+    let denials: u64 = got
+        .iter()
+        .filter_map(|m| serde_json::from_str::<serde_json::Value>(m).ok())
+        .filter(|v| v["_aws"]["CloudWatchMetrics"][0]["Namespace"] == "EgressGuard")
+        .filter_map(|v| v["DeniedConnections"].as_u64())
+        .sum();
+    assert!(denials >= 2, "EMF DeniedConnections: {denials}");
     let _ = std::fs::remove_dir_all(&spool);
 }

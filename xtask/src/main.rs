@@ -246,12 +246,13 @@ fn ensure_bpf_linker() -> anyhow::Result<()> {
         .env("LLVM_PREFIX", &prefix))
 }
 
-/// The CloudWatch tests' server (moto_server) and client (boto3), from PyPI.
-const PIP_PACKAGES: &[&str] = &["moto[server]>=5,<6", "boto3"];
+/// The CloudWatch tests' server (moto_server) and client (boto3), and cfn-lint for the
+/// shipped CloudFormation template, from PyPI.
+const PIP_PACKAGES: &[&str] = &["moto[server]>=5,<6", "boto3", "cfn-lint"];
 
 fn ensure_python_packages() -> anyhow::Result<()> {
     let have = Command::new("python3")
-        .args(["-c", "import moto.server, boto3, flask"])
+        .args(["-c", "import moto.server, boto3, flask, cfnlint"])
         .output()
         .is_ok_and(|o| o.status.success());
     if have {
@@ -318,6 +319,16 @@ fn test() -> anyhow::Result<()> {
         "agent-ebpf",
     ]))?;
     fuzz::run_all(FUZZ_SECONDS_IN_TEST)?;
+    // The CloudWatch packaging: the template lints clean, the dashboard and IAM policy agree
+    // with it and with what the agent calls.
+    let cw = workspace_root().join("packaging/cloudwatch");
+    run(Command::new("python3")
+        .args([
+            "-c",
+            "import sys; from cfnlint.runner import main; sys.argv[0] = 'cfn-lint'; sys.exit(main())",
+        ])
+        .arg(cw.join("egress-guard.yaml")))?;
+    run(Command::new("python3").arg(cw.join("check.py")))?;
     if !is_root() {
         bail!("the end-to-end tests load eBPF programs: run `cargo xtask test` as root");
     }

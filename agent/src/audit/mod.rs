@@ -70,6 +70,9 @@ pub struct Audit {
     spool_dirty: bool,
     /// Records the spool dropped (full) since start.
     spool_dropped: u64,
+    /// CloudWatch metrics counted from the records (with the spool only).
+    metrics: crate::cloudwatch::metrics::Metrics,
+    metrics_since: Instant,
 }
 
 /// Records decoded per wake-up before the task yields to its other work.
@@ -81,6 +84,8 @@ const SPOOL_WAKE_BYTES: u64 = 512 << 10;
 pub struct SpoolLink {
     pub spool: std::sync::Arc<std::sync::Mutex<crate::cloudwatch::spool::Spool>>,
     pub wake: std::sync::Arc<tokio::sync::Notify>,
+    /// How often the EMF metrics go into the spool.
+    pub metrics_every: Duration,
 }
 /// The kernel wakes the agent only for a batch of records (see agent-ebpf's `wakeup_flags`);
 /// anything less waits at most this long.
@@ -108,6 +113,8 @@ impl Audit {
             spool: None,
             spool_dirty: false,
             spool_dropped: 0,
+            metrics: Default::default(),
+            metrics_since: Instant::now(),
         };
         // What earlier agents already reported; the rest (lost while no agent was reading)
         // is reported at the first check.
@@ -165,6 +172,35 @@ impl Audit {
 
     /// Ships the CloudWatch sink the same line the file got.
     fn spool_line(&mut self, line: &str) {
+        if self.spool.is_none() {
+            return;
+        }
+        if let Ok(v) = serde_json::from_str::<Value>(line) {
+            self.metrics.count(&v);
+        }
+        self.spool_raw(line);
+    }
+
+    /// The EMF metrics of the period that ended (or, with `now`, of the one so far), into the
+    /// spool only (they are CloudWatch's).
+    fn emit_metrics(&mut self, now: bool) {
+        let Some(sp) = &self.spool else {
+            return;
+        };
+        if !now && self.metrics_since.elapsed() < sp.metrics_every {
+            return;
+        }
+        self.metrics_since = Instant::now();
+        let pending = sp.spool.lock().map(|s| s.pending_bytes()).unwrap_or(0);
+        let instance = self.enricher.identity();
+        for rec in self.metrics.take(&instance, pending) {
+            if let Ok(line) = serde_json::to_string(&rec) {
+                self.spool_raw(&line);
+            }
+        }
+    }
+
+    fn spool_raw(&mut self, line: &str) {
         let Some(sp) = &self.spool else {
             return;
         };
@@ -294,7 +330,10 @@ impl Audit {
                 let rec = self.enricher.agent(type_, fields);
                 self.write(rec);
             }
-            Notice::Policies(names, guarded) => self.enricher.set_policies(names, guarded),
+            Notice::Policies(names, guarded) => {
+                self.metrics.know_policies(&names);
+                self.enricher.set_policies(names, guarded)
+            }
             Notice::Dns(fields, task) => {
                 let rec = self.enricher.dns(fields, task.as_ref());
                 self.write(rec);
@@ -352,6 +391,7 @@ impl Audit {
                     self.flush();
                 }
                 _ = tick.tick() => {
+                    self.emit_metrics(false);
                     self.enricher.refresh_clock();
                     self.flush_flows(false);
                     self.check_lost();
@@ -362,6 +402,7 @@ impl Audit {
         while self.drain(ring.get_mut(), DRAIN_BATCH) {}
         self.flush_flows(true);
         self.check_lost();
+        self.emit_metrics(true);
         self.sync_spool();
         self.file.flush()
     }

@@ -76,6 +76,11 @@ impl Enricher {
         }
     }
 
+    /// This machine, as metrics name it: the EC2 instance id, else the host name.
+    pub fn identity(&self) -> String {
+        self.instance.clone().unwrap_or_else(|| self.host.clone())
+    }
+
     /// Re-reads the wall-clock offset: the clock may have been stepped (NTP) since start.
     pub fn refresh_clock(&mut self) {
         self.boot_to_wall_ns = clock_ns(libc::CLOCK_REALTIME) - clock_ns(libc::CLOCK_BOOTTIME);

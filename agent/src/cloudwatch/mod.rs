@@ -1,7 +1,9 @@
 //! Shipping the audit trail to CloudWatch Logs: the durable spool every record is appended to
 //! (`spool`), the PutLogEvents batch rules (`batch`), and the sink that sends batches and
-//! acknowledges them (`sink`).
+//! acknowledges them (`sink`), and the metrics written into the same stream (`metrics`, the
+//! Embedded Metric Format).
 
 pub mod batch;
+pub mod metrics;
 pub mod sink;
 pub mod spool;
