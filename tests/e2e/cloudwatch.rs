@@ -200,3 +200,92 @@ fn cloudwatch_errors_are_retried_or_quarantined_as_they_should_be() {
     assert!(denials >= 2, "EMF DeniedConnections: {denials}");
     let _ = std::fs::remove_dir_all(&spool);
 }
+
+#[test]
+fn cloudwatch_a_burst_of_30000_records_arrives_in_legal_batches() {
+    setup();
+    let moto = Moto::start();
+    let proxy = FaultProxy::start(moto.port);
+    let cg = TestCgroup::new("cloudwatch-burst");
+    let spool = std::env::temp_dir().join(unique("spool"));
+    let denied = tcp_listener("127.0.0.3");
+    // A big ring: this test is about batching, not about a full ring.
+    let mut agent = Agent::start(&format!(
+        "{}\n[audit]\nring_buffer_bytes = 16777216\n",
+        body(&cg, &proxy.endpoint(), &spool)
+    ));
+    let r = probe_in(&cg.path, &["storm", "tcp", &denied.to_string(), "30000"]);
+    assert_eq!(r.stdout.trim(), "ok=0 eperm=30000 err=0", "{r:?}");
+    // Sent while the agent runs (moto takes a while per batch); then the stop's last records.
+    let sent = || -> usize {
+        proxy
+            .batches
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|b| b.as_ref().ok().map(|b| b.0))
+            .sum()
+    };
+    let end = Instant::now() + Duration::from_secs(120);
+    while sent() < 30_000 {
+        assert!(Instant::now() < end, "{} records sent", sent());
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    agent.stop();
+    let file = file_lines(&agent);
+    assert!(file.len() > 30_000, "{} records", file.len());
+    let end = Instant::now() + Duration::from_secs(10);
+    while sent() < file.len() {
+        assert!(
+            Instant::now() < end,
+            "{} of {} records sent",
+            sent(),
+            file.len()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let batches = proxy.batches.lock().unwrap().clone();
+    for b in &batches {
+        assert!(b.is_ok(), "a batch broke a PutLogEvents rule: {b:?}");
+    }
+    assert!(
+        batches.len() >= 4,
+        "{} batches for {} records",
+        batches.len(),
+        file.len()
+    );
+    let got = moto.messages(GROUP, STREAM);
+    let records = got.iter().filter(|m| !m.contains("\"_aws\"")).count();
+    assert_eq!(records, file.len(), "every record once");
+    let _ = std::fs::remove_dir_all(&spool);
+}
+
+#[test]
+fn cloudwatch_access_denied_keeps_everything_spooled_and_says_so() {
+    setup();
+    let moto = Moto::start();
+    let proxy = FaultProxy::start(moto.port);
+    let cg = TestCgroup::new("cloudwatch-denied");
+    let spool = std::env::temp_dir().join(unique("spool"));
+    proxy.inject(&[(400, "AccessDeniedException")]);
+    let mut agent = Agent::start(&body(&cg, &proxy.endpoint(), &spool));
+    agent.wait_for_log(
+        |l| l.contains("access denied"),
+        "the access-denied log line",
+    );
+    let v: serde_json::Value =
+        serde_json::from_slice(&agent.ctl(&["status", "--json"]).stdout).unwrap();
+    let cw = &v["cloudwatch"];
+    assert!(
+        cw["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("AccessDenied")),
+        "{cw}"
+    );
+    assert!(cw["spool_pending_bytes"].as_u64().unwrap() > 0, "{cw}");
+    assert_eq!(cw["delivered_events"], 0, "{cw}");
+    // Nothing was dropped: the records wait in the spool for the next attempt (60 s later).
+    assert!(moto.messages(GROUP, STREAM).is_empty());
+    agent.kill9();
+    let _ = std::fs::remove_dir_all(&spool);
+}

@@ -446,6 +446,10 @@ impl Drop for Moto {
 /// A fault to inject into the next PutLogEvents calls: (HTTP status, error type).
 pub type Fault = (u16, &'static str);
 
+/// What the fault proxy saw of one PutLogEvents batch: (events, bytes as CloudWatch counts
+/// them), or the rule it broke.
+pub type SentBatch = Result<(usize, usize), String>;
+
 /// An HTTP proxy on loopback in front of moto_server that answers the next PutLogEvents calls
 /// with injected errors (throttling, 5xx, invalid parameter), and forwards everything else.
 pub struct FaultProxy {
@@ -453,6 +457,42 @@ pub struct FaultProxy {
     faults: std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<Fault>>>,
     /// PutLogEvents calls seen (faulted or forwarded).
     pub puts: std::sync::Arc<std::sync::atomic::AtomicU32>,
+    /// Every PutLogEvents batch sent: (events, bytes as CloudWatch counts them, or a rule it
+    /// broke).
+    pub batches: std::sync::Arc<std::sync::Mutex<Vec<SentBatch>>>,
+}
+
+/// Checks a PutLogEvents request body against the API's rules (which moto does not enforce).
+fn check_put(body: &[u8]) -> SentBatch {
+    let v: serde_json::Value = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+    let events = v["logEvents"].as_array().ok_or("no logEvents")?;
+    let mut bytes = 0;
+    let mut last = i64::MIN;
+    let (mut lo, mut hi) = (i64::MAX, i64::MIN);
+    for e in events {
+        let m = e["message"].as_str().ok_or("no message")?;
+        let t = e["timestamp"].as_i64().ok_or("no timestamp")?;
+        if m.len() + 26 > 262_144 {
+            return Err(format!("an event of {} bytes", m.len()));
+        }
+        if t < last {
+            return Err("events out of time order".into());
+        }
+        last = t;
+        lo = lo.min(t);
+        hi = hi.max(t);
+        bytes += m.len() + 26;
+    }
+    if events.is_empty() || events.len() > 10_000 {
+        return Err(format!("{} events", events.len()));
+    }
+    if bytes > 1_048_576 {
+        return Err(format!("{bytes} bytes"));
+    }
+    if hi - lo > 24 * 3600 * 1000 {
+        return Err("a batch spanning more than 24 h".into());
+    }
+    Ok((events.len(), bytes))
 }
 
 impl FaultProxy {
@@ -461,16 +501,22 @@ impl FaultProxy {
         let port = l.local_addr().unwrap().port();
         let faults = std::sync::Arc::new(std::sync::Mutex::new(std::collections::VecDeque::new()));
         let puts = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
-        let (f, p) = (faults.clone(), puts.clone());
+        let batches = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (f, p, b) = (faults.clone(), puts.clone(), batches.clone());
         std::thread::spawn(move || {
             for c in l.incoming().flatten() {
-                let (f, p) = (f.clone(), p.clone());
+                let (f, p, b) = (f.clone(), p.clone(), b.clone());
                 std::thread::spawn(move || {
-                    let _ = proxy_connection(c, upstream, &f, &p);
+                    let _ = proxy_connection(c, upstream, &f, &p, &b);
                 });
             }
         });
-        Self { port, faults, puts }
+        Self {
+            port,
+            faults,
+            puts,
+            batches,
+        }
     }
 
     pub fn endpoint(&self) -> String {
@@ -519,6 +565,7 @@ fn proxy_connection(
     upstream: u16,
     faults: &std::sync::Mutex<std::collections::VecDeque<Fault>>,
     puts: &std::sync::atomic::AtomicU32,
+    batches: &std::sync::Mutex<Vec<SentBatch>>,
 ) -> std::io::Result<()> {
     use std::io::Write as _;
     let mut out = client.try_clone()?;
@@ -529,6 +576,7 @@ fn proxy_connection(
     while let Some((head, body)) = read_http(&mut from_client)? {
         if head.contains("Logs_20140328.PutLogEvents") {
             puts.fetch_add(1, Ordering::SeqCst);
+            batches.lock().unwrap().push(check_put(&body));
             if let Some((status, kind)) = faults.lock().unwrap().pop_front() {
                 let msg = format!("{{\"__type\":\"{kind}\",\"message\":\"injected by the test\"}}");
                 write!(

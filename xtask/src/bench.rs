@@ -174,6 +174,13 @@ pub fn run() -> anyhow::Result<()> {
     let target = workspace_root().join("target/release");
     let probe = target.join("probe");
     let part = std::env::var("EG_BENCH").unwrap_or_default();
+    if part == "cloudwatch" {
+        print!(
+            "{}",
+            crate::bench_cloudwatch::run(&target.join("egress-guard"), &probe)?
+        );
+        return Ok(());
+    }
     if part == "dns" {
         print!(
             "{}",
@@ -331,6 +338,11 @@ pub fn run() -> anyhow::Result<()> {
         print!(
             "{}",
             crate::bench_dns::run(&target.join("egress-guard"), &probe)?
+        );
+        eprintln!("==> CloudWatch delivery");
+        print!(
+            "{}",
+            crate::bench_cloudwatch::run(&target.join("egress-guard"), &probe)?
         );
     }
     Ok(())

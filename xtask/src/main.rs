@@ -6,6 +6,7 @@
 
 mod bench;
 mod bench_audit;
+mod bench_cloudwatch;
 mod bench_dns;
 mod demo;
 mod fuzz;
@@ -38,8 +39,8 @@ enum Task {
     Demo,
     /// connect() cost from a guarded cgroup vs bare, iptables and nftables, at 10 to 100,000
     /// allowed addresses, then the audit pipeline under connect and exec storms (root;
-    /// loopback only), and the DNS proxy's added latency. Writes docs/benchmarks/{connect,audit,dns}.*.
-    /// EG_BENCH=connect, audit or dns runs one part; EG_BENCH_SIZES=10,1000 picks policy sizes.
+    /// loopback only), the DNS proxy's added latency and CloudWatch delivery latency. Writes docs/benchmarks/*.
+    /// EG_BENCH=connect, audit, dns or cloudwatch runs one part; EG_BENCH_SIZES=10,1000 picks policy sizes.
     Bench,
     /// Build the release binary and write shell completions and the man page to target/dist.
     Dist,

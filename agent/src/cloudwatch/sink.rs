@@ -49,6 +49,39 @@ pub struct Health {
     pub spool_pending_bytes: u64,
     /// The last failure, until a batch goes through again.
     pub last_error: Option<String>,
+    /// From a record's time to CloudWatch accepting it, over the last accepted records (ms).
+    pub latency_ms_p50: Option<u64>,
+    pub latency_ms_p99: Option<u64>,
+    /// The samples behind the percentiles (the last `LATENCY_SAMPLES`).
+    #[serde(skip)]
+    latencies: std::collections::VecDeque<u64>,
+}
+
+/// Delivery latencies kept for the percentiles in `status`.
+const LATENCY_SAMPLES: usize = 10_000;
+
+impl Health {
+    fn record_latencies(&mut self, events: &[Event]) {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis() as i64;
+        for e in events {
+            self.latencies
+                .push_back((now - e.timestamp_ms).max(0) as u64);
+            if self.latencies.len() > LATENCY_SAMPLES {
+                self.latencies.pop_front();
+            }
+        }
+        let mut v: Vec<u64> = self.latencies.iter().copied().collect();
+        v.sort_unstable();
+        let at = |p: f64| {
+            v.get(((v.len() as f64 - 1.0) * p).round() as usize)
+                .copied()
+        };
+        self.latency_ms_p50 = at(0.5);
+        self.latency_ms_p99 = at(0.99);
+    }
 }
 
 /// How a failed PutLogEvents is handled.
@@ -310,6 +343,9 @@ impl Sink {
                             "agent.cloudwatch_rejected",
                             json!({ "count": rejected }),
                         ));
+                    }
+                    if let Ok(mut h) = self.health.lock() {
+                        h.record_latencies(&events);
                     }
                     self.delivered(events.len() as u64, rejected, end);
                 }

@@ -14,6 +14,8 @@
 //! probe serve ADDR:PORT            listen, print `ready`, accept one connection, write `hello`
 //! probe loop tcp ADDR:PORT MILLIS  connect repeatedly for MILLIS; prints `ok=N eperm=M err=K`
 //! probe bench-connect ADDR:PORT MILLIS  connect + close (RST) for MILLIS; prints `ns_per_connect=X`
+//! probe storm tcp ADDR:PORT N      N connects as fast as possible (a burst of audit records);
+//!                                  prints `ok=N eperm=M err=K`
 //! probe dns SERVER:PORT NAME TYPE [tcp]   one DNS query (UDP from an unconnected socket, or
 //!                                  TCP); prints `rcode=R answers=A,B from=ADDR:PORT tc=0|1`
 //!                                  (`from`: where the answer appeared to come from)
@@ -269,6 +271,22 @@ fn main() -> ExitCode {
                     Outcome::Err(_) => err += 1,
                 }
                 std::thread::sleep(Duration::from_millis(1));
+            }
+            println!("ok={ok} eperm={eperm} err={err}");
+            ExitCode::SUCCESS
+        }
+        ["storm", "tcp", to, n] => {
+            let to = addr(to);
+            let (mut ok, mut eperm, mut err) = (0u64, 0u64, 0u64);
+            for _ in 0..n.parse::<u64>().expect("count") {
+                match TcpStream::connect(to) {
+                    Ok(s) => {
+                        close_with_reset(s);
+                        ok += 1
+                    }
+                    Err(e) if e.raw_os_error() == Some(libc::EPERM) => eperm += 1,
+                    Err(_) => err += 1,
+                }
             }
             println!("ok={ok} eperm={eperm} err={err}");
             ExitCode::SUCCESS

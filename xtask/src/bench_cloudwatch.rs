@@ -1,0 +1,132 @@
+//! `EG_BENCH=cloudwatch cargo xtask bench`: delivery latency of the CloudWatch sink, from a
+//! record's time to CloudWatch (moto_server on loopback) accepting the batch holding it, under
+//! a steady stream of denied connects from a guarded cgroup. The agent measures it per record
+//! (`status`: `cloudwatch.latency_ms_p50/p99` over the last 10,000 records).
+//! Writes docs/benchmarks/cloudwatch.{json,txt}.
+
+use std::{
+    fmt::Write as _,
+    os::unix::net::UnixDatagram,
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use serde_json::json;
+
+struct Moto(Child);
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn run(bin: &Path, probe: &Path) -> anyhow::Result<String> {
+    let name = format!("egress-guard-bench-cw-{}", std::process::id());
+    let mut setup = crate::scratch::Scratch::new(&name, bin)?;
+    let (cgroup, dir) = (setup.cgroup.clone(), setup.dir.clone());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let _moto = Moto(
+        Command::new("python3")
+            .args([
+                "-m",
+                "moto.server",
+                "-H",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting moto_server (cargo xtask setup installs it)")?,
+    );
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let socket = dir.join("control.sock");
+    let config = dir.join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "pin_dir = \"{}\"\nlog_level = \"warn\"\n{}[audit]\nfile = \"{}\"\n[control]\nsocket = \"{}\"\n[cloudwatch]\nlog_group = \"/egress-guard/bench\"\nlog_stream = \"bench\"\nregion = \"us-east-1\"\nendpoint = \"http://127.0.0.1:{port}\"\nspool_dir = \"{}\"\n[[policy]]\nname = \"bench\"\ncgroups = [\"{name}\"]\nallow = []\n",
+            setup.pin_dir.display(),
+            crate::scratch::LOOPBACK_DNS,
+            dir.join("audit.jsonl").display(),
+            socket.display(),
+            dir.join("spool").display(),
+        ),
+    )?;
+    let ready = dir.join("ready.sock");
+    let sock = UnixDatagram::bind(&ready)?;
+    sock.set_read_timeout(Some(Duration::from_secs(60)))?;
+    setup.agent = Some(
+        Command::new(bin)
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("NOTIFY_SOCKET", &ready)
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .stdout(Stdio::null())
+            .spawn()?,
+    );
+    let mut buf = [0u8; 256];
+    loop {
+        let n = sock.recv(&mut buf).context("waiting for READY=1")?;
+        if String::from_utf8_lossy(&buf[..n]).contains("READY=1") {
+            break;
+        }
+    }
+    // About 1,000 denied connects a second for 10 s (the probe sleeps 1 ms between them).
+    let to = std::net::TcpListener::bind("127.0.0.3:0")?.local_addr()?;
+    let out = Command::new("sh")
+        .args([
+            "-c",
+            &format!(
+                "echo $$ > {}/cgroup.procs && exec {} loop tcp {to} 10000",
+                cgroup.display(),
+                probe.display()
+            ),
+        ])
+        .output()?;
+    let load = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    std::thread::sleep(Duration::from_secs(3));
+    let status = Command::new(bin)
+        .args(["status", "--json", "--socket"])
+        .arg(&socket)
+        .output()?;
+    let v: serde_json::Value = serde_json::from_slice(&status.stdout)
+        .with_context(|| format!("status: {}", String::from_utf8_lossy(&status.stderr)))?;
+    let cw = &v["cloudwatch"];
+    let (p50, p99) = (cw["latency_ms_p50"].as_u64(), cw["latency_ms_p99"].as_u64());
+    let (Some(p50), Some(p99)) = (p50, p99) else {
+        bail!("no latency in status: {cw}");
+    };
+    let mut report = String::new();
+    writeln!(
+        report,
+        "CloudWatch delivery (moto_server on loopback, flush_interval 1 s), load: {load} over 10 s:\n  record time → batch accepted: p50 {p50} ms, p99 {p99} ms over the last {} records; delivered {}, spool backlog {} bytes",
+        cw["delivered_events"].as_u64().unwrap_or(0).min(10_000),
+        cw["delivered_events"],
+        cw["spool_pending_bytes"]
+    )?;
+    let out = crate::workspace_root().join("docs/benchmarks");
+    std::fs::write(
+        out.join("cloudwatch.json"),
+        serde_json::to_string_pretty(
+            &json!({ "benchmark": "cloudwatch", "machine": crate::bench::machine(),
+            "load": load, "latency_ms_p50": p50, "latency_ms_p99": p99, "cloudwatch": cw }),
+        )?,
+    )?;
+    std::fs::write(out.join("cloudwatch.txt"), &report)?;
+    Ok(report)
+}
