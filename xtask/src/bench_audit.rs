@@ -4,9 +4,8 @@
 
 use std::{
     fmt::Write as _,
-    os::unix::net::UnixDatagram,
     path::Path,
-    process::{Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -94,24 +93,7 @@ pub fn run(bin: &Path, probe: &Path) -> anyhow::Result<String> {
             dir.join("control.sock").display()
         ),
     )?;
-    let ready = dir.join("ready.sock");
-    let sock = UnixDatagram::bind(&ready)?;
-    sock.set_read_timeout(Some(Duration::from_secs(60)))?;
-    let agent = Command::new(bin)
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("NOTIFY_SOCKET", &ready)
-        .stdout(Stdio::null())
-        .spawn()?;
-    let pid = agent.id();
-    setup.agent = Some(agent);
-    let mut buf = [0u8; 256];
-    loop {
-        let n = sock.recv(&mut buf).context("waiting for READY=1")?;
-        if String::from_utf8_lossy(&buf[..n]).contains("READY=1") {
-            break;
-        }
-    }
+    let pid = setup.start_agent(&config, &[])?;
     std::thread::sleep(Duration::from_secs(1));
     let (_, rest_rss, _) = usage(pid)?;
 

@@ -6,23 +6,13 @@
 
 use std::{
     fmt::Write as _,
-    os::unix::net::UnixDatagram,
     path::Path,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::Duration,
 };
 
 use anyhow::{Context as _, bail};
 use serde_json::json;
-
-struct Moto(Child);
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 pub fn run(bin: &Path, probe: &Path) -> anyhow::Result<String> {
     let name = format!("egress-guard-bench-cw-{}", std::process::id());
@@ -31,7 +21,7 @@ pub fn run(bin: &Path, probe: &Path) -> anyhow::Result<String> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
-    let _moto = Moto(
+    let _moto = crate::scratch::KillOnDrop(
         Command::new("python3")
             .args([
                 "-m",
@@ -65,27 +55,14 @@ pub fn run(bin: &Path, probe: &Path) -> anyhow::Result<String> {
             dir.join("spool").display(),
         ),
     )?;
-    let ready = dir.join("ready.sock");
-    let sock = UnixDatagram::bind(&ready)?;
-    sock.set_read_timeout(Some(Duration::from_secs(60)))?;
-    setup.agent = Some(
-        Command::new(bin)
-            .args(["run", "--config"])
-            .arg(&config)
-            .env("NOTIFY_SOCKET", &ready)
-            .env("AWS_ACCESS_KEY_ID", "testing")
-            .env("AWS_SECRET_ACCESS_KEY", "testing")
-            .env("AWS_EC2_METADATA_DISABLED", "true")
-            .stdout(Stdio::null())
-            .spawn()?,
-    );
-    let mut buf = [0u8; 256];
-    loop {
-        let n = sock.recv(&mut buf).context("waiting for READY=1")?;
-        if String::from_utf8_lossy(&buf[..n]).contains("READY=1") {
-            break;
-        }
-    }
+    let _ = setup.start_agent(
+        &config,
+        &[
+            ("AWS_ACCESS_KEY_ID", "testing"),
+            ("AWS_SECRET_ACCESS_KEY", "testing"),
+            ("AWS_EC2_METADATA_DISABLED", "true"),
+        ],
+    )?;
     // About 1,000 denied connects a second for 10 s (the probe sleeps 1 ms between them).
     let to = std::net::TcpListener::bind("127.0.0.3:0")?.local_addr()?;
     let out = Command::new("sh")

@@ -6,24 +6,13 @@
 
 use std::{
     fmt::Write as _,
-    os::unix::net::UnixDatagram,
     path::Path,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::Duration,
 };
 
 use anyhow::{Context as _, bail};
 use serde_json::json;
-
-/// dnsmasq on loopback with the benchmark's records; killed on drop.
-struct Dnsmasq(Child);
-
-impl Drop for Dnsmasq {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::UdpSocket::bind("127.0.0.1:0")?
@@ -80,7 +69,7 @@ pub fn run(bin: &Path, probe: &Path) -> anyhow::Result<String> {
     let (cgroup, dir) = (setup.cgroup.clone(), setup.dir.clone());
     std::fs::write(dir.join("hosts"), "127.0.0.21 a.bench.test\n")?;
     let port = free_port()?;
-    let _dnsmasq = Dnsmasq(
+    let _dnsmasq = crate::scratch::KillOnDrop(
         Command::new("dnsmasq")
             .args([
                 "--keep-in-foreground",
@@ -111,24 +100,7 @@ pub fn run(bin: &Path, probe: &Path) -> anyhow::Result<String> {
             dir.join("control.sock").display()
         ),
     )?;
-    let ready = dir.join("ready.sock");
-    let sock = UnixDatagram::bind(&ready)?;
-    sock.set_read_timeout(Some(Duration::from_secs(60)))?;
-    setup.agent = Some(
-        Command::new(bin)
-            .args(["run", "--config"])
-            .arg(&config)
-            .env("NOTIFY_SOCKET", &ready)
-            .stdout(Stdio::null())
-            .spawn()?,
-    );
-    let mut buf = [0u8; 256];
-    loop {
-        let n = sock.recv(&mut buf).context("waiting for READY=1")?;
-        if String::from_utf8_lossy(&buf[..n]).contains("READY=1") {
-            break;
-        }
-    }
+    let _ = setup.start_agent(&config, &[])?;
 
     // (queries per second, rounds, queries per round and variant)
     let plan: [(u32, usize, u32); 3] = [(1, 20, 1), (1000, 6, 2000), (4000, 6, 4000)];

@@ -2,8 +2,10 @@
 //! pin directory of one name, and the agent; all removed on drop, also on failure.
 
 use std::{
+    os::unix::net::UnixDatagram,
     path::{Path, PathBuf},
-    process::{Child, Command},
+    process::{Child, Command, Stdio},
+    time::Duration,
 };
 
 use anyhow::Context as _;
@@ -39,6 +41,42 @@ impl Scratch {
             agent: None,
             farewell: None,
         })
+    }
+}
+
+impl Scratch {
+    /// Starts `egress-guard run --config CONFIG` with `env`, and waits for its READY=1
+    /// (sd_notify on a socket in the scratch directory). Returns the agent's pid.
+    pub fn start_agent(&mut self, config: &Path, env: &[(&str, &str)]) -> anyhow::Result<u32> {
+        let ready = self.dir.join("ready.sock");
+        let sock = UnixDatagram::bind(&ready)?;
+        sock.set_read_timeout(Some(Duration::from_secs(60)))?;
+        let agent = Command::new(&self.bin)
+            .args(["run", "--config"])
+            .arg(config)
+            .env("NOTIFY_SOCKET", &ready)
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .spawn()?;
+        let pid = agent.id();
+        self.agent = Some(agent);
+        let mut buf = [0u8; 256];
+        loop {
+            let n = sock.recv(&mut buf).context("waiting for READY=1")?;
+            if String::from_utf8_lossy(&buf[..n]).contains("READY=1") {
+                return Ok(pid);
+            }
+        }
+    }
+}
+
+/// A helper process (a DNS server, a test CloudWatch), killed on drop.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
