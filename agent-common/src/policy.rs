@@ -31,6 +31,8 @@ pub const MAX_DNS_CLIENTS: u32 = 16_384;
 pub const DNS_PORT: u16 = 53;
 /// Guarded cgroups, for the BPF LSM socket hook which sees tasks, not cgroup attachments.
 pub const MAX_GUARDED_CGROUPS: u32 = 4_096;
+/// Discovered container cgroups that a policy's selectors took over.
+pub const MAX_CONTAINERS: u32 = 16_384;
 /// Depth of the cgroup tree the LSM hook walks looking for a guarded ancestor.
 pub const MAX_CGROUP_DEPTH: u32 = 32;
 
@@ -284,7 +286,9 @@ pub mod map_names {
     pub const DNS_REDIRECTED: &str = "DNS_REDIRECTED";
     pub const OPEN_CONNS: &str = "OPEN_CONNS";
     pub const DNS_CLIENTS: &str = "DNS_CLIENTS";
-    pub const ALL: [&str; 14] = [
+    pub const CONTAINER_SLOTS: &str = "CONTAINER_SLOTS";
+    pub const SOCK_SLOTS: &str = "SOCK_SLOTS";
+    pub const ALL: [&str; 16] = [
         POLICY_STATE,
         ALLOW_EXACT4,
         ALLOW_EXACT6,
@@ -299,6 +303,8 @@ pub mod map_names {
         DNS_REDIRECTED,
         OPEN_CONNS,
         DNS_CLIENTS,
+        CONTAINER_SLOTS,
+        SOCK_SLOTS,
     ];
 }
 

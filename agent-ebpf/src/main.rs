@@ -22,8 +22,8 @@ use aya_ebpf::{
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
     },
     helpers::{
-        bpf_get_current_ancestor_cgroup_id, bpf_get_socket_cookie, bpf_send_signal,
-        bpf_sk_fullsock, generated::bpf_skb_cgroup_id,
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_socket_cookie,
+        bpf_send_signal, bpf_sk_fullsock, generated::bpf_skb_cgroup_id,
     },
     macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, lsm, sock_ops, tracepoint},
     programs::{
@@ -32,11 +32,30 @@ use aya_ebpf::{
 };
 use decide::{Dest, Verdict, count, count_verdict, decide};
 use emit::Origin;
-use maps::{DNS_CLIENTS, DNS_REDIRECTED, GUARDED_CGROUPS, INBOUND_SOCKETS, OPEN_CONNS};
+use maps::{
+    CONTAINER_SLOTS, DNS_CLIENTS, DNS_REDIRECTED, GUARDED_CGROUPS, INBOUND_SOCKETS, OPEN_CONNS,
+    SOCK_SLOTS,
+};
 
 /// The policy slot this copy of the programs enforces. The default (no slot) denies.
 #[unsafe(no_mangle)]
 static POLICY_SLOT: Global<u32> = Global::new(u32::MAX);
+
+/// The slot deciding for cgroup `cgroup`: a discovered container's own policy (its selectors
+/// matched), else the policy of the guarded cgroup these programs are attached to.
+#[inline(always)]
+fn slot_of(cgroup: u64) -> u32 {
+    match unsafe { CONTAINER_SLOTS.get(cgroup) } {
+        Some(s) => *s,
+        None => POLICY_SLOT.load(),
+    }
+}
+
+/// The slot deciding for the current task (syscall hooks).
+#[inline(always)]
+fn task_slot() -> u32 {
+    slot_of(unsafe { bpf_get_current_cgroup_id() })
+}
 
 const AF_UNIX: i32 = 1;
 const AF_INET: i32 = 2;
@@ -95,7 +114,7 @@ fn sock_addr_dest(ctx: &SockAddrContext, v6: bool) -> (Dest, u32, u16) {
 
 #[inline(always)]
 fn judge_sock_addr(ctx: &SockAddrContext, v6: bool, kind: u16, counters: [Counter; 3]) -> i32 {
-    let slot = POLICY_SLOT.load();
+    let slot = task_slot();
     let (dest, proto, port) = sock_addr_dest(ctx, v6);
     // DNS, to whatever server the process names, goes to the agent's proxy, which decides.
     if port == DNS_PORT
@@ -103,12 +122,17 @@ fn judge_sock_addr(ctx: &SockAddrContext, v6: bool, kind: u16, counters: [Counte
         && decide::state(slot).is_some()
         && let Some(p) = decide::dns_proxy(slot)
     {
-        redirect_dns(ctx, v6, &dest, p);
+        redirect_dns(ctx, v6, &dest, p, slot);
         count(slot, Counter::DnsRedirected);
         return SYSCALL_OK;
     }
     let (v, why) = decide(slot, &dest, proto, port);
     count_verdict(slot, &v, counters);
+    if proto == IPPROTO_TCP as u32 && slot != POLICY_SLOT.load() {
+        // The TCP tracker cannot see the task: tell it which policy this connection is under.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+        let _ = SOCK_SLOTS.insert(cookie, slot, 0);
+    }
     emit::net(
         kind,
         slot,
@@ -166,13 +190,13 @@ fn set_user_ip6(ctx: &SockAddrContext, w: [u32; 4]) {
 
 /// Sends this socket's DNS to the proxy, remembering where it was going.
 #[inline(always)]
-fn redirect_dns(ctx: &SockAddrContext, v6: bool, dest: &Dest, p: &DnsProxy) {
+fn redirect_dns(ctx: &SockAddrContext, v6: bool, dest: &Dest, p: &DnsProxy, slot: u32) {
     let orig = OrigDest {
         addr: dest.addr,
         port: DNS_PORT,
         v4: dest.v4 as u8,
         _pad: [0; 5],
-        task: emit::header(0, POLICY_SLOT.load(), &Origin::Task),
+        task: emit::header(0, slot, &Origin::Task),
     };
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
     let _ = DNS_REDIRECTED.insert(cookie, orig, 0);
@@ -189,7 +213,7 @@ fn redirect_dns(ctx: &SockAddrContext, v6: bool, dest: &Dest, p: &DnsProxy) {
 /// is shown as the server the process asked (resolvers check where replies come from).
 #[inline(always)]
 fn restore_dns_source(ctx: &SockAddrContext, v6: bool) {
-    let slot = POLICY_SLOT.load();
+    let slot = task_slot();
     let Some(p) = decide::dns_proxy(slot) else {
         return;
     };
@@ -280,7 +304,7 @@ pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock(sock_create)]
 pub fn sock_create(ctx: SockContext) -> i32 {
-    let slot = POLICY_SLOT.load();
+    let slot = task_slot();
     let sk = unsafe { &*ctx.sock };
     // The full protocol number: MPTCP (262) truncated to u8 would read as TCP.
     let ok = match (sk.type_, sk.protocol) {
@@ -406,7 +430,12 @@ pub(crate) fn guarded_slot_of_current_task() -> Option<u32> {
             return None;
         }
         if let Some(slot) = unsafe { GUARDED_CGROUPS.get(id) } {
-            return Some(*slot);
+            // A discovered container below it has its own policy.
+            let own = unsafe { bpf_get_current_cgroup_id() };
+            return Some(match unsafe { CONTAINER_SLOTS.get(own) } {
+                Some(s) => *s,
+                None => *slot,
+            });
         }
         level += 1;
     }
@@ -510,7 +539,8 @@ fn read_packet_inner(ctx: &SkBuffContext) -> Result<Option<Packet>, i64> {
 
 #[cgroup_skb]
 pub fn egress(ctx: SkBuffContext) -> i32 {
-    let slot = POLICY_SLOT.load();
+    // The socket's cgroup, not the current task's (softirq may send for anyone).
+    let slot = slot_of(unsafe { bpf_skb_cgroup_id(ctx.skb.skb) });
     let Some(p) = read_packet(&ctx) else {
         let v = decide::verdict(decide::state(slot), false);
         return packet_verdict(
@@ -673,8 +703,12 @@ pub fn tcp_state(ctx: SockOpsContext) -> u32 {
                 a[12..16].copy_from_slice(&w[3].to_ne_bytes());
                 Dest::from_v6(a)
             };
+            let slot = match unsafe { SOCK_SLOTS.get(cookie) } {
+                Some(s) => *s,
+                None => POLICY_SLOT.load(),
+            };
             let conn = OpenConn {
-                slot: POLICY_SLOT.load(),
+                slot,
                 v4: dest.v4 as u32,
                 addr: dest.addr,
             };
@@ -685,6 +719,7 @@ pub fn tcp_state(ctx: SockOpsContext) -> u32 {
             let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
             let _ = INBOUND_SOCKETS.remove(cookie);
             let _ = OPEN_CONNS.remove(cookie);
+            let _ = SOCK_SLOTS.remove(cookie);
         }
         _ => {}
     }

@@ -4,7 +4,7 @@
 
 use agent_common::{
     Addr4Key, Addr6Key, AllowValue, COUNTERS_PER_POLICY, DnsClientKey, DnsProxy, MAX_CIDR_ENTRIES,
-    MAX_DNS_CLIENTS, MAX_DNS_REDIRECTED, MAX_EXACT_ENTRIES, MAX_GUARDED_CGROUPS,
+    MAX_CONTAINERS, MAX_DNS_CLIENTS, MAX_DNS_REDIRECTED, MAX_EXACT_ENTRIES, MAX_GUARDED_CGROUPS,
     MAX_INBOUND_SOCKETS, MAX_OPEN_CONNS, MAX_POLICIES, OpenConn, OrigDest, PolicyState,
     event::{DEFAULT_RING_BYTES, EventHeader},
 };
@@ -76,3 +76,15 @@ pub static OPEN_CONNS: LruHashMap<u64, OpenConn> = LruHashMap::pinned(MAX_OPEN_C
 #[map]
 pub static DNS_CLIENTS: LruHashMap<DnsClientKey, EventHeader> =
     LruHashMap::pinned(MAX_DNS_CLIENTS, 0);
+
+/// A discovered container's cgroup id → the slot its policy's selectors gave it. The programs
+/// attached to the guarded cgroup above it decide with that slot instead of their own.
+#[map]
+pub static CONTAINER_SLOTS: HashMap<u64, u32> = HashMap::pinned(MAX_CONTAINERS, 0);
+
+/// Socket cookie → the slot that judged its connect(), where it is not the attached
+/// programs' own (a discovered container), so the TCP tracker files the connection under the
+/// right policy. LRU: an evicted entry files it under the parent's policy (fail closed: the
+/// learned address may expire while the connection is open).
+#[map]
+pub static SOCK_SLOTS: LruHashMap<u64, u32> = LruHashMap::pinned(MAX_OPEN_CONNS, 0);

@@ -89,7 +89,7 @@ pub fn containers_under(cgroup: &Path) -> Vec<(String, PathBuf)> {
                 continue;
             }
             let path = e.path();
-            if let Some(id) = crate::audit::record::container_of(&path.display().to_string()) {
+            if let Some(id) = crate::containers::container_of(&path.display().to_string()) {
                 out.push((id, path.clone()));
             }
             if depth < 8 {

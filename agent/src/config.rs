@@ -48,6 +48,8 @@ pub struct Config {
     pub dns: Dns,
     /// `[cloudwatch]`: absent, nothing is shipped.
     pub cloudwatch: Option<CloudWatch>,
+    /// `[docker] root`: where Docker keeps container metadata (names, labels).
+    pub docker_root: PathBuf,
     pub policies: Vec<Policy>,
 }
 
@@ -333,6 +335,8 @@ pub struct Policy {
     pub name: String,
     pub mode: Mode,
     pub cgroups: Vec<CgroupEntry>,
+    /// Containers under any guarded cgroup that this policy takes over (container discovery).
+    pub containers: Vec<crate::containers::Selector>,
     /// Address and CIDR rules, including those implied by `ntp`, `allow_loopback` and, in
     /// direct DNS mode, `dns`.
     pub rules: Vec<Rule>,
@@ -414,8 +418,15 @@ struct RawConfig {
     control: Option<Spanned<Control>>,
     dns: Option<Spanned<RawDns>>,
     cloudwatch: Option<Spanned<RawCloudWatch>>,
+    docker: Option<Spanned<RawDocker>>,
     #[serde(default)]
     policy: Vec<Spanned<RawPolicy>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDocker {
+    root: PathBuf,
 }
 
 #[derive(Deserialize)]
@@ -425,6 +436,8 @@ struct RawPolicy {
     mode: Option<Spanned<Mode>>,
     #[serde(default)]
     cgroups: Vec<Spanned<String>>,
+    #[serde(default)]
+    containers: Vec<Spanned<String>>,
     #[serde(default)]
     allow: Vec<Spanned<String>>,
     #[serde(default)]
@@ -639,11 +652,20 @@ fn validate(raw: RawConfig, path: &Path, lines: &LineIndex, problems: &mut Vec<P
                 format!("policy name {name:?} is already used on line {first}"),
             );
         }
-        if rp.cgroups.is_empty() {
+        if rp.cgroups.is_empty() && rp.containers.is_empty() {
             problem(
                 table_line.max(name_line),
-                format!("policy {name:?} has no cgroups: list the cgroup v2 paths it guards"),
+                format!(
+                    "policy {name:?} has no cgroups and no containers: list the cgroup v2 paths it guards, or container selectors"
+                ),
             );
+        }
+        let mut containers = Vec::new();
+        for c in &rp.containers {
+            match c.get_ref().parse() {
+                Ok(sel) => containers.push(sel),
+                Err(reason) => problem(lines.of(c), format!("policy {name:?}: {reason}")),
+            }
         }
         let mode = rp.mode.map_or(default_mode, |m| m.into_inner());
         let cgroups = rp
@@ -747,6 +769,7 @@ fn validate(raw: RawConfig, path: &Path, lines: &LineIndex, problems: &mut Vec<P
             name,
             mode,
             cgroups,
+            containers,
             rules,
             hostnames,
             upstreams,
@@ -777,6 +800,30 @@ fn validate(raw: RawConfig, path: &Path, lines: &LineIndex, problems: &mut Vec<P
         }
     }
 
+    // Selectors pick containers under guarded cgroups: some policy must guard one.
+    if policies.iter().any(|p| !p.containers.is_empty())
+        && policies.iter().all(|p| p.cgroups.is_empty())
+    {
+        problem(
+            1,
+            "container selectors apply to containers under a guarded cgroup, but no policy lists cgroups: guard the cgroup Docker puts containers in (e.g. cgroups = [\"openhands.slice\"])".into(),
+        );
+    }
+    let docker_root = match raw.docker {
+        Some(d) => {
+            let line = lines.of(&d);
+            let root = d.into_inner().root;
+            if !root.is_absolute() {
+                problem(
+                    line,
+                    format!("[docker] root {root:?} must be an absolute path"),
+                );
+            }
+            root
+        }
+        None => PathBuf::from(crate::containers::DEFAULT_DOCKER_ROOT),
+    };
+
     Config {
         path: path.to_path_buf(),
         log_level,
@@ -785,6 +832,7 @@ fn validate(raw: RawConfig, path: &Path, lines: &LineIndex, problems: &mut Vec<P
         control,
         dns,
         cloudwatch,
+        docker_root,
         policies,
     }
 }
@@ -1326,6 +1374,25 @@ mod tests {
         p.into_iter().next().unwrap()
     }
 
+    #[test]
+    fn container_selectors() {
+        let c = cfg("[docker]\nroot = \"/srv/docker\"\n[[policy]]\nname = \"sandbox\"\ncgroups = [\"x\"]\n[[policy]]\nname = \"app\"\ncontainers = [\"name:openhands-app\", \"label:role=app\"]\n").unwrap();
+        assert_eq!(c.docker_root, PathBuf::from("/srv/docker"));
+        assert!(c.policies[1].cgroups.is_empty());
+        assert_eq!(c.policies[1].containers.len(), 2);
+        let p = one_problem(
+            "[[policy]]\nname = \"a\"\ncgroups = [\"x\"]\ncontainers = [\n  \"name:ok\",\n  \"app\",\n]\n",
+        );
+        assert_eq!(p.line, 6, "{p:?}");
+        assert!(p.reason.contains("name:GLOB"), "{}", p.reason);
+        let p = one_problem("[[policy]]\nname = \"a\"\ncontainers = [\"name:x\"]\n");
+        assert!(p.reason.contains("no policy lists cgroups"), "{}", p.reason);
+        let p = one_problem(
+            "[docker]\nroot = \"docker\"\n[[policy]]\nname = \"a\"\ncgroups = [\"x\"]\n",
+        );
+        assert!(p.reason.contains("absolute"), "{}", p.reason);
+    }
+
     const GOOD: &str = r#"
 mode = "enforce"
 
@@ -1422,7 +1489,11 @@ allow_loopback = true
     fn the_shipped_config_is_valid() {
         let c = cfg(include_str!("../../packaging/config.toml")).unwrap();
         assert_eq!(c.policies.len(), 2);
-        assert_eq!(c.policies[0].hostnames.len(), 3);
+        // The slice's policy first, then the app taken over by its selector.
+        assert_eq!(c.policies[0].cgroups.len(), 1);
+        assert!(c.policies[0].hostnames.is_empty());
+        assert_eq!(c.policies[1].containers.len(), 1);
+        assert_eq!(c.policies[1].hostnames.len(), 3);
     }
 
     #[test]

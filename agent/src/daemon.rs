@@ -242,6 +242,15 @@ pub fn run(config_path: &Path, config: Config) -> anyhow::Result<()> {
             .context("attaching the policy to the kernel failed")?
     };
     log_applied(&config, &report, &kernel);
+    // Containers under the guarded cgroups that selectors give to other policies: matched
+    // before READY, watched from now on.
+    let discovery = Arc::new(
+        crate::containers::Discovery::start(&kernel.maps_dir(), config.docker_root.clone())
+            .context("starting container discovery")?,
+    );
+    discovery
+        .update(&guarded_dirs(&targets), selector_rules(&config, &report))
+        .context("matching containers to policies")?;
 
     rt.block_on(async move {
         dns.start();
@@ -252,6 +261,7 @@ pub fn run(config_path: &Path, config: Config) -> anyhow::Result<()> {
         let mut audit = Audit::new(lost, &config.audit, kernel::mounts::cgroup2_root()?, feed.clone())
             .context("starting the audit trail (see [audit] in the config)")?;
         audit.set_learner(dns.learner.clone());
+        audit.set_docker_root(config.docker_root.clone());
         // CloudWatch: every record is spooled before it counts as accepted; the sink sends
         // from the spool and acknowledges what CloudWatch took.
         let mut cloudwatch_health = None;
@@ -325,6 +335,7 @@ pub fn run(config_path: &Path, config: Config) -> anyhow::Result<()> {
             dns: Mutex::new(Value::Null),
             learner: dns.learner.clone(),
             cloudwatch: cloudwatch_health,
+            containers: discovery.clone(),
         });
         publish(&shared, &config, &targets, &report, &kernel);
         let socket = config.control.socket.clone();
@@ -337,9 +348,19 @@ pub fn run(config_path: &Path, config: Config) -> anyhow::Result<()> {
         tracing::info!("egress-guard ready");
 
         let mut current = config;
+        let mut watchdog = watchdog_interval();
         loop {
             // A reload comes from SIGHUP or from the control socket (with a reply channel).
             let reply = tokio::select! {
+                // Fed from this loop: a hung reload or a kernel that stopped answering makes
+                // systemd restart the agent (the pins keep enforcing meanwhile).
+                _ = watchdog.tick() => {
+                    match kernel.check_maps() {
+                        Ok(()) => notify("WATCHDOG=1"),
+                        Err(e) => tracing::error!("not feeding the watchdog: {e:#}"),
+                    }
+                    continue;
+                }
                 _ = hup.recv() => None,
                 Some(reply) = reload_rx.recv() => Some(reply),
                 _ = term.recv() => break,
@@ -359,6 +380,11 @@ pub fn run(config_path: &Path, config: Config) -> anyhow::Result<()> {
             notify("RELOADING=1");
             let outcome = match reload(config_path, &current, &targets, &mut kernel, &mut dns) {
                 Ok((new, new_targets, report)) => {
+                    if let Err(e) = discovery.update(&guarded_dirs(&new_targets), selector_rules(&new, &report)) {
+                        // The kernel keeps the previous matches; new containers fall under
+                        // their guarded cgroup's policy.
+                        tracing::error!("container discovery after the reload: {e:#}");
+                    }
                     say(Notice::Agent("agent.reload", json!({ "result": "applied" })));
                     announce(&say, &kernel, &new_targets, &report);
                     publish(&shared, &new, &new_targets, &report, &kernel);
@@ -400,6 +426,32 @@ pub fn run(config_path: &Path, config: Config) -> anyhow::Result<()> {
         }
         audited
     })
+}
+
+/// Every guarded cgroup: discovery watches them for containers.
+fn guarded_dirs(targets: &[Target]) -> Vec<PathBuf> {
+    targets
+        .iter()
+        .flat_map(|t| t.cgroups.iter().cloned())
+        .collect()
+}
+
+/// The policies with container selectors, in config order (the first match wins), with the
+/// slots the kernel gave them.
+fn selector_rules(config: &Config, report: &ApplyReport) -> Vec<crate::containers::Rule> {
+    config
+        .policies
+        .iter()
+        .filter(|p| !p.containers.is_empty())
+        .filter_map(|p| {
+            let applied = report.policies.iter().find(|a| a.name == p.name)?;
+            Some(crate::containers::Rule {
+                policy: p.name.clone(),
+                slot: applied.slot,
+                selectors: p.containers.clone(),
+            })
+        })
+        .collect()
 }
 
 /// Makes the control socket's view current after a (re)load.
@@ -581,6 +633,18 @@ fn log_applied(config: &Config, report: &ApplyReport, kernel: &Kernel) {
         "enforcing; cgroup guards: {}",
         hooks.join(", ")
     );
+}
+
+/// Half of systemd's `WatchdogSec` (from `$WATCHDOG_USEC`), or practically never.
+fn watchdog_interval() -> tokio::time::Interval {
+    let usec = std::env::var("WATCHDOG_USEC")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|&u| u > 0);
+    let period = usec.map_or(std::time::Duration::from_secs(86_400 * 365), |u| {
+        std::time::Duration::from_micros(u / 2)
+    });
+    tokio::time::interval(period)
 }
 
 /// sd_notify(3) without libsystemd: one datagram to $NOTIFY_SOCKET.

@@ -2,7 +2,8 @@
 //!
 //! Where things are: config parsing in `config.rs`, rule compilation in `policy.rs`, kernel
 //! maps and attachments in `kernel/`, the DNS proxy and learned addresses in `dns/`, the audit
-//! trail in `audit/`, the control socket in `control/`, the daemon loop in `daemon.rs`; the
+//! trail in `audit/`, the control socket in `control/`, container discovery (policy selectors) in
+//! `containers.rs`, the daemon loop in `daemon.rs`; the
 //! per-packet decision itself is in `agent-ebpf/src/decide.rs`.
 //!
 //! A library so the fuzz targets (`agent/fuzz`) reach the request handling; the binary is
@@ -12,6 +13,7 @@ pub mod audit;
 pub mod check;
 pub mod cloudwatch;
 pub mod config;
+pub mod containers;
 pub mod control;
 pub mod daemon;
 pub mod dns;

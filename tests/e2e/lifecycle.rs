@@ -215,3 +215,76 @@ fn a_policy_removed_on_reload_stops_guarding_its_cgroup() {
     assert_eq!(removed.len(), 1, "{removed:?}");
     assert_eq!(removed[0]["policy"], "p1");
 }
+
+#[test]
+fn an_upgrade_replaces_the_programs_without_a_gap() {
+    setup();
+    let cg = TestCgroup::new("upgrade");
+    let allowed = tcp_listener("127.0.0.2");
+    let denied = tcp_listener("127.0.0.3");
+    let mut agent = Agent::start(&policy(&cg, &[allowed.to_string()]));
+    let first = agent.log_text();
+    let attached = first
+        .lines()
+        .find(|l| l.contains("enforcing;"))
+        .and_then(|l| l.split_whitespace().find(|w| w.starts_with("attached=")))
+        .unwrap()
+        .trim_start_matches("attached=")
+        .to_string();
+    agent.stop();
+
+    // Make the pins another build's: each link pin ends in the id of the object it came from.
+    let layout = std::fs::read_dir(&agent.pin_dir)
+        .unwrap()
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().starts_with('v'))
+        .expect("a layout directory")
+        .path();
+    let links = layout.join("links");
+    let mut renamed = 0;
+    for e in std::fs::read_dir(&links).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let (head, _object) = name.rsplit_once('-').unwrap();
+        std::fs::rename(e.path(), links.join(format!("{head}-0123456789abcdef"))).unwrap();
+        renamed += 1;
+    }
+    assert_eq!(renamed.to_string(), attached);
+
+    let cg_path = cg.path.clone();
+    let (d, a) = (denied.to_string(), allowed.to_string());
+    let denied_loop = std::thread::spawn({
+        let p = cg_path.clone();
+        move || probe_in(&p, &["loop", "tcp", &d, "3000"]).stdout
+    });
+    let allowed_loop =
+        std::thread::spawn(move || probe_in(&cg_path, &["loop", "tcp", &a, "3000"]).stdout);
+    std::thread::sleep(Duration::from_millis(300));
+    agent.spawn();
+    let (ok, eperm, err) = loop_counts(&denied_loop.join().unwrap());
+    assert_eq!(ok, 0, "a denied connection got through during the upgrade");
+    assert!(eperm > 10, "the denied loop barely ran: eperm={eperm}");
+    assert_eq!(err, 0);
+    let (ok, eperm, err) = loop_counts(&allowed_loop.join().unwrap());
+    assert!(ok > 10, "the allowed loop barely ran: ok={ok}");
+    assert_eq!(
+        (eperm, err),
+        (0, 0),
+        "an allowed connection failed during the upgrade"
+    );
+    // Every program was replaced: the new ones attached, then the old ones detached.
+    let log = agent.log_text();
+    let last = log.lines().rfind(|l| l.contains("enforcing;")).unwrap();
+    assert!(
+        last.contains(&format!(
+            "adopted=0 attached={attached} detached={attached}"
+        )),
+        "the upgrade should replace all {attached} attachments: {last}"
+    );
+    let left: Vec<String> = std::fs::read_dir(&links)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with("-0123456789abcdef"))
+        .collect();
+    assert!(left.is_empty(), "old pins left: {left:?}");
+}

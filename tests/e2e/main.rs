@@ -4,10 +4,12 @@
 mod audit;
 mod cloudwatch;
 mod config_errors;
+mod containers;
 mod control;
 mod dns;
 mod enforce;
 mod lifecycle;
+mod package;
 
 /// Every test starts here: root check, and removal of what a killed earlier run left.
 pub fn setup() {

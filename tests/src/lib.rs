@@ -107,7 +107,7 @@ pub fn sweep() {
 }
 
 /// Kills every process in the subtree and removes it, deepest first.
-fn remove_cgroup_tree(path: &Path) {
+pub fn remove_cgroup_tree(path: &Path) {
     if let Ok(dir) = std::fs::read_dir(path) {
         for e in dir.flatten() {
             if e.file_type().is_ok_and(|t| t.is_dir()) {

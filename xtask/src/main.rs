@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | test | demo | bench | dist | fuzz`.
+//! Project tasks: `cargo xtask setup | test | demo | bench | dist | package | fuzz`.
 //!
 //! `setup` makes a fresh machine able to build and test (idempotent; `test` and `demo` run it
 //! first). `test` is the whole check CI runs. `demo` shows the agent at work in a throwaway
@@ -10,6 +10,7 @@ mod bench_cloudwatch;
 mod bench_dns;
 mod demo;
 mod fuzz;
+mod package;
 mod scratch;
 
 use std::{
@@ -44,6 +45,9 @@ enum Task {
     Bench,
     /// Build the release binary and write shell completions and the man page to target/dist.
     Dist,
+    /// Build the .deb (binary, systemd unit and slice, default config, tmpfiles and sysusers
+    /// entries, completions, man page, docs) into target/debian.
+    Package,
     /// Fuzz the DNS proxy's handling of requests and upstream answers (cargo fuzz, libFuzzer),
     /// each target for SECONDS (default 60). `test` runs it for a few seconds.
     Fuzz {
@@ -88,6 +92,10 @@ fn main() -> anyhow::Result<()> {
             setup()?;
             dist()
         }
+        Task::Package => {
+            setup()?;
+            package::package().map(|_| ())
+        }
     }
 }
 
@@ -120,7 +128,7 @@ fn describe(cmd: &Command) -> String {
     s
 }
 
-fn output(cmd: &mut Command) -> anyhow::Result<String> {
+pub fn output(cmd: &mut Command) -> anyhow::Result<String> {
     let out = cmd
         .output()
         .with_context(|| format!("starting {}", describe(cmd)))?;
@@ -334,6 +342,8 @@ fn test() -> anyhow::Result<()> {
         bail!("the end-to-end tests load eBPF programs: run `cargo xtask test` as root");
     }
     build_binaries()?;
+    // The .deb the package test installs and purges.
+    let deb = package::package()?;
     // One at a time: the tests share the kernel (cgroups, bpffs, tracepoints).
     run(Command::new("cargo")
         .args([
@@ -348,7 +358,8 @@ fn test() -> anyhow::Result<()> {
         .env(
             "EGRESS_GUARD_BIN",
             workspace_root().join("target/debug/egress-guard"),
-        ))
+        )
+        .env("EGRESS_GUARD_DEB", deb))
 }
 
 /// The agent and the test probe, in target/debug.
@@ -365,7 +376,7 @@ pub fn build_binaries() -> anyhow::Result<()> {
 
 /// target/dist: the release binary, completions for bash, zsh and fish, and the man page,
 /// all generated from the clap definition.
-fn dist() -> anyhow::Result<()> {
+pub fn dist() -> anyhow::Result<()> {
     run(Command::new("cargo").args(["build", "--release", "-p", "egress-guard"]))?;
     let bin = workspace_root().join("target/release/egress-guard");
     let out = workspace_root().join("target/dist");

@@ -127,6 +127,11 @@ impl Audit {
         self.spool = Some(link);
     }
 
+    /// Where container names come from (`[docker] root`).
+    pub fn set_docker_root(&mut self, root: std::path::PathBuf) {
+        self.enricher.set_docker_root(root);
+    }
+
     /// Lets `net.*` records name the hostnames their destination was answered for.
     pub fn set_learner(
         &mut self,

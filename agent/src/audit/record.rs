@@ -64,7 +64,7 @@ impl Enricher {
         Self {
             host: hostname(),
             instance: ec2_instance_id(),
-            docker_root: PathBuf::from("/var/lib/docker"),
+            docker_root: PathBuf::from(crate::containers::DEFAULT_DOCKER_ROOT),
             container_names: HashMap::new(),
             boot_to_wall_ns: clock_ns(libc::CLOCK_REALTIME) - clock_ns(libc::CLOCK_BOOTTIME),
             policies: Vec::new(),
@@ -74,6 +74,11 @@ impl Enricher {
             last_scan: None,
             learned: None,
         }
+    }
+
+    /// Where Docker keeps its container metadata (`[docker] root`).
+    pub fn set_docker_root(&mut self, root: PathBuf) {
+        self.docker_root = root;
     }
 
     /// This machine, as metrics name it: the EC2 instance id, else the host name.
@@ -211,7 +216,7 @@ impl Enricher {
     /// Cgroup, container and process of `h`.
     fn process_fields(&mut self, m: &mut Map<String, Value>, h: &EventHeader) {
         let cgroup = self.cgroup_path(h.cgroup_id);
-        let container = cgroup.as_deref().and_then(container_of);
+        let container = cgroup.as_deref().and_then(crate::containers::container_of);
         let name = container.as_deref().and_then(|id| self.container_name(id));
         m.insert(
             "container".into(),
@@ -290,19 +295,7 @@ impl Enricher {
         if let Some(n) = self.container_names.get(full_id) {
             return n.clone();
         }
-        let path = self
-            .docker_root
-            .join("containers")
-            .join(full_id)
-            .join("config.v2.json");
-        let name = std::fs::read(&path)
-            .ok()
-            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
-            .and_then(|v| {
-                v["Name"]
-                    .as_str()
-                    .map(|n| n.trim_start_matches('/').to_string())
-            });
+        let name = crate::containers::read_docker(&self.docker_root, full_id).map(|c| c.name);
         // Bounded: forget everything when many containers have come and gone.
         if self.container_names.len() > 4096 {
             self.container_names.clear();
@@ -419,24 +412,6 @@ pub fn ec2_instance_id() -> Option<String> {
     tag.starts_with("i-").then(|| tag.to_string())
 }
 
-/// The container of a cgroup path: Docker's systemd driver names the scope
-/// `docker-<id>.scope`, its cgroupfs driver uses `.../docker/<id>`; the full 64-hex id.
-pub fn container_of(path: &str) -> Option<String> {
-    let mut parts = path.rsplit('/');
-    let last = parts.next()?;
-    let id = if let Some(id) = last
-        .strip_prefix("docker-")
-        .and_then(|r| r.strip_suffix(".scope"))
-    {
-        id
-    } else if parts.next() == Some("docker") {
-        last
-    } else {
-        return None;
-    };
-    (id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit())).then(|| id.to_string())
-}
-
 /// Whether a record is an allowed UDP send (aggregated per flow).
 pub fn is_allowed_send(e: &NetEvent) -> bool {
     e.hdr.kind == kind::NET_SEND && e.verdict == VERDICT_ALLOW
@@ -450,22 +425,6 @@ pub fn flow_key(e: &NetEvent) -> (u64, u32, [u8; 16], u16) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn container_ids_from_docker_cgroup_paths() {
-        let id = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
-        assert_eq!(
-            container_of(&format!("/system.slice/docker-{id}.scope")).as_deref(),
-            Some(id)
-        );
-        assert_eq!(
-            container_of(&format!("/openhands.slice/docker-{id}.scope")).as_deref(),
-            Some(id)
-        );
-        assert_eq!(container_of(&format!("/docker/{id}")).as_deref(), Some(id));
-        assert_eq!(container_of("/openhands.slice/something"), None);
-        assert_eq!(container_of("/docker/short"), None);
-    }
 
     #[test]
     fn container_names_come_from_docker_metadata() {

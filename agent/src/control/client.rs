@@ -179,11 +179,23 @@ pub fn targets(socket: &Path, json: bool) -> anyhow::Result<()> {
     }
     println!("{:<20} {:<8} {:<50} CONTAINERS", "POLICY", "MODE", "CGROUP");
     for t in v["targets"].as_array().into_iter().flatten() {
-        let containers: Vec<&str> = t["containers"]
+        // id (name) → policy, where a selector gave the container another policy.
+        let containers: Vec<String> = t["containers"]
             .as_array()
             .into_iter()
             .flatten()
-            .filter_map(|c| c["id"].as_str())
+            .map(|c| {
+                let id = c["id"].as_str().unwrap_or("?");
+                let name = c["name"]
+                    .as_str()
+                    .map(|n| format!(" ({n})"))
+                    .unwrap_or_default();
+                if c["selected"].as_bool() == Some(true) {
+                    format!("{id}{name} → {}", c["policy"].as_str().unwrap_or("?"))
+                } else {
+                    format!("{id}{name}")
+                }
+            })
             .collect();
         println!(
             "{:<20} {:<8} {:<50} {}",

@@ -89,6 +89,8 @@ pub struct Shared {
     pub learner: Arc<Mutex<crate::dns::learned::Learner>>,
     /// The CloudWatch sink's delivery state, when `[cloudwatch]` is configured.
     pub cloudwatch: Option<Arc<Mutex<crate::cloudwatch::sink::Health>>>,
+    /// Container discovery: which container a selector gave to which policy.
+    pub containers: Arc<crate::containers::Discovery>,
 }
 
 /// The policies in force, with the addresses learned so far.
@@ -349,11 +351,21 @@ async fn handle(
         }
         (&Method::GET, "/v1/check") => {
             let policies = policies_now(&shared);
+            // A container a selector gave to a policy is decided by that policy.
+            let container = get("container");
+            let selected = container.as_deref().and_then(|c| {
+                shared
+                    .containers
+                    .snapshot()
+                    .into_iter()
+                    .find(|f| f.container.starts_with(c) || f.name.as_deref() == Some(c))
+                    .and_then(|f| f.policy)
+            });
             match check::check(
                 &policies,
                 get("dest").as_deref(),
-                get("policy").as_deref(),
-                get("container").as_deref(),
+                get("policy").as_deref().or(selected.as_deref()),
+                container.as_deref(),
                 get("proto").as_deref(),
             ) {
                 Ok(v) => json_response(StatusCode::OK, &v),
@@ -454,6 +466,7 @@ fn targets(shared: &Shared) -> Value {
         .map(|p| p.clone())
         .unwrap_or_default();
     let root = kernel::mounts::cgroup2_root().ok();
+    let found = shared.containers.snapshot();
     let mut out = Vec::new();
     for p in &policies {
         for cg in &p.cgroups {
@@ -461,9 +474,19 @@ fn targets(shared: &Shared) -> Value {
                 .as_ref()
                 .and_then(|r| cg.strip_prefix(r).ok())
                 .map_or(cg.display().to_string(), |r| format!("/{}", r.display()));
+            // A container is under the guarded cgroup's policy unless a selector took it.
             let containers: Vec<Value> = check::containers_under(cg)
                 .into_iter()
-                .map(|(id, path)| json!({ "id": &id[..12], "cgroup": path.display().to_string() }))
+                .map(|(id, path)| {
+                    let f = found.iter().find(|f| f.cgroup == path);
+                    json!({
+                        "id": &id[..12],
+                        "cgroup": path.display().to_string(),
+                        "name": f.and_then(|f| f.name.clone()),
+                        "policy": f.and_then(|f| f.policy.clone()).unwrap_or_else(|| p.name.clone()),
+                        "selected": f.is_some_and(|f| f.policy.is_some()),
+                    })
+                })
                 .collect();
             out.push(json!({ "policy": p.name, "mode": p.mode, "cgroup": rel, "containers": containers }));
         }

@@ -1,0 +1,488 @@
+//! Container discovery: which policy a Docker container under a guarded cgroup gets.
+//!
+//! A policy's `containers` selectors (`name:GLOB`, `label:KEY=GLOB`, `label:KEY`) pick
+//! containers by their Docker metadata. The agent watches every guarded cgroup with inotify;
+//! when a child cgroup carrying a container id appears (`docker-<id>.scope` with the systemd
+//! driver, `<id>` with cgroupfs), it reads `<docker root>/containers/<id>/config.v2.json` and
+//! writes the matching policy's slot into `CONTAINER_SLOTS`. The programs attached to the
+//! guarded parent then decide that container's traffic with that policy. Until the match (a
+//! few milliseconds) the parent's own policy applies, so a container is never unguarded.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    ffi::CString,
+    os::unix::{ffi::OsStrExt as _, fs::MetadataExt as _},
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use aya::maps::{HashMap as BpfHashMap, Map, MapData};
+use serde::Serialize;
+
+pub const DEFAULT_DOCKER_ROOT: &str = "/var/lib/docker";
+
+/// How long a container cgroup whose metadata is not readable yet is retried.
+const METADATA_WAIT: Duration = Duration::from_secs(5);
+
+/// One `containers` entry of a policy.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Selector {
+    /// Docker's container name (without the leading `/`), `*` matching any run of characters.
+    Name(String),
+    /// A label: present (`value` None) or with a value matching the glob.
+    Label { key: String, value: Option<String> },
+}
+
+impl std::str::FromStr for Selector {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = |why: &str| {
+            Err(format!(
+                "container selector {s:?}: {why}; write name:GLOB, label:KEY=GLOB or label:KEY"
+            ))
+        };
+        if let Some(glob) = s.strip_prefix("name:") {
+            if glob.is_empty() || glob.chars().any(|c| c.is_whitespace() || c == '/') {
+                return bad("the name pattern is empty or has spaces or '/'");
+            }
+            Ok(Selector::Name(glob.to_string()))
+        } else if let Some(rest) = s.strip_prefix("label:") {
+            let (key, value) = match rest.split_once('=') {
+                Some((k, v)) => (k, Some(v.to_string())),
+                None => (rest, None),
+            };
+            if key.is_empty() || key.contains('*') || key.chars().any(char::is_whitespace) {
+                return bad("the label key is empty or has '*' or spaces");
+            }
+            Ok(Selector::Label {
+                key: key.to_string(),
+                value,
+            })
+        } else {
+            bad("unknown kind")
+        }
+    }
+}
+
+impl Selector {
+    pub fn matches(&self, c: &Container) -> bool {
+        match self {
+            Selector::Name(glob) => glob_match(glob, &c.name),
+            Selector::Label { key, value } => match (c.labels.get(key), value) {
+                (Some(_), None) => true,
+                (Some(v), Some(glob)) => glob_match(glob, v),
+                (None, _) => false,
+            },
+        }
+    }
+}
+
+/// `*` matches any run of characters (none included); everything else matches itself.
+pub fn glob_match(pattern: &str, text: &str) -> bool {
+    let mut parts = pattern.split('*');
+    let first = parts.next().unwrap_or("");
+    let Some(mut rest) = text.strip_prefix(first) else {
+        return false;
+    };
+    let parts: Vec<&str> = parts.collect();
+    let Some((last, middle)) = parts.split_last() else {
+        // No '*': the whole text must be the pattern.
+        return rest.is_empty();
+    };
+    for p in middle {
+        match rest.find(p) {
+            Some(i) => rest = &rest[i + p.len()..],
+            None => return false,
+        }
+    }
+    rest.len() >= last.len() && rest.ends_with(last)
+}
+
+/// What Docker says about a container.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Container {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Reads a container's name and labels from Docker's metadata; `None` if it is not there.
+pub fn read_docker(root: &Path, id: &str) -> Option<Container> {
+    let path = root.join("containers").join(id).join("config.v2.json");
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
+    let name = v["Name"].as_str()?.trim_start_matches('/').to_string();
+    let labels = v["Config"]["Labels"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                .collect()
+        })
+        .unwrap_or_default();
+    Some(Container { name, labels })
+}
+
+/// The container id in a cgroup path: `.../docker-<id>.scope` (systemd driver) or
+/// `.../<id>` (cgroupfs driver), 64 hex digits.
+pub fn container_of(path: &str) -> Option<String> {
+    let last = path.rsplit('/').next()?;
+    let id = last
+        .strip_prefix("docker-")
+        .and_then(|r| r.strip_suffix(".scope"))
+        .unwrap_or(last);
+    (id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit())).then(|| id.to_string())
+}
+
+/// A policy with selectors, and its slot in the kernel.
+#[derive(Debug, Clone)]
+pub struct Rule {
+    pub policy: String,
+    pub slot: u32,
+    pub selectors: Vec<Selector>,
+}
+
+/// A container cgroup seen under a guarded cgroup.
+#[derive(Debug, Clone, Serialize)]
+pub struct Found {
+    pub cgroup: PathBuf,
+    #[serde(skip)]
+    pub cgroup_id: u64,
+    pub container: String,
+    /// Docker's name; None while its metadata is not readable.
+    pub name: Option<String>,
+    /// The policy a selector picked; None: the guarded parent's policy applies.
+    pub policy: Option<String>,
+    #[serde(skip)]
+    slot: Option<u32>,
+}
+
+struct State {
+    map: BpfHashMap<MapData, u64, u32>,
+    rules: Vec<Rule>,
+    docker_root: PathBuf,
+    /// Watch descriptor → guarded cgroup directory.
+    watches: HashMap<i32, PathBuf>,
+    found: BTreeMap<PathBuf, Found>,
+    /// Container cgroups whose metadata was missing, retried until the deadline.
+    pending: BTreeMap<PathBuf, Instant>,
+}
+
+/// The discovery service: a thread reading inotify, and [`Discovery::update`] after each
+/// (re)load.
+pub struct Discovery {
+    state: Arc<Mutex<State>>,
+    inotify: Arc<Fd>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+struct Fd(i32);
+
+impl Drop for Fd {
+    fn drop(&mut self) {
+        // SAFETY: the descriptor is owned here and closed once.
+        unsafe { libc::close(self.0) };
+    }
+}
+
+impl Discovery {
+    /// Opens the pinned `CONTAINER_SLOTS` map and starts watching (nothing until `update`).
+    pub fn start(maps_dir: &Path, docker_root: PathBuf) -> anyhow::Result<Self> {
+        let pin = maps_dir.join(agent_common::map_names::CONTAINER_SLOTS);
+        let data = MapData::from_pin(&pin).with_context(|| format!("opening {}", pin.display()))?;
+        let map: BpfHashMap<MapData, u64, u32> = Map::from_map_data(data)?.try_into()?;
+        // SAFETY: plain syscall; the result is checked.
+        let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error()).context("inotify_init1");
+        }
+        let inotify = Arc::new(Fd(fd));
+        let state = Arc::new(Mutex::new(State {
+            map,
+            rules: Vec::new(),
+            docker_root,
+            watches: HashMap::new(),
+            found: BTreeMap::new(),
+            pending: BTreeMap::new(),
+        }));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = std::thread::Builder::new()
+            .name("containers".into())
+            .spawn({
+                let (state, inotify, stop) = (state.clone(), inotify.clone(), stop.clone());
+                move || watch_loop(&state, &inotify, &stop)
+            })?;
+        Ok(Self {
+            state,
+            inotify,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// After a (re)load: the guarded cgroups to watch and the policies' selectors. Every
+    /// container under them is matched again, and the kernel map made to agree.
+    pub fn update(&self, parents: &[PathBuf], rules: Vec<Rule>) -> anyhow::Result<()> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        for (&wd, _) in st.watches.iter() {
+            // SAFETY: plain syscall on our descriptor.
+            unsafe { libc::inotify_rm_watch(self.inotify.0, wd) };
+        }
+        st.watches.clear();
+        st.rules = rules;
+        st.found.clear();
+        st.pending.clear();
+        for p in parents {
+            let c = CString::new(p.as_os_str().as_bytes())?;
+            let mask = libc::IN_CREATE | libc::IN_DELETE | libc::IN_MOVED_TO | libc::IN_ONLYDIR;
+            // SAFETY: valid C string; the result is checked.
+            let wd = unsafe { libc::inotify_add_watch(self.inotify.0, c.as_ptr(), mask) };
+            if wd < 0 {
+                return Err(std::io::Error::last_os_error())
+                    .with_context(|| format!("watching {} with inotify", p.display()));
+            }
+            st.watches.insert(wd, p.clone());
+        }
+        // Scan after the watches are in place, so nothing created in between is missed.
+        for p in parents {
+            let entries =
+                std::fs::read_dir(p).with_context(|| format!("listing {}", p.display()))?;
+            for e in entries.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    st.consider(&e.path());
+                }
+            }
+        }
+        st.sync_map()
+    }
+
+    /// The containers seen, for the control socket.
+    pub fn snapshot(&self) -> Vec<Found> {
+        let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.found.values().cloned().collect()
+    }
+}
+
+impl Drop for Discovery {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl State {
+    /// Looks at one child cgroup of a guarded cgroup; matches it if it is a container and
+    /// returns (cgroup id, slot) when a selector picked it.
+    fn consider(&mut self, path: &Path) -> Option<(u64, u32)> {
+        let id = container_of(&path.to_string_lossy())?;
+        let meta = std::fs::metadata(path).ok()?;
+        let info = read_docker(&self.docker_root, &id);
+        let rule = info.as_ref().and_then(|c| {
+            self.rules
+                .iter()
+                .find(|r| r.selectors.iter().any(|s| s.matches(c)))
+        });
+        if info.is_none() {
+            self.pending
+                .entry(path.to_path_buf())
+                .or_insert_with(|| Instant::now() + METADATA_WAIT);
+        } else {
+            self.pending.remove(path);
+        }
+        let found = Found {
+            cgroup: path.to_path_buf(),
+            cgroup_id: meta.ino(),
+            container: id,
+            name: info.map(|c| c.name),
+            policy: rule.map(|r| r.policy.clone()),
+            slot: rule.map(|r| r.slot),
+        };
+        if let Some(r) = rule {
+            tracing::info!(
+                cgroup = %path.display(),
+                container = found.name.as_deref().unwrap_or("?"),
+                policy = %r.policy,
+                "container matched"
+            );
+        }
+        let pick = found.slot.map(|s| (found.cgroup_id, s));
+        self.found.insert(path.to_path_buf(), found);
+        pick
+    }
+
+    /// `consider`, and the match written into the kernel at once.
+    fn admit(&mut self, path: &Path) {
+        if let Some((id, slot)) = self.consider(path)
+            && let Err(e) = self.map.insert(id, slot, 0)
+        {
+            tracing::error!(
+                "container {} stays under its parent's policy: {e}",
+                path.display()
+            );
+        }
+    }
+
+    /// Writes the matches into the kernel map and removes everything else from it.
+    fn sync_map(&mut self) -> anyhow::Result<()> {
+        let wanted: HashMap<u64, u32> = self
+            .found
+            .values()
+            .filter_map(|f| Some((f.cgroup_id, f.slot?)))
+            .collect();
+        for (id, slot) in &wanted {
+            self.map
+                .insert(id, slot, 0)
+                .context("writing CONTAINER_SLOTS")?;
+        }
+        let stale: Vec<u64> = self
+            .map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !wanted.contains_key(k))
+            .collect();
+        for k in stale {
+            let _ = self.map.remove(&k);
+        }
+        Ok(())
+    }
+
+    fn gone(&mut self, path: &Path) {
+        self.pending.remove(path);
+        if let Some(f) = self.found.remove(path) {
+            let _ = self.map.remove(&f.cgroup_id);
+        }
+    }
+}
+
+fn watch_loop(state: &Mutex<State>, inotify: &Fd, stop: &AtomicBool) {
+    let mut buf = [0u8; 8192];
+    while !stop.load(Ordering::Relaxed) {
+        let mut pfd = libc::pollfd {
+            fd: inotify.0,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        unsafe { libc::poll(&mut pfd, 1, 100) };
+        // SAFETY: the buffer is valid for its length; the descriptor is non-blocking.
+        let n = unsafe { libc::read(inotify.0, buf.as_mut_ptr().cast(), buf.len()) };
+        let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut off = 0usize;
+        let header = std::mem::size_of::<libc::inotify_event>();
+        while n > 0 && off + header <= n as usize {
+            // SAFETY: the kernel wrote whole events; read_unaligned copes with alignment.
+            let ev: libc::inotify_event =
+                unsafe { std::ptr::read_unaligned(buf.as_ptr().add(off).cast()) };
+            let name_bytes = &buf[off + header..off + header + ev.len as usize];
+            off += header + ev.len as usize;
+            let name_end = name_bytes
+                .iter()
+                .position(|&b| b == 0)
+                .unwrap_or(name_bytes.len());
+            let name = std::ffi::OsStr::from_bytes(&name_bytes[..name_end]);
+            let Some(parent) = st.watches.get(&ev.wd).cloned() else {
+                continue;
+            };
+            let path = parent.join(name);
+            if ev.mask & (libc::IN_CREATE | libc::IN_MOVED_TO) != 0 {
+                st.admit(&path);
+            } else if ev.mask & libc::IN_DELETE != 0 {
+                st.gone(&path);
+            }
+        }
+        // Metadata that was not there yet (a container still being created).
+        let now = Instant::now();
+        let due: Vec<(PathBuf, Instant)> =
+            st.pending.iter().map(|(p, d)| (p.clone(), *d)).collect();
+        for (path, deadline) in due {
+            st.admit(&path);
+            if now > deadline && st.pending.remove(&path).is_some() {
+                tracing::warn!(
+                    "no Docker metadata for {} after {METADATA_WAIT:?}: it stays under its parent's policy",
+                    path.display()
+                );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("openhands-app", "openhands-app"));
+        assert!(!glob_match("openhands-app", "openhands-app2"));
+        assert!(glob_match("openhands-runtime-*", "openhands-runtime-abc"));
+        assert!(glob_match("openhands-runtime-*", "openhands-runtime-"));
+        assert!(!glob_match("openhands-runtime-*", "openhands-app"));
+        assert!(glob_match("*-app", "openhands-app"));
+        assert!(glob_match("a*b*c", "axxbyyc"));
+        assert!(!glob_match("a*b*c", "axxbyy"));
+        assert!(!glob_match("ab*ba", "aba"));
+        assert!(glob_match("*", ""));
+    }
+
+    #[test]
+    fn selectors_parse_and_match() {
+        let c = Container {
+            name: "openhands-runtime-7".into(),
+            labels: [("role".to_string(), "sandbox".to_string())].into(),
+        };
+        let s = |t: &str| t.parse::<Selector>().unwrap();
+        assert!(s("name:openhands-runtime-*").matches(&c));
+        assert!(!s("name:openhands-app").matches(&c));
+        assert!(s("label:role").matches(&c));
+        assert!(s("label:role=sand*").matches(&c));
+        assert!(!s("label:role=app").matches(&c));
+        assert!(!s("label:other").matches(&c));
+        for bad in [
+            "openhands-app",
+            "name:",
+            "name:a b",
+            "label:",
+            "label:a*=b",
+            "id:x",
+        ] {
+            let e = bad.parse::<Selector>().unwrap_err();
+            assert!(e.contains("name:GLOB"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn container_ids_from_cgroup_paths() {
+        let id = "0123456789abcdef".repeat(4);
+        assert_eq!(
+            container_of(&format!("/system.slice/docker-{id}.scope")),
+            Some(id.clone())
+        );
+        assert_eq!(container_of(&format!("/openhands/{id}")), Some(id.clone()));
+        assert_eq!(container_of("/openhands.slice/something"), None);
+        assert_eq!(container_of("/docker/short"), None);
+    }
+
+    #[test]
+    fn docker_metadata_gives_name_and_labels() {
+        let root = std::env::temp_dir().join(format!("eg-containers-{}", std::process::id()));
+        let id = "ab".repeat(32);
+        std::fs::create_dir_all(root.join("containers").join(&id)).unwrap();
+        std::fs::write(
+            root.join("containers").join(&id).join("config.v2.json"),
+            r#"{"Name":"/openhands-app","Config":{"Labels":{"role":"app"}}}"#,
+        )
+        .unwrap();
+        let c = read_docker(&root, &id).unwrap();
+        assert_eq!(c.name, "openhands-app");
+        assert_eq!(c.labels.get("role").map(String::as_str), Some("app"));
+        assert_eq!(read_docker(&root, &"cd".repeat(32)), None);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+}
