@@ -25,6 +25,35 @@ fn loop_counts(out: &str) -> (u64, u64, u64) {
     (get("ok"), get("eperm"), get("err"))
 }
 
+/// Connects to both destinations in loops from `cg` while `during` runs: no denied connect
+/// may get through, no allowed one may fail.
+fn through(
+    cg: &TestCgroup,
+    allowed: std::net::SocketAddr,
+    denied: std::net::SocketAddr,
+    what: &str,
+    during: impl FnOnce(),
+) {
+    let looping = |to: std::net::SocketAddr| {
+        let p = cg.path.clone();
+        std::thread::spawn(move || probe_in(&p, &["loop", "tcp", &to.to_string(), "3000"]).stdout)
+    };
+    let (denied_loop, allowed_loop) = (looping(denied), looping(allowed));
+    std::thread::sleep(Duration::from_millis(300));
+    during();
+    let (ok, eperm, err) = loop_counts(&denied_loop.join().unwrap());
+    assert_eq!(ok, 0, "a denied connection got through during {what}");
+    assert!(eperm > 10, "the denied loop barely ran: eperm={eperm}");
+    assert_eq!(err, 0);
+    let (ok, eperm, err) = loop_counts(&allowed_loop.join().unwrap());
+    assert!(ok > 10, "the allowed loop barely ran: ok={ok}");
+    assert_eq!(
+        (eperm, err),
+        (0, 0),
+        "an allowed connection failed during {what}"
+    );
+}
+
 #[test]
 fn enforcement_survives_kill9_and_a_restart_adopts_the_pins_without_a_gap() {
     setup();
@@ -41,31 +70,15 @@ fn enforcement_survives_kill9_and_a_restart_adopts_the_pins_without_a_gap() {
     assert!(probe_in(&cg.path, &["tcp", &allowed.to_string()]).ok());
 
     // Probe both destinations in loops while the agent restarts.
-    let cg_path = cg.path.clone();
-    let (d, a) = (denied.to_string(), allowed.to_string());
-    let denied_loop = std::thread::spawn({
-        let p = cg_path.clone();
-        move || probe_in(&p, &["loop", "tcp", &d, "3000"]).stdout
+    through(&cg, allowed, denied, "the restart", || {
+        agent.spawn();
+        // While an agent runs, nobody else may take its pins: not a second agent, not uninstall.
+        let out = agent.cli(&["uninstall"]);
+        assert!(!out.status.success(), "uninstall ran beside a live agent");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("another egress-guard agent is using")
+        );
     });
-    let allowed_loop =
-        std::thread::spawn(move || probe_in(&cg_path, &["loop", "tcp", &a, "3000"]).stdout);
-    std::thread::sleep(Duration::from_millis(300));
-    agent.spawn();
-    // While an agent runs, nobody else may take its pins: not a second agent, not uninstall.
-    let out = agent.cli(&["uninstall"]);
-    assert!(!out.status.success(), "uninstall ran beside a live agent");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("another egress-guard agent is using"));
-    let (ok, eperm, err) = loop_counts(&denied_loop.join().unwrap());
-    assert_eq!(ok, 0, "a denied connection got through during the restart");
-    assert!(eperm > 10, "the denied loop barely ran: eperm={eperm}");
-    assert_eq!(err, 0);
-    let (ok, eperm, err) = loop_counts(&allowed_loop.join().unwrap());
-    assert!(ok > 10, "the allowed loop barely ran: ok={ok}");
-    assert_eq!(
-        (eperm, err),
-        (0, 0),
-        "an allowed connection failed during the restart"
-    );
 
     // The restart adopted every attachment instead of attaching new ones.
     let log = agent.log_text();
@@ -250,27 +263,7 @@ fn an_upgrade_replaces_the_programs_without_a_gap() {
     }
     assert_eq!(renamed.to_string(), attached);
 
-    let cg_path = cg.path.clone();
-    let (d, a) = (denied.to_string(), allowed.to_string());
-    let denied_loop = std::thread::spawn({
-        let p = cg_path.clone();
-        move || probe_in(&p, &["loop", "tcp", &d, "3000"]).stdout
-    });
-    let allowed_loop =
-        std::thread::spawn(move || probe_in(&cg_path, &["loop", "tcp", &a, "3000"]).stdout);
-    std::thread::sleep(Duration::from_millis(300));
-    agent.spawn();
-    let (ok, eperm, err) = loop_counts(&denied_loop.join().unwrap());
-    assert_eq!(ok, 0, "a denied connection got through during the upgrade");
-    assert!(eperm > 10, "the denied loop barely ran: eperm={eperm}");
-    assert_eq!(err, 0);
-    let (ok, eperm, err) = loop_counts(&allowed_loop.join().unwrap());
-    assert!(ok > 10, "the allowed loop barely ran: ok={ok}");
-    assert_eq!(
-        (eperm, err),
-        (0, 0),
-        "an allowed connection failed during the upgrade"
-    );
+    through(&cg, allowed, denied, "the upgrade", || agent.spawn());
     // Every program was replaced: the new ones attached, then the old ones detached.
     let log = agent.log_text();
     let last = log.lines().rfind(|l| l.contains("enforcing;")).unwrap();

@@ -22,6 +22,16 @@ use anyhow::{Context as _, bail};
 
 use crate::{is_root, workspace_root};
 
+/// The parts after the connect comparison, by their `EG_BENCH` name.
+type Part = fn(&Path, &Path) -> anyhow::Result<String>;
+const PARTS: [(&str, Part); 5] = [
+    ("throughput", crate::bench_throughput::run),
+    ("lifecycle", crate::bench_lifecycle::run),
+    ("audit", crate::bench_audit::run),
+    ("dns", crate::bench_dns::run),
+    ("cloudwatch", crate::bench_cloudwatch::run),
+];
+
 /// Policy sizes (allowed addresses); `EG_BENCH_SIZES=10,1000` picks others.
 const SIZES: [usize; 4] = [10, 1_000, 10_000, 100_000];
 const ROUNDS: usize = 21;
@@ -174,25 +184,9 @@ pub fn run() -> anyhow::Result<()> {
     let target = workspace_root().join("target/release");
     let probe = target.join("probe");
     let part = std::env::var("EG_BENCH").unwrap_or_default();
-    if part == "cloudwatch" {
-        print!(
-            "{}",
-            crate::bench_cloudwatch::run(&target.join("egress-guard"), &probe)?
-        );
-        return Ok(());
-    }
-    if part == "dns" {
-        print!(
-            "{}",
-            crate::bench_dns::run(&target.join("egress-guard"), &probe)?
-        );
-        return Ok(());
-    }
-    if part == "audit" {
-        print!(
-            "{}",
-            crate::bench_audit::run(&target.join("egress-guard"), &probe)?
-        );
+    let bin = target.join("egress-guard");
+    if let Some((_, run_part)) = PARTS.iter().find(|(name, _)| *name == part) {
+        print!("{}", run_part(&bin, &probe)?);
         return Ok(());
     }
     let root = crate::cgroup2_root()?;
@@ -201,7 +195,7 @@ pub fn run() -> anyhow::Result<()> {
     let mut bench = Bench {
         cgroups: Vec::new(),
         agent: None,
-        bin: target.join("egress-guard"),
+        bin: bin.clone(),
         pin_dir: PathBuf::from(format!(
             "/sys/fs/bpf/egress-guard-bench-{}",
             std::process::id()
@@ -329,21 +323,10 @@ pub fn run() -> anyhow::Result<()> {
     eprintln!("==> wrote {}/connect.{{json,txt,svg}}", out.display());
     drop(bench);
     if part != "connect" {
-        eprintln!("==> audit pipeline");
-        print!(
-            "{}",
-            crate::bench_audit::run(&target.join("egress-guard"), &probe)?
-        );
-        eprintln!("==> DNS proxy");
-        print!(
-            "{}",
-            crate::bench_dns::run(&target.join("egress-guard"), &probe)?
-        );
-        eprintln!("==> CloudWatch delivery");
-        print!(
-            "{}",
-            crate::bench_cloudwatch::run(&target.join("egress-guard"), &probe)?
-        );
+        for (name, run_part) in PARTS {
+            eprintln!("==> {name}");
+            print!("{}", run_part(&bin, &probe)?);
+        }
     }
     Ok(())
 }

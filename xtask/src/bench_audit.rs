@@ -82,17 +82,7 @@ pub fn run(bin: &Path, probe: &Path) -> anyhow::Result<String> {
     let mut setup = crate::scratch::Scratch::new(&name, bin)?;
     let (cgroup, dir) = (setup.cgroup.clone(), setup.dir.clone());
     let audit_file = dir.join("audit.jsonl");
-    let config = dir.join("config.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "pin_dir = \"{}\"\nlog_level = \"warn\"\n{}[audit]\nfile = \"{}\"\n[control]\nsocket = \"{}\"\n[[policy]]\nname = \"bench\"\ncgroups = [\"{name}\"]\nallow = []\n",
-            setup.pin_dir.display(),
-            crate::scratch::LOOPBACK_DNS,
-            audit_file.display(),
-            dir.join("control.sock").display()
-        ),
-    )?;
+    let config = setup.write_config("", &[])?;
     let pid = setup.start_agent(&config, &[])?;
     std::thread::sleep(Duration::from_secs(1));
     let (_, rest_rss, _) = usage(pid)?;
@@ -101,20 +91,36 @@ pub fn run(bin: &Path, probe: &Path) -> anyhow::Result<String> {
     let to = listener.local_addr()?.to_string();
     let mut report = String::new();
     let mut rows = Vec::new();
-    let storms: [(&str, String); 2] = [
+    // (what, script, probe processes in it)
+    let storms: [(&str, String, u64); 4] = [
         (
             "connect storm (denied connects, 2 processes, 2 s)",
             format!(
                 "{p} loop tcp {to} 2000 & {p} loop tcp {to} 2000; wait",
                 p = probe.display()
             ),
+            2,
+        ),
+        (
+            "paced connect storm (20,000 denied connects/s, 1 process, 3 s)",
+            format!("{p} storm-paced tcp {to} 20000 3", p = probe.display()),
+            1,
+        ),
+        (
+            "paced connect storm (2 processes x 25,000 denied connects/s, 3 s)",
+            format!(
+                "{p} storm-paced tcp {to} 25000 3 & {p} storm-paced tcp {to} 25000 3; wait",
+                p = probe.display()
+            ),
+            2,
         ),
         (
             "exec storm (/bin/true, 3000 times)",
             "i=0; while [ $i -lt 3000 ]; do /bin/true; i=$((i+1)); done".to_string(),
+            0,
         ),
     ];
-    for (what, script) in storms {
+    for (what, script, probes) in storms {
         let (before_kernel, before_lost) = counts(&audit_file);
         let (cpu0, _, _) = usage(pid)?;
         let started = Instant::now();
@@ -125,13 +131,13 @@ pub fn run(bin: &Path, probe: &Path) -> anyhow::Result<String> {
         let (after_kernel, after_lost) = counts(&audit_file);
         let written = after_kernel - before_kernel;
         let lost = after_lost - before_lost;
-        let generated: u64 = if what.starts_with("connect") {
+        let generated: u64 = if probes > 0 {
             // Each probe: its exec and exit, and one record per attempt; the shell's exit.
             out.split_whitespace()
                 .filter_map(|w| w.strip_prefix("eperm="))
                 .filter_map(|n| n.parse::<u64>().ok())
                 .sum::<u64>()
-                + 2 * 2
+                + 2 * probes
                 + 1
         } else {
             // The shell joined the cgroup after its own exec: only its exit is recorded.

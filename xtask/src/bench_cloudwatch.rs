@@ -43,17 +43,12 @@ pub fn run(bin: &Path, probe: &Path) -> anyhow::Result<String> {
         std::thread::sleep(Duration::from_millis(100));
     }
     let socket = dir.join("control.sock");
-    let config = dir.join("config.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "pin_dir = \"{}\"\nlog_level = \"warn\"\n{}[audit]\nfile = \"{}\"\n[control]\nsocket = \"{}\"\n[cloudwatch]\nlog_group = \"/egress-guard/bench\"\nlog_stream = \"bench\"\nregion = \"us-east-1\"\nendpoint = \"http://127.0.0.1:{port}\"\nspool_dir = \"{}\"\n[[policy]]\nname = \"bench\"\ncgroups = [\"{name}\"]\nallow = []\n",
-            setup.pin_dir.display(),
-            crate::scratch::LOOPBACK_DNS,
-            dir.join("audit.jsonl").display(),
-            socket.display(),
-            dir.join("spool").display(),
+    let config = setup.write_config(
+        &format!(
+            "[cloudwatch]\nlog_group = \"/egress-guard/bench\"\nlog_stream = \"bench\"\nregion = \"us-east-1\"\nendpoint = \"http://127.0.0.1:{port}\"\nspool_dir = \"{}\"\n",
+            dir.join("spool").display()
         ),
+        &[],
     )?;
     let _ = setup.start_agent(
         &config,

@@ -4,7 +4,6 @@
 //! one on 127.0.0.3.
 
 use std::{
-    net::TcpListener,
     path::Path,
     process::{Command, Stdio},
     time::{Duration, Instant},
@@ -13,17 +12,6 @@ use std::{
 use anyhow::bail;
 
 use crate::{is_root, workspace_root};
-
-fn listen(ip: &str) -> anyhow::Result<u16> {
-    let l = TcpListener::bind((ip, 0))?;
-    let port = l.local_addr()?.port();
-    std::thread::spawn(move || {
-        for c in l.incoming() {
-            drop(c);
-        }
-    });
-    Ok(port)
-}
 
 /// Runs the probe inside `cgroup` and describes the outcome.
 fn connect_from(cgroup: Option<&Path>, probe: &Path, to: &str) -> anyhow::Result<String> {
@@ -68,8 +56,8 @@ pub fn run() -> anyhow::Result<()> {
         "\n==> cleaning up: stopping the agent, `egress-guard uninstall`, removing the cgroup",
     );
 
-    let llm_port = listen("127.0.0.2")?;
-    let other_port = listen("127.0.0.3")?;
+    let llm_port = crate::scratch::listener("127.0.0.2")?.port();
+    let other_port = crate::scratch::listener("127.0.0.3")?.port();
     let audit_file = demo.dir.join("audit.jsonl");
     let config = format!(
         r#"# The demo's policy: the sandbox may reach its "LLM API" and nothing else.

@@ -8,6 +8,8 @@ mod bench;
 mod bench_audit;
 mod bench_cloudwatch;
 mod bench_dns;
+mod bench_lifecycle;
+mod bench_throughput;
 mod demo;
 mod fuzz;
 mod package;
@@ -40,8 +42,10 @@ enum Task {
     Demo,
     /// connect() cost from a guarded cgroup vs bare, iptables and nftables, at 10 to 100,000
     /// allowed addresses, then the audit pipeline under connect and exec storms (root;
-    /// loopback only), the DNS proxy's added latency and CloudWatch delivery latency. Writes docs/benchmarks/*.
-    /// EG_BENCH=connect, audit, dns or cloudwatch runs one part; EG_BENCH_SIZES=10,1000 picks policy sizes.
+    /// loopback only), throughput (bulk TCP, UDP sends), the lifecycle (time to enforcing, restart
+    /// and upgrade gaps), the DNS proxy's added latency and CloudWatch delivery latency. Writes
+    /// docs/benchmarks/*. EG_BENCH=connect, throughput, lifecycle, audit, dns or cloudwatch runs
+    /// one part; EG_BENCH_SIZES=10,1000 picks policy sizes.
     Bench,
     /// Build the release binary and write shell completions and the man page to target/dist.
     Dist,

@@ -45,10 +45,36 @@ impl Scratch {
 }
 
 impl Scratch {
+    /// Writes `config.toml` in the scratch directory: quiet logs, the loopback DNS proxy, the
+    /// audit file and control socket in the directory, `extra` tables, and one policy `bench`
+    /// guarding the scratch cgroup with `allow`.
+    pub fn write_config(&self, extra: &str, allow: &[&str]) -> anyhow::Result<PathBuf> {
+        let name = self
+            .cgroup
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy();
+        let allow: Vec<String> = allow.iter().map(|a| format!("\"{a}\"")).collect();
+        let path = self.dir.join("config.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "pin_dir = \"{}\"\nlog_level = \"warn\"\n{LOOPBACK_DNS}[audit]\nfile = \"{}\"\n[control]\nsocket = \"{}\"\n{extra}[[policy]]\nname = \"bench\"\ncgroups = [\"{name}\"]\nallow = [{}]\n",
+                self.pin_dir.display(),
+                self.dir.join("audit.jsonl").display(),
+                self.dir.join("control.sock").display(),
+                allow.join(", ")
+            ),
+        )?;
+        Ok(path)
+    }
+
     /// Starts `egress-guard run --config CONFIG` with `env`, and waits for its READY=1
     /// (sd_notify on a socket in the scratch directory). Returns the agent's pid.
     pub fn start_agent(&mut self, config: &Path, env: &[(&str, &str)]) -> anyhow::Result<u32> {
         let ready = self.dir.join("ready.sock");
+        // A socket file left by an earlier start here.
+        let _ = std::fs::remove_file(&ready);
         let sock = UnixDatagram::bind(&ready)?;
         sock.set_read_timeout(Some(Duration::from_secs(60)))?;
         let agent = Command::new(&self.bin)
@@ -96,4 +122,69 @@ impl Drop for Scratch {
         let _ = std::fs::remove_dir(&self.cgroup);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Runs the test probe with `args` inside `cgroup` (pinned to `cpu` if given); its stdout.
+pub fn probe_in(
+    cgroup: &Path,
+    probe: &Path,
+    cpu: Option<usize>,
+    args: &[&str],
+) -> anyhow::Result<String> {
+    let pin = cpu.map(|c| format!("taskset -c {c} ")).unwrap_or_default();
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "echo $$ > {}/cgroup.procs && exec {pin}\"$0\" \"$@\"",
+            cgroup.display()
+        ))
+        .arg(probe)
+        .args(args)
+        .output()
+        .with_context(|| format!("running the probe in {}", cgroup.display()))?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `key=<number>` in a probe's output.
+pub fn field(text: &str, key: &str) -> anyhow::Result<f64> {
+    text.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("no {key}= in the probe's output {text:?}"))
+}
+
+/// The median of a non-empty sample.
+pub fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    s[s.len() / 2]
+}
+
+/// A cgroup of its own (a bare comparison), removed on drop.
+pub struct BareCgroup(pub PathBuf);
+
+impl BareCgroup {
+    pub fn new(name: &str) -> anyhow::Result<Self> {
+        let p = crate::cgroup2_root()?.join(name);
+        std::fs::create_dir(&p).with_context(|| format!("creating cgroup {}", p.display()))?;
+        Ok(Self(p))
+    }
+}
+
+impl Drop for BareCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// A TCP listener on `ip` that accepts and drops every connection; its address.
+pub fn listener(ip: &str) -> anyhow::Result<std::net::SocketAddr> {
+    let l = std::net::TcpListener::bind((ip, 0))?;
+    let addr = l.local_addr()?;
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            drop(c);
+        }
+    });
+    Ok(addr)
 }

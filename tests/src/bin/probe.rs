@@ -68,6 +68,18 @@ fn addr(s: &str) -> SocketAddr {
     s.parse().unwrap_or_else(|e| panic!("bad address {s}: {e}"))
 }
 
+/// One connect of a storm, closed at once with a reset (no TIME_WAIT pile-up), counted.
+fn storm_connect(to: SocketAddr, ok: &mut u64, eperm: &mut u64, err: &mut u64) {
+    match TcpStream::connect(to) {
+        Ok(s) => {
+            close_with_reset(s);
+            *ok += 1
+        }
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => *eperm += 1,
+        Err(_) => *err += 1,
+    }
+}
+
 fn tcp(to: SocketAddr) -> Outcome {
     classify(TcpStream::connect_timeout(&to, Duration::from_secs(2)))
 }
@@ -264,29 +276,95 @@ fn main() -> ExitCode {
             let to = addr(to);
             let end = Instant::now() + Duration::from_millis(millis.parse().expect("millis"));
             let (mut ok, mut eperm, mut err) = (0u64, 0u64, 0u64);
+            // The longest time without a successful connect (availability during a restart).
+            let (mut last_ok, mut max_gap) = (Instant::now(), Duration::ZERO);
             while Instant::now() < end {
                 match tcp(to) {
-                    Outcome::Ok => ok += 1,
+                    Outcome::Ok => {
+                        ok += 1;
+                        max_gap = max_gap.max(last_ok.elapsed());
+                        last_ok = Instant::now();
+                    }
                     Outcome::Eperm => eperm += 1,
                     Outcome::Err(_) => err += 1,
                 }
                 std::thread::sleep(Duration::from_millis(1));
             }
-            println!("ok={ok} eperm={eperm} err={err}");
+            println!(
+                "ok={ok} eperm={eperm} err={err} max_ok_gap_us={}",
+                max_gap.as_micros()
+            );
+            ExitCode::SUCCESS
+        }
+        // Connect attempts at a fixed rate (a paced storm): how many were made, in how long.
+        ["storm-paced", "tcp", to, rate, seconds] => {
+            let to = addr(to);
+            let rate: f64 = rate.parse().expect("rate");
+            let total = (rate * seconds.parse::<f64>().expect("seconds")) as u64;
+            let start = Instant::now();
+            let (mut ok, mut eperm, mut err) = (0u64, 0u64, 0u64);
+            for i in 0..total {
+                let due = start + Duration::from_secs_f64(i as f64 / rate);
+                let now = Instant::now();
+                if due > now {
+                    std::thread::sleep(due - now);
+                }
+                storm_connect(to, &mut ok, &mut eperm, &mut err);
+            }
+            println!(
+                "ok={ok} eperm={eperm} err={err} seconds={:.3}",
+                start.elapsed().as_secs_f64()
+            );
+            ExitCode::SUCCESS
+        }
+        // Bulk TCP for MILLIS: bytes per second sent.
+        ["bulk", to, millis] => {
+            let mut s = match TcpStream::connect(addr(to)) {
+                Ok(s) => s,
+                Err(e) => return report(classify::<()>(Err(e))),
+            };
+            let buf = vec![0u8; 1 << 16];
+            let budget = Duration::from_millis(millis.parse().expect("millis"));
+            let start = Instant::now();
+            let mut sent = 0u64;
+            while start.elapsed() < budget {
+                match s.write(&buf) {
+                    Ok(n) => sent += n as u64,
+                    Err(e) => return report(classify::<()>(Err(e))),
+                }
+            }
+            println!(
+                "bytes_per_second={:.0}",
+                sent as f64 / start.elapsed().as_secs_f64()
+            );
+            ExitCode::SUCCESS
+        }
+        // Unconnected UDP sends of 64 bytes for MILLIS: datagrams per second.
+        ["udp-flood", to, millis] => {
+            let to = addr(to);
+            let sock = UdpSocket::bind("0.0.0.0:0").expect("bind");
+            let budget = Duration::from_millis(millis.parse().expect("millis"));
+            let start = Instant::now();
+            let mut n = 0u64;
+            while start.elapsed() < budget {
+                for _ in 0..64 {
+                    if let Err(e) = sock.send_to(&[0u8; 64], to) {
+                        return report(classify::<()>(Err(e)));
+                    }
+                    n += 1;
+                }
+            }
+            println!(
+                "datagrams_per_second={:.0}",
+                n as f64 / start.elapsed().as_secs_f64()
+            );
             ExitCode::SUCCESS
         }
         ["storm", "tcp", to, n] => {
             let to = addr(to);
             let (mut ok, mut eperm, mut err) = (0u64, 0u64, 0u64);
             for _ in 0..n.parse::<u64>().expect("count") {
-                match TcpStream::connect(to) {
-                    Ok(s) => {
-                        close_with_reset(s);
-                        ok += 1
-                    }
-                    Err(e) if e.raw_os_error() == Some(libc::EPERM) => eperm += 1,
-                    Err(_) => err += 1,
-                }
+                storm_connect(to, &mut ok, &mut eperm, &mut err);
             }
             println!("ok={ok} eperm={eperm} err={err}");
             ExitCode::SUCCESS

@@ -1,0 +1,93 @@
+//! Throughput from a guarded cgroup against a bare one, interleaved: bulk TCP over loopback
+//! (every segment passes the packet backstop) and unconnected 64-byte UDP sends (each passes
+//! the sendmsg hook and the backstop, and is counted for the audit trail's aggregation).
+
+use std::{
+    fmt::Write as _,
+    io::Read as _,
+    net::{TcpListener, UdpSocket},
+    path::Path,
+};
+
+use serde_json::json;
+
+use crate::scratch::{BareCgroup, Scratch, field, median, probe_in};
+
+const ROUNDS: usize = 9;
+const SAMPLE_MILLIS: &str = "1000";
+
+pub fn run(bin: &Path, probe: &Path) -> anyhow::Result<String> {
+    let name = format!("egress-guard-bench-tput-{}", std::process::id());
+    let mut setup = Scratch::new(&name, bin)?;
+    let bare = BareCgroup::new(&format!("{name}-bare"))?;
+    let tcp = TcpListener::bind("127.0.0.2:0")?;
+    let tcp_to = tcp.local_addr()?.to_string();
+    std::thread::spawn(move || {
+        for c in tcp.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut c = c;
+                let mut buf = vec![0u8; 1 << 16];
+                while matches!(c.read(&mut buf), Ok(n) if n > 0) {}
+            });
+        }
+    });
+    // Never read: a full receive buffer drops datagrams after the sender's hooks ran.
+    let udp = UdpSocket::bind("127.0.0.2:0")?;
+    let udp_to = udp.local_addr()?.to_string();
+    let config = setup.write_config("", &[&tcp_to, &format!("udp/{udp_to}")])?;
+    setup.start_agent(&config, &[])?;
+    let cgroups = [
+        ("bare", bare.0.clone()),
+        ("egress-guard", setup.cgroup.clone()),
+    ];
+    let tests = [
+        ("bytes_per_second", vec!["bulk", &tcp_to, SAMPLE_MILLIS]),
+        (
+            "datagrams_per_second",
+            vec!["udp-flood", &udp_to, SAMPLE_MILLIS],
+        ),
+    ];
+    let mut report = String::new();
+    writeln!(
+        report,
+        "throughput from a guarded cgroup vs a bare one, {SAMPLE_MILLIS} ms samples, {ROUNDS} interleaved rounds"
+    )?;
+    let mut rows = Vec::new();
+    for (key, args) in &tests {
+        let mut samples = [Vec::new(), Vec::new()];
+        for round in 0..ROUNDS {
+            for k in 0..2 {
+                let i = (k + round) % 2;
+                let out = probe_in(&cgroups[i].1, probe, Some(1), args)?;
+                samples[i].push(field(&out, key)?);
+            }
+        }
+        let (b, g) = (median(&samples[0]), median(&samples[1]));
+        let spread = |s: &[f64]| {
+            (
+                s.iter().copied().fold(f64::INFINITY, f64::min),
+                s.iter().copied().fold(0.0, f64::max),
+            )
+        };
+        let (bmin, bmax) = spread(&samples[0]);
+        let (gmin, gmax) = spread(&samples[1]);
+        writeln!(
+            report,
+            "{key}: bare {b:.4e} ({bmin:.3e}..{bmax:.3e}), egress-guard {g:.4e} ({gmin:.3e}..{gmax:.3e}): {:.1} % of bare",
+            g / b * 100.0
+        )?;
+        rows.push(
+            json!({ "measure": key, "bare_median": b, "guarded_median": g, "ratio_to_bare": g / b,
+                          "bare_samples": samples[0], "guarded_samples": samples[1] }),
+        );
+    }
+    let out = crate::workspace_root().join("docs/benchmarks");
+    std::fs::create_dir_all(&out)?;
+    std::fs::write(
+        out.join("throughput.json"),
+        serde_json::to_string_pretty(&json!({ "benchmark": "throughput", "rounds": ROUNDS,
+            "sample_millis": SAMPLE_MILLIS, "rows": rows, "machine": crate::bench::machine() }))?,
+    )?;
+    std::fs::write(out.join("throughput.txt"), &report)?;
+    Ok(report)
+}
