@@ -128,7 +128,7 @@ fn judge_sock_addr(ctx: &SockAddrContext, v6: bool, kind: u16, counters: [Counte
     }
     let (v, why) = decide(slot, &dest, proto, port);
     count_verdict(slot, &v, counters);
-    if proto == IPPROTO_TCP as u32 && slot != POLICY_SLOT.load() {
+    if v.passes() && proto == IPPROTO_TCP as u32 && slot != POLICY_SLOT.load() {
         // The TCP tracker cannot see the task: tell it which policy this connection is under.
         let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
         let _ = SOCK_SLOTS.insert(cookie, slot, 0);

@@ -235,30 +235,28 @@ impl Discovery {
         }
         st.watches.clear();
         st.rules = rules;
-        st.found.clear();
-        st.pending.clear();
+        let mut failed = None;
         for p in parents {
             let c = CString::new(p.as_os_str().as_bytes())?;
             let mask = libc::IN_CREATE | libc::IN_DELETE | libc::IN_MOVED_TO | libc::IN_ONLYDIR;
             // SAFETY: valid C string; the result is checked.
             let wd = unsafe { libc::inotify_add_watch(self.inotify.0, c.as_ptr(), mask) };
             if wd < 0 {
-                return Err(std::io::Error::last_os_error())
-                    .with_context(|| format!("watching {} with inotify", p.display()));
+                // The others are still watched; the caller hears about this one.
+                let e = std::io::Error::last_os_error();
+                failed.get_or_insert(anyhow::anyhow!(
+                    "watching {} with inotify: {e}",
+                    p.display()
+                ));
+                continue;
             }
             st.watches.insert(wd, p.clone());
         }
-        // Scan after the watches are in place, so nothing created in between is missed.
-        for p in parents {
-            let entries =
-                std::fs::read_dir(p).with_context(|| format!("listing {}", p.display()))?;
-            for e in entries.flatten() {
-                if e.file_type().is_ok_and(|t| t.is_dir()) {
-                    st.consider(&e.path());
-                }
-            }
-        }
-        st.sync_map()
+        // Scan after the watches are in place, so nothing created in between is missed; the
+        // kernel map then agrees with what was found, whatever failed above.
+        st.rescan();
+        st.sync_map()?;
+        failed.map_or(Ok(()), Err)
     }
 
     /// The containers seen, for the control socket.
@@ -353,6 +351,25 @@ impl State {
         Ok(())
     }
 
+    /// Every child of every watched cgroup, from scratch (start, reload, lost events).
+    fn rescan(&mut self) {
+        self.found.clear();
+        self.pending.clear();
+        let parents: Vec<PathBuf> = self.watches.values().cloned().collect();
+        for p in parents {
+            match std::fs::read_dir(&p) {
+                Ok(entries) => {
+                    for e in entries.flatten() {
+                        if e.file_type().is_ok_and(|t| t.is_dir()) {
+                            self.consider(&e.path());
+                        }
+                    }
+                }
+                Err(e) => tracing::error!("listing {}: {e}", p.display()),
+            }
+        }
+    }
+
     fn gone(&mut self, path: &Path) {
         self.pending.remove(path);
         if let Some(f) = self.found.remove(path) {
@@ -387,6 +404,24 @@ fn watch_loop(state: &Mutex<State>, inotify: &Fd, stop: &AtomicBool) {
                 .position(|&b| b == 0)
                 .unwrap_or(name_bytes.len());
             let name = std::ffi::OsStr::from_bytes(&name_bytes[..name_end]);
+            if ev.mask & libc::IN_Q_OVERFLOW != 0 {
+                // Events were lost: look at everything again.
+                tracing::warn!("container discovery: inotify queue overflowed; rescanning");
+                st.rescan();
+                if let Err(e) = st.sync_map() {
+                    tracing::error!("container discovery: {e:#}");
+                }
+                continue;
+            }
+            if ev.mask & libc::IN_IGNORED != 0 {
+                if let Some(p) = st.watches.remove(&ev.wd) {
+                    tracing::error!(
+                        "guarded cgroup {} was removed: what is created there again is guarded only after a reload or restart",
+                        p.display()
+                    );
+                }
+                continue;
+            }
             let Some(parent) = st.watches.get(&ev.wd).cloned() else {
                 continue;
             };

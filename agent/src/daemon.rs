@@ -642,7 +642,7 @@ fn watchdog_interval() -> tokio::time::Interval {
         .and_then(|v| v.parse::<u64>().ok())
         .filter(|&u| u > 0);
     let period = usec.map_or(std::time::Duration::from_secs(86_400 * 365), |u| {
-        std::time::Duration::from_micros(u / 2)
+        std::time::Duration::from_micros((u / 2).max(1_000))
     });
     tokio::time::interval(period)
 }

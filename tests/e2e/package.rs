@@ -4,6 +4,7 @@
 //! containers unguarded on purpose) and purged. No systemd runs as PID 1 on these machines.
 
 use std::{
+    collections::HashSet,
     os::unix::{fs::MetadataExt as _, net::UnixDatagram},
     path::{Path, PathBuf},
     process::{Command, Stdio},
@@ -32,19 +33,46 @@ fn succeeded(out: &std::process::Output, what: &str) {
     );
 }
 
-/// Purges the package and removes the slice cgroup, also when the test fails.
+/// Stops the agent it started, purges the package and removes the slice cgroup, also when
+/// the test fails.
 struct Cleanup {
     slice: PathBuf,
+    agent: Option<std::process::Child>,
 }
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        let _ = Command::new("pkill")
-            .args(["-TERM", "-x", "egress-guard"])
-            .status();
+        if let Some(mut a) = self.agent.take() {
+            // SAFETY: plain kill(2) of our child.
+            unsafe { libc::kill(a.id() as i32, libc::SIGTERM) };
+            let _ = a.wait();
+        }
         let _ = dpkg(&["--purge", "egress-guard"]);
         remove_cgroup_tree(&self.slice);
     }
+}
+
+/// The system calls a `SystemCallFilter` group or name stands for (groups expanded).
+fn syscalls_of(entry: &str, out: &mut HashSet<String>) {
+    if !entry.starts_with('@') {
+        out.insert(entry.to_string());
+        return;
+    }
+    let text = Command::new("systemd-analyze")
+        .args(["syscall-filter", entry])
+        .output()
+        .expect("systemd-analyze syscall-filter");
+    for line in String::from_utf8_lossy(&text.stdout).lines().skip(1) {
+        let t = line.trim();
+        if !t.is_empty() && !t.starts_with('#') {
+            syscalls_of(t, out);
+        }
+    }
+}
+
+/// The unit's `KEY=` values, every line of it.
+fn unit_values<'a>(unit: &'a str, key: &str) -> Vec<&'a str> {
+    unit.lines().filter_map(|l| l.strip_prefix(key)).collect()
 }
 
 /// Waits for a datagram on the notify socket that contains `what`.
@@ -78,8 +106,9 @@ fn the_deb_installs_runs_as_its_unit_says_and_removes_cleanly() {
     let slice = cgroup2_root().join("openhands.slice");
     assert!(!slice.exists(), "{} exists already", slice.display());
     std::fs::create_dir(&slice).unwrap();
-    let _cleanup = Cleanup {
+    let mut cleanup = Cleanup {
         slice: slice.clone(),
+        agent: None,
     };
 
     succeeded(&dpkg(&["-i", &deb]), "dpkg -i");
@@ -162,8 +191,41 @@ fn the_deb_installs_runs_as_its_unit_says_and_removes_cleanly() {
         "the README does not state the unit's exposure level {score}"
     );
 
-    // Start the binary as the unit does: ExecStartPre, then ExecStart with a notify socket.
+    // The unit's syscall filter keeps what the agent needs (no systemd runs here to apply it).
     let unit = std::fs::read_to_string(UNIT).unwrap();
+    // The first line is an allow list; later lines add to it or (`~`) take from it, in order.
+    let mut allowed = HashSet::new();
+    for v in unit_values(&unit, "SystemCallFilter=") {
+        let mut these = HashSet::new();
+        let list = v.strip_prefix('~');
+        for entry in list.unwrap_or(v).split_whitespace() {
+            syscalls_of(entry, &mut these);
+        }
+        if list.is_some() {
+            allowed.retain(|s| !these.contains(s));
+        } else {
+            allowed.extend(these);
+        }
+    }
+    for needed in [
+        "bpf",
+        "perf_event_open",
+        "ioctl",
+        "inotify_init1",
+        "inotify_add_watch",
+        "prlimit64",
+        "chown",
+        "setsockopt",
+        "epoll_wait",
+    ] {
+        assert!(
+            allowed.contains(needed),
+            "the unit's SystemCallFilter refuses {needed}"
+        );
+    }
+
+    // Start the binary as the unit does: ExecStartPre, then ExecStart with a notify socket,
+    // with exactly the unit's capabilities (CapabilityBoundingSet, applied with setpriv).
     let exec = |key: &str| -> Vec<String> {
         unit.lines()
             .find_map(|l| l.strip_prefix(key))
@@ -184,19 +246,52 @@ fn the_deb_installs_runs_as_its_unit_says_and_removes_cleanly() {
     notify
         .set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
+    // What systemd does for the unit (RequiresMountsFor=/sys/fs/bpf): bpffs is mounted.
+    let mounted = Command::new("mountpoint")
+        .args(["-q", "/sys/fs/bpf"])
+        .status()
+        .unwrap();
+    if !mounted.success() {
+        succeeded(
+            &Command::new("mount")
+                .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
+                .output()
+                .unwrap(),
+            "mounting bpffs",
+        );
+    }
+    let caps: Vec<String> = unit_values(&unit, "CapabilityBoundingSet=")
+        .iter()
+        .flat_map(|v| v.split_whitespace())
+        .map(|c| format!("+{}", c.trim_start_matches("CAP_").to_lowercase()))
+        .collect();
+    assert!(!caps.is_empty(), "the unit bounds no capabilities");
     let start = exec("ExecStart=");
-    let log = std::fs::File::create(dir.join("agent.log")).unwrap();
-    let mut agent = Command::new(&start[0])
-        .args(&start[1..])
+    let log_path = dir.join("agent.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let agent = Command::new("setpriv")
+        .arg(format!("--bounding-set=-all,{}", caps.join(",")))
+        .arg("--inh-caps=-all")
+        .args(&start)
         .env("NOTIFY_SOCKET", &notify_path)
         .env("WATCHDOG_USEC", "2000000")
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
         .unwrap();
+    let pid = agent.id() as i32;
+    cleanup.agent = Some(agent);
     let ready = wait_notify(&notify, "READY=1");
     assert!(ready.contains("STATUS=enforcing"), "{ready}");
     wait_notify(&notify, "WATCHDOG=1");
+    // With only those capabilities everything came up: process records, a socket guard.
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    for bad in ["unavailable", "NONE could be attached", "ERROR"] {
+        assert!(
+            !log.contains(bad),
+            "the agent is degraded under the unit's capabilities ({bad}):\n{log}"
+        );
+    }
 
     // Enforcing on the slice: a raw socket is refused there (no packet needs to leave).
     assert!(
@@ -211,8 +306,8 @@ fn the_deb_installs_runs_as_its_unit_says_and_removes_cleanly() {
 
     // Stopped by hand (no systemd); removal detaches, on purpose.
     // SAFETY: plain kill(2) of our child.
-    unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
-    let _ = agent.wait();
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let _ = cleanup.agent.take().map(|mut a| a.wait());
     assert!(
         probe_in(&slice, &["raw"]).eperm(),
         "a stopped agent must leave the guard in place"

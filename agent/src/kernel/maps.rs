@@ -24,6 +24,8 @@ pub struct Maps {
     guarded: HashMap<MapData, u64, u32>,
     dns_proxy: Array<MapData, DnsProxy>,
     open_conns: HashMap<MapData, u64, OpenConn>,
+    /// Discovered containers → slot (absent in pins made before discovery existed).
+    containers: Option<HashMap<MapData, u64, u32>>,
 }
 
 /// Per-policy counter values, summed over CPUs, in `Counter` order.
@@ -59,7 +61,28 @@ impl Maps {
             guarded: take(map_names::GUARDED_CGROUPS)?.try_into()?,
             dns_proxy: take(map_names::DNS_PROXY)?.try_into()?,
             open_conns: take(map_names::OPEN_CONNS)?.try_into()?,
+            containers: take(map_names::CONTAINER_SLOTS)
+                .ok()
+                .and_then(|m| m.try_into().ok()),
         })
+    }
+
+    /// Forgets the containers that selectors gave to `slot` (its policy is gone: a later
+    /// policy reusing the slot must not inherit them).
+    pub fn forget_containers(&mut self, slot: u32) -> anyhow::Result<()> {
+        let Some(map) = self.containers.as_mut() else {
+            return Ok(());
+        };
+        let stale: Vec<u64> = map
+            .iter()
+            .filter_map(|e| e.ok())
+            .filter(|(_, s)| *s == slot)
+            .map(|(k, _)| k)
+            .collect();
+        for k in stale {
+            let _ = map.remove(&k);
+        }
+        Ok(())
     }
 
     /// Every slot's state.

@@ -453,6 +453,7 @@ impl Kernel {
                 self.maps.set_state(slot, &PolicyState::default())?;
                 self.maps.set_dns_proxy(slot, None)?;
                 self.maps.forget_open_connections(slot)?;
+                self.maps.forget_containers(slot)?;
                 for r in ruleset_ids(slot) {
                     self.maps.clear_ruleset(r)?;
                 }
