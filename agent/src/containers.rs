@@ -21,7 +21,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use aya::maps::{HashMap as BpfHashMap, Map, MapData};
+use aya::maps::{HashMap as BpfHashMap, MapData};
 use serde::Serialize;
 
 pub const DEFAULT_DOCKER_ROOT: &str = "/var/lib/docker";
@@ -193,9 +193,9 @@ impl Drop for Fd {
 impl Discovery {
     /// Opens the pinned `CONTAINER_SLOTS` map and starts watching (nothing until `update`).
     pub fn start(maps_dir: &Path, docker_root: PathBuf) -> anyhow::Result<Self> {
-        let pin = maps_dir.join(agent_common::map_names::CONTAINER_SLOTS);
-        let data = MapData::from_pin(&pin).with_context(|| format!("opening {}", pin.display()))?;
-        let map: BpfHashMap<MapData, u64, u32> = Map::from_map_data(data)?.try_into()?;
+        let map: BpfHashMap<MapData, u64, u32> =
+            crate::kernel::maps::open_pinned(maps_dir, agent_common::map_names::CONTAINER_SLOTS)?
+                .try_into()?;
         // SAFETY: plain syscall; the result is checked.
         let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
         if fd < 0 {

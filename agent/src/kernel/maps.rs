@@ -42,12 +42,7 @@ impl Maps {
 
     /// Opens the pinned maps without loading anything (for `stats` and `uninstall`).
     pub fn from_pins(dir: &Path) -> anyhow::Result<Self> {
-        Self::build(|name| {
-            let path = dir.join(name);
-            let data = MapData::from_pin(&path)
-                .with_context(|| format!("opening pinned map {}", path.display()))?;
-            Ok(Map::from_map_data(data)?)
-        })
+        Self::build(|name| open_pinned(dir, name))
     }
 
     fn build(mut take: impl FnMut(&str) -> anyhow::Result<Map>) -> anyhow::Result<Self> {
@@ -70,17 +65,8 @@ impl Maps {
     /// Forgets the containers that selectors gave to `slot` (its policy is gone: a later
     /// policy reusing the slot must not inherit them).
     pub fn forget_containers(&mut self, slot: u32) -> anyhow::Result<()> {
-        let Some(map) = self.containers.as_mut() else {
-            return Ok(());
-        };
-        let stale: Vec<u64> = map
-            .iter()
-            .filter_map(|e| e.ok())
-            .filter(|(_, s)| *s == slot)
-            .map(|(k, _)| k)
-            .collect();
-        for k in stale {
-            let _ = map.remove(&k);
+        if let Some(map) = self.containers.as_mut() {
+            remove_where(map, |s| *s == slot);
         }
         Ok(())
     }
@@ -101,16 +87,7 @@ impl Maps {
     /// Forgets the open connections recorded for `slot` (its policy is gone, so their close
     /// would never be seen, and they must not keep a later policy's learned addresses alive).
     pub fn forget_open_connections(&mut self, slot: u32) -> anyhow::Result<()> {
-        let stale: Vec<u64> = self
-            .open_conns
-            .iter()
-            .filter_map(|e| e.ok())
-            .filter(|(_, c)| c.slot == slot)
-            .map(|(k, _)| k)
-            .collect();
-        for k in stale {
-            let _ = self.open_conns.remove(&k);
-        }
+        remove_where(&mut self.open_conns, |c| c.slot == slot);
         Ok(())
     }
 
@@ -275,12 +252,7 @@ pub struct LearnMaps {
 
 impl LearnMaps {
     pub fn from_pins(dir: &Path) -> anyhow::Result<Self> {
-        let open = |name: &str| -> anyhow::Result<Map> {
-            let path = dir.join(name);
-            let data = MapData::from_pin(&path)
-                .with_context(|| format!("opening pinned map {}", path.display()))?;
-            Ok(Map::from_map_data(data)?)
-        };
+        let open = |name: &str| open_pinned(dir, name);
         Ok(Self {
             exact4: open(map_names::ALLOW_EXACT4)?.try_into()?,
             exact6: open(map_names::ALLOW_EXACT6)?.try_into()?,
@@ -358,11 +330,8 @@ pub struct DnsClients {
 
 impl DnsClients {
     pub fn from_pins(dir: &Path) -> anyhow::Result<Self> {
-        let path = dir.join(map_names::DNS_CLIENTS);
-        let data = MapData::from_pin(&path)
-            .with_context(|| format!("opening pinned map {}", path.display()))?;
         Ok(Self {
-            map: Map::from_map_data(data)?.try_into()?,
+            map: open_pinned(dir, map_names::DNS_CLIENTS)?.try_into()?,
         })
     }
 
@@ -382,6 +351,27 @@ impl DnsClients {
             _pad: 0,
         };
         self.map.get(&key, 0).ok()
+    }
+}
+
+/// Opens the map pinned as `dir/name`.
+pub fn open_pinned(dir: &Path, name: &str) -> anyhow::Result<Map> {
+    let path = dir.join(name);
+    let data = MapData::from_pin(&path)
+        .with_context(|| format!("opening pinned map {}", path.display()))?;
+    Ok(Map::from_map_data(data)?)
+}
+
+/// Removes the entries (keyed by cookie or cgroup id) whose value matches.
+fn remove_where<V: aya::Pod>(map: &mut HashMap<MapData, u64, V>, matches: impl Fn(&V) -> bool) {
+    let stale: Vec<u64> = map
+        .iter()
+        .filter_map(|e| e.ok())
+        .filter(|(_, v)| matches(v))
+        .map(|(k, _)| k)
+        .collect();
+    for k in stale {
+        let _ = map.remove(&k);
     }
 }
 
@@ -406,11 +396,8 @@ pub struct DnsProxyMap {
 
 impl DnsProxyMap {
     pub fn from_pins(dir: &Path) -> anyhow::Result<Self> {
-        let path = dir.join(map_names::DNS_PROXY);
-        let data = MapData::from_pin(&path)
-            .with_context(|| format!("opening pinned map {}", path.display()))?;
         Ok(Self {
-            map: Map::from_map_data(data)?.try_into()?,
+            map: open_pinned(dir, map_names::DNS_PROXY)?.try_into()?,
         })
     }
 
