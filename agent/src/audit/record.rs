@@ -5,7 +5,7 @@ use std::{
     collections::HashMap,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, SystemTime},
 };
 
 use agent_common::event::{
@@ -34,7 +34,9 @@ pub struct Enricher {
     guarded: Vec<PathBuf>,
     /// Cgroup id → path relative to the cgroup2 root (None: not found under a guarded cgroup).
     cgroups: HashMap<u64, Option<String>>,
-    last_scan: Option<Instant>,
+    /// When the last scan of the guarded cgroups started (CLOCK_BOOTTIME ns, the clock of
+    /// kernel timestamps).
+    last_scan_ns: Option<u64>,
     /// The DNS learner: which names a destination was answered for.
     pub learned: Option<std::sync::Arc<std::sync::Mutex<crate::dns::learned::Learner>>>,
 }
@@ -71,7 +73,7 @@ impl Enricher {
             cgroup_root,
             guarded: Vec::new(),
             cgroups: HashMap::new(),
-            last_scan: None,
+            last_scan_ns: None,
             learned: None,
         }
     }
@@ -96,7 +98,7 @@ impl Enricher {
         self.policies = by_slot;
         self.guarded = guarded;
         self.cgroups.clear();
-        self.last_scan = None;
+        self.last_scan_ns = None;
     }
 
     fn ts(&self, boot_ns: u64) -> String {
@@ -215,7 +217,7 @@ impl Enricher {
 
     /// Cgroup, container and process of `h`.
     fn process_fields(&mut self, m: &mut Map<String, Value>, h: &EventHeader) {
-        let cgroup = self.cgroup_path(h.cgroup_id);
+        let cgroup = self.cgroup_path(h.cgroup_id, h.ts_ns);
         let container = cgroup.as_deref().and_then(crate::containers::container_of);
         let name = container.as_deref().and_then(|id| self.container_name(id));
         m.insert(
@@ -305,17 +307,17 @@ impl Enricher {
         name
     }
 
-    /// The cgroup of `id` relative to the cgroup2 root, found under a guarded cgroup.
-    fn cgroup_path(&mut self, id: u64) -> Option<String> {
+    /// The cgroup of `id` relative to the cgroup2 root, found under a guarded cgroup, for an
+    /// event at `event_ns` (CLOCK_BOOTTIME).
+    fn cgroup_path(&mut self, id: u64, event_ns: u64) -> Option<String> {
         if let Some(p) = self.cgroups.get(&id) {
             return p.clone();
         }
-        // Rescan at most twice a second: a storm of unknown ids must not walk the tree each time.
-        if self
-            .last_scan
-            .is_none_or(|t| t.elapsed() > Duration::from_millis(500))
-        {
-            self.last_scan = Some(Instant::now());
+        // Rescan only for an event newer than the last scan: its cgroup existed when it
+        // happened, so a scan started now finds it (a container's first connect), while a storm
+        // of records from one drained batch walks the tree once.
+        if self.last_scan_ns.is_none_or(|t| event_ns > t) {
+            self.last_scan_ns = Some(clock_ns(libc::CLOCK_BOOTTIME) as u64);
             for g in self.guarded.clone() {
                 self.scan(&g, 0);
             }
