@@ -122,6 +122,10 @@ pub const RULESET_PREFIX_BITS: u32 = 32;
 pub const STATE_ACTIVE: u32 = 1;
 /// `PolicyState::flags`: audit mode, decide and count but let everything through.
 pub const STATE_AUDIT: u32 = 2;
+/// `PolicyState::flags`: some policy takes containers by selector, so a container below this
+/// slot's cgroups may be decided by another slot (`CONTAINER_SLOTS`). Without it the hooks
+/// skip that lookup.
+pub const STATE_CONTAINERS: u32 = 4;
 
 /// Length of the policy name kept in the state map (for adoption after a restart).
 pub const POLICY_NAME_LEN: usize = 48;

@@ -2,7 +2,7 @@
 
 use agent_common::{
     Addr4Key, Addr6Key, AllowValue, Counter, PolicyState, RULESET_PREFIX_BITS, STATE_ACTIVE,
-    STATE_AUDIT, event::reason, proto_bit,
+    STATE_AUDIT, STATE_CONTAINERS, event::reason, proto_bit,
 };
 use aya_ebpf::maps::lpm_trie::Key;
 
@@ -72,6 +72,13 @@ pub fn state(slot: u32) -> Option<&'static PolicyState> {
     }
 }
 
+/// May a container below this slot's cgroups be decided by another slot (some policy takes
+/// containers by selector)? If not, `CONTAINER_SLOTS` need not be asked.
+#[inline(always)]
+pub fn selects_containers(slot: u32) -> bool {
+    matches!(POLICY_STATE.get(slot), Some(s) if s.flags & STATE_CONTAINERS != 0)
+}
+
 #[inline(always)]
 fn lookup(ruleset: u32, dest: &Dest) -> Option<&'static AllowValue> {
     let a = &dest.addr;
@@ -118,20 +125,26 @@ fn is_dns_proxy(slot: u32, dest: &Dest, bit: u8, port: u16) -> bool {
 }
 
 /// Is `ip_proto` to `dest:port` allowed by the slot's active ruleset? `reason::RULE` if so,
-/// else why not.
+/// else why not; and whether the allowing entry is an address learned from a DNS answer.
 #[inline(always)]
-pub fn allowed(slot: u32, state: &PolicyState, dest: &Dest, ip_proto: u32, port: u16) -> u8 {
+pub fn allowed(
+    slot: u32,
+    state: &PolicyState,
+    dest: &Dest,
+    ip_proto: u32,
+    port: u16,
+) -> (u8, bool) {
     let bit = proto_bit(ip_proto);
     if bit == 0 {
-        return reason::PROTOCOL;
+        return (reason::PROTOCOL, false);
     }
     if is_dns_proxy(slot, dest, bit, port) {
-        return reason::RULE;
+        return (reason::RULE, false);
     }
     match lookup(state.ruleset, dest) {
-        Some(v) if v.allows(bit, port) => reason::RULE,
-        Some(_) => reason::PORT_OR_PROTOCOL,
-        None => reason::NO_RULE_FOR_ADDRESS,
+        Some(v) if v.allows(bit, port) => (reason::RULE, v.learned_until != 0),
+        Some(_) => (reason::PORT_OR_PROTOCOL, false),
+        None => (reason::NO_RULE_FOR_ADDRESS, false),
     }
 }
 
@@ -145,15 +158,29 @@ pub fn verdict(state: Option<&PolicyState>, allowed: bool) -> Verdict {
     }
 }
 
-/// The full question for one destination: the verdict and its `reason`.
+/// The answer for one destination.
+pub struct Decision {
+    pub verdict: Verdict,
+    /// `reason::*`, as the record gives it.
+    pub reason: u8,
+    /// Allowed by an address learned from a DNS answer: it expires unless a connection to it
+    /// is open, so the TCP tracker must follow this connection.
+    pub learned: bool,
+}
+
+/// The full question for one destination.
 #[inline(always)]
-pub fn decide(slot: u32, dest: &Dest, ip_proto: u32, port: u16) -> (Verdict, u8) {
+pub fn decide(slot: u32, dest: &Dest, ip_proto: u32, port: u16) -> Decision {
     let st = state(slot);
-    let why = match st {
+    let (reason, learned) = match st {
         Some(s) => allowed(slot, s, dest, ip_proto, port),
-        None => reason::NO_ACTIVE_POLICY,
+        None => (reason::NO_ACTIVE_POLICY, false),
     };
-    (verdict(st, why == reason::RULE), why)
+    Decision {
+        verdict: verdict(st, reason == reason::RULE),
+        reason,
+        learned,
+    }
 }
 
 #[inline(always)]

@@ -41,20 +41,25 @@ use maps::{
 #[unsafe(no_mangle)]
 static POLICY_SLOT: Global<u32> = Global::new(u32::MAX);
 
-/// The slot deciding for cgroup `cgroup`: a discovered container's own policy (its selectors
-/// matched), else the policy of the guarded cgroup these programs are attached to.
+/// The slot deciding for cgroup `cgroup()`: a discovered container's own policy (its
+/// selectors matched), else the policy of the guarded cgroup these programs are attached to.
+/// Every hook asks: where no policy has selectors, the lookup is skipped.
 #[inline(always)]
-fn slot_of(cgroup: u64) -> u32 {
-    match unsafe { CONTAINER_SLOTS.get(cgroup) } {
+fn slot_of(cgroup: impl FnOnce() -> u64) -> u32 {
+    let own = POLICY_SLOT.load();
+    if !decide::selects_containers(own) {
+        return own;
+    }
+    match unsafe { CONTAINER_SLOTS.get(cgroup()) } {
         Some(s) => *s,
-        None => POLICY_SLOT.load(),
+        None => own,
     }
 }
 
 /// The slot deciding for the current task (syscall hooks).
 #[inline(always)]
 fn task_slot() -> u32 {
-    slot_of(unsafe { bpf_get_current_cgroup_id() })
+    slot_of(|| unsafe { bpf_get_current_cgroup_id() })
 }
 
 const AF_UNIX: i32 = 1;
@@ -126,10 +131,13 @@ fn judge_sock_addr(ctx: &SockAddrContext, v6: bool, kind: u16, counters: [Counte
         count(slot, Counter::DnsRedirected);
         return SYSCALL_OK;
     }
-    let (v, why) = decide(slot, &dest, proto, port);
+    let d = decide(slot, &dest, proto, port);
+    let (v, why) = (d.verdict, d.reason);
     count_verdict(slot, &v, counters);
-    if v.passes() && proto == IPPROTO_TCP as u32 && slot != POLICY_SLOT.load() {
-        // The TCP tracker cannot see the task: tell it which policy this connection is under.
+    if d.learned && v.passes() && proto == IPPROTO_TCP as u32 {
+        // A connection to a learned address holds it: have the TCP tracker follow this one
+        // (and only such ones: tracking costs every connect), under the policy deciding it,
+        // which it cannot tell itself (it does not see the task).
         let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
         let _ = SOCK_SLOTS.insert(cookie, slot, 0);
     }
@@ -429,12 +437,15 @@ pub(crate) fn guarded_slot_of_current_task() -> Option<u32> {
         if id == 0 {
             return None;
         }
-        if let Some(slot) = unsafe { GUARDED_CGROUPS.get(id) } {
-            // A discovered container below it has its own policy.
+        if let Some(&slot) = unsafe { GUARDED_CGROUPS.get(id) } {
+            // A discovered container below it may have its own policy.
+            if !decide::selects_containers(slot) {
+                return Some(slot);
+            }
             let own = unsafe { bpf_get_current_cgroup_id() };
             return Some(match unsafe { CONTAINER_SLOTS.get(own) } {
                 Some(s) => *s,
-                None => *slot,
+                None => slot,
             });
         }
         level += 1;
@@ -475,23 +486,30 @@ fn read_packet(ctx: &SkBuffContext) -> Option<Packet> {
     read_packet_inner(ctx).unwrap_or(None)
 }
 
+/// Headers are read in one helper call each (IPv4 header, IPv6 header, the start of the
+/// transport header), not field by field: the backstop runs for every packet.
 #[inline(always)]
 fn read_packet_inner(ctx: &SkBuffContext) -> Result<Option<Packet>, i64> {
     let skb = &ctx.skb;
     let l3 = u16::from_be(unsafe { (*skb.skb).protocol } as u16);
     let (dest, proto, l4, plain) = if l3 == ETH_P_IP {
-        let b0: u8 = skb.load(0)?;
-        let frag: u16 = u16::from_be(skb.load(6)?);
+        let ip: [u8; 20] = skb.load(0)?;
+        let frag = u16::from_be_bytes([ip[6], ip[7]]);
         if frag & 0x1fff != 0 {
             return Ok(None);
         }
-        let proto: u8 = skb.load(9)?;
-        let dst: [u8; 4] = skb.load(16)?;
-        let ihl = (b0 & 0x0f) as usize;
-        (Dest::v4(dst), proto, ihl * 4, ihl == 5)
+        let ihl = (ip[0] & 0x0f) as usize;
+        (
+            Dest::v4([ip[16], ip[17], ip[18], ip[19]]),
+            ip[9],
+            ihl * 4,
+            ihl == 5,
+        )
     } else if l3 == ETH_P_IPV6 {
-        let dst: [u8; 16] = skb.load(24)?;
-        let mut next: u8 = skb.load(6)?;
+        let ip: [u8; 40] = skb.load(0)?;
+        let mut dst = [0u8; 16];
+        dst.copy_from_slice(&ip[24..40]);
+        let mut next = ip[6];
         let mut off = 40usize;
         let mut plain = true;
         // Walk a bounded number of extension headers.
@@ -521,11 +539,14 @@ fn read_packet_inner(ctx: &SkBuffContext) -> Result<Option<Packet>, i64> {
         return Ok(None);
     };
     let (mut port, mut tcp_flags) = (0, 0);
-    if proto == IPPROTO_TCP || proto == IPPROTO_UDP {
-        port = u16::from_be(skb.load(l4 + 2)?);
-    }
     if proto == IPPROTO_TCP {
-        tcp_flags = skb.load(l4 + 13)?;
+        // Ports, sequence and acknowledgment numbers, data offset, flags.
+        let tcp: [u8; 14] = skb.load(l4)?;
+        port = u16::from_be_bytes([tcp[2], tcp[3]]);
+        tcp_flags = tcp[13];
+    } else if proto == IPPROTO_UDP {
+        let udp: [u8; 4] = skb.load(l4)?;
+        port = u16::from_be_bytes([udp[2], udp[3]]);
     }
     Ok(Some(Packet {
         dest,
@@ -540,7 +561,7 @@ fn read_packet_inner(ctx: &SkBuffContext) -> Result<Option<Packet>, i64> {
 #[cgroup_skb]
 pub fn egress(ctx: SkBuffContext) -> i32 {
     // The socket's cgroup, not the current task's (softirq may send for anyone).
-    let slot = slot_of(unsafe { bpf_skb_cgroup_id(ctx.skb.skb) });
+    let slot = slot_of(|| unsafe { bpf_skb_cgroup_id(ctx.skb.skb) });
     let Some(p) = read_packet(&ctx) else {
         let v = decide::verdict(decide::state(slot), false);
         return packet_verdict(
@@ -553,7 +574,8 @@ pub fn egress(ctx: SkBuffContext) -> i32 {
             0,
         );
     };
-    let (v, why) = decide(slot, &p.dest, p.proto as u32, p.port);
+    let d = decide(slot, &p.dest, p.proto as u32, p.port);
+    let (v, why) = (d.verdict, d.reason);
     if let Verdict::Allow = v {
         count(slot, Counter::PacketAllowed);
         note_dns_client(&ctx, slot, &p);
@@ -671,8 +693,8 @@ fn is_inbound_reply(ctx: &SkBuffContext, p: &Packet) -> bool {
 }
 
 /// Tracks TCP connections: accepted ones (so the packet backstop passes their replies) and
-/// outgoing ones (so the agent keeps a learned address allowed while one is open); forgets
-/// them when they close.
+/// outgoing ones to learned addresses (so the agent keeps such an address allowed while one
+/// is open); forgets them when they close.
 #[sock_ops]
 pub fn tcp_state(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
@@ -683,6 +705,11 @@ pub fn tcp_state(ctx: SockOpsContext) -> u32 {
         }
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
             let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+            // Only connections to learned addresses are followed (connect() said which, and
+            // under which policy); the rest need no state and no close callback.
+            let Some(slot) = (unsafe { SOCK_SLOTS.get(cookie) }).copied() else {
+                return 1;
+            };
             let dest = if ctx.family() == AF_INET as u32 {
                 Dest::v4(ctx.remote_ip4().to_ne_bytes())
             } else {
@@ -702,10 +729,6 @@ pub fn tcp_state(ctx: SockOpsContext) -> u32 {
                 a[8..12].copy_from_slice(&w[2].to_ne_bytes());
                 a[12..16].copy_from_slice(&w[3].to_ne_bytes());
                 Dest::from_v6(a)
-            };
-            let slot = match unsafe { SOCK_SLOTS.get(cookie) } {
-                Some(s) => *s,
-                None => POLICY_SLOT.load(),
             };
             let conn = OpenConn {
                 slot,

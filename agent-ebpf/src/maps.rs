@@ -65,8 +65,8 @@ pub static DNS_PROXY: Array<DnsProxy> = Array::pinned(MAX_POLICIES, 0);
 #[map]
 pub static DNS_REDIRECTED: LruHashMap<u64, OrigDest> = LruHashMap::pinned(MAX_DNS_REDIRECTED, 0);
 
-/// Socket cookie → destination of an established outgoing TCP connection, so the agent keeps a
-/// learned address allowed while a connection to it is open. LRU: an evicted entry can only
+/// Socket cookie → destination of an established outgoing TCP connection to a learned
+/// address, so the agent keeps that address allowed while a connection to it is open. LRU: an evicted entry can only
 /// let an address expire early (fail closed).
 #[map]
 pub static OPEN_CONNS: LruHashMap<u64, OpenConn> = LruHashMap::pinned(MAX_OPEN_CONNS, 0);
@@ -82,9 +82,10 @@ pub static DNS_CLIENTS: LruHashMap<DnsClientKey, EventHeader> =
 #[map]
 pub static CONTAINER_SLOTS: HashMap<u64, u32> = HashMap::pinned(MAX_CONTAINERS, 0);
 
-/// Socket cookie → the slot that judged its connect(), where it is not the attached
-/// programs' own (a discovered container), so the TCP tracker files the connection under the
-/// right policy. LRU: an evicted entry files it under the parent's policy (fail closed: the
-/// learned address may expire while the connection is open).
+/// Socket cookie → the slot whose learned address allowed its TCP connect(): the TCP tracker
+/// follows only these connections, and files each under the policy that decided it (a
+/// discovered container's, not necessarily the attached programs' own). LRU: an evicted entry
+/// leaves the connection unfollowed (fail closed: the learned address may expire while the
+/// connection is open).
 #[map]
 pub static SOCK_SLOTS: LruHashMap<u64, u32> = LruHashMap::pinned(MAX_OPEN_CONNS, 0);

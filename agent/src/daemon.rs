@@ -133,6 +133,7 @@ pub fn prepare(config: &Config) -> anyhow::Result<Result<Vec<Target>, ConfigErro
                 dns_proxy: None,
                 learned: Vec::new(),
                 hostnames: dns::names::fingerprint(&p.hostnames),
+                selectors: !p.containers.is_empty(),
             }),
             Err(e) => problems.extend(e),
         }
@@ -586,6 +587,7 @@ fn reload(
                     dns_proxy: None,
                     learned: Vec::new(),
                     hostnames: t.hostnames,
+                    selectors: t.selectors,
                 })
                 .collect();
             match apply(kernel, dns, current, &mut previous) {

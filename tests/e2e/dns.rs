@@ -264,9 +264,13 @@ fn dns_learned_addresses_expire_unless_a_connection_is_open() {
     let port = free_port_range(1);
     let held_server = std::net::TcpListener::bind(("127.0.0.21", port)).unwrap();
     listen_on("127.0.0.23", port);
+    let static_server = std::net::TcpListener::bind(("127.0.0.24", port)).unwrap();
     let dns = Dnsmasq::start("127.0.0.21 held.svc.test\n127.0.0.23 idle.svc.test\n", 1);
     let cg = TestCgroup::new("dns-expiry");
-    let _agent = Agent::start(&policy(&cg, &dns, port, ""));
+    // 127.0.0.24 is allowed by address: nothing to keep alive, so it is not followed.
+    let body = policy(&cg, &dns, port, "")
+        .replace("allow = [", &format!("allow = [\"127.0.0.24:{port}\", "));
+    let agent = Agent::start(&body);
     let server = "127.0.0.53:53";
     for name in ["held.svc.test", "idle.svc.test"] {
         let r = probe_in(&cg.path, &["dns", server, name, "A"]);
@@ -276,6 +280,14 @@ fn dns_learned_addresses_expire_unless_a_connection_is_open() {
     let held: SocketAddr = format!("127.0.0.21:{port}").parse().unwrap();
     let mut open = RunningProbe::start(&cg.path, &["tcp-presocket", &held.to_string()]);
     let (mut conn, _) = held_server.accept().unwrap();
+    let mut open_static =
+        RunningProbe::start(&cg.path, &["tcp-presocket", &format!("127.0.0.24:{port}")]);
+    let (_static_conn, _) = static_server.accept().unwrap();
+    assert_eq!(
+        pinned_map_len(&agent.pin_dir.join("v2/maps/OPEN_CONNS"), 8),
+        1,
+        "only the connection to the learned address is followed"
+    );
     std::thread::sleep(Duration::from_secs(5));
 
     let r = probe_in(&cg.path, &["tcp", &format!("127.0.0.23:{port}")]);
@@ -290,6 +302,8 @@ fn dns_learned_addresses_expire_unless_a_connection_is_open() {
         "the open connection survives"
     );
     drop(conn);
+    open_static.go();
+    assert_eq!(open_static.finish().trim(), "ok");
 
     // Closed: it goes too (re-checked every 5 s).
     std::thread::sleep(Duration::from_secs(8));

@@ -1,6 +1,8 @@
 //! Throughput from a guarded cgroup against a bare one, interleaved: bulk TCP over loopback
-//! (every segment passes the packet backstop) and unconnected 64-byte UDP sends (each passes
-//! the sendmsg hook and the backstop, and is counted for the audit trail's aggregation).
+//! (every segment passes the packet backstop) and 64-byte UDP sends: with sendto() on an
+//! unconnected socket each passes the sendmsg hook and the backstop and is recorded (the
+//! audit trail aggregates them); on a connected socket (judged once, at connect()) each
+//! passes the backstop only.
 
 use std::{
     fmt::Write as _,
@@ -40,11 +42,22 @@ pub fn run(bin: &Path, probe: &Path) -> anyhow::Result<String> {
         ("bare", bare.0.clone()),
         ("egress-guard", setup.cgroup.clone()),
     ];
+    // (what is reported, the probe's output field, the probe's arguments)
     let tests = [
-        ("bytes_per_second", vec!["bulk", &tcp_to, SAMPLE_MILLIS]),
         (
+            "bytes_per_second",
+            "bytes_per_second",
+            vec!["bulk", &tcp_to, SAMPLE_MILLIS],
+        ),
+        (
+            "datagrams_per_second_sendto",
             "datagrams_per_second",
-            vec!["udp-flood", &udp_to, SAMPLE_MILLIS],
+            vec!["udp-flood", &udp_to, SAMPLE_MILLIS, "sendto"],
+        ),
+        (
+            "datagrams_per_second_connected",
+            "datagrams_per_second",
+            vec!["udp-flood", &udp_to, SAMPLE_MILLIS, "connected"],
         ),
     ];
     let mut report = String::new();
@@ -53,7 +66,7 @@ pub fn run(bin: &Path, probe: &Path) -> anyhow::Result<String> {
         "throughput from a guarded cgroup vs a bare one, {SAMPLE_MILLIS} ms samples, {ROUNDS} interleaved rounds"
     )?;
     let mut rows = Vec::new();
-    for (key, args) in &tests {
+    for (label, key, args) in &tests {
         let mut samples = [Vec::new(), Vec::new()];
         for round in 0..ROUNDS {
             for k in 0..2 {
@@ -73,11 +86,11 @@ pub fn run(bin: &Path, probe: &Path) -> anyhow::Result<String> {
         let (gmin, gmax) = spread(&samples[1]);
         writeln!(
             report,
-            "{key}: bare {b:.4e} ({bmin:.3e}..{bmax:.3e}), egress-guard {g:.4e} ({gmin:.3e}..{gmax:.3e}): {:.1} % of bare",
+            "{label}: bare {b:.4e} ({bmin:.3e}..{bmax:.3e}), egress-guard {g:.4e} ({gmin:.3e}..{gmax:.3e}): {:.1} % of bare",
             g / b * 100.0
         )?;
         rows.push(
-            json!({ "measure": key, "bare_median": b, "guarded_median": g, "ratio_to_bare": g / b,
+            json!({ "measure": label, "bare_median": b, "guarded_median": g, "ratio_to_bare": g / b,
                           "bare_samples": samples[0], "guarded_samples": samples[1] }),
         );
     }

@@ -26,7 +26,7 @@ use std::{
 
 use agent_common::{
     LAYOUT_VERSION, MAX_POLICIES, POLICY_NAME_LEN, PolicyState, STATE_ACTIVE, STATE_AUDIT,
-    map_names, ruleset_ids,
+    STATE_CONTAINERS, map_names, ruleset_ids,
 };
 use anyhow::{Context as _, bail};
 use aya::{Ebpf, programs::links::PinnedLink};
@@ -48,6 +48,8 @@ pub struct Target {
     pub learned: Vec<(std::net::IpAddr, agent_common::AllowValue)>,
     /// Fingerprint of the policy's hostname rules (kept in the policy's state).
     pub hostnames: u64,
+    /// The policy takes containers by selector (`containers = [...]`).
+    pub selectors: bool,
 }
 
 /// What an [`Kernel::apply`] did.
@@ -249,6 +251,12 @@ impl Kernel {
         let states = self.maps.states()?;
         let existing = self.link_pins()?;
         let slots = assign_slots(targets, &states, &existing)?;
+        // Any policy's selectors may take a container below any guarded cgroup.
+        let containers = if targets.iter().any(|t| t.selectors) {
+            STATE_CONTAINERS
+        } else {
+            0
+        };
 
         // 1. Rulesets: write the new one and flip to it; drop the old ones after a grace
         // period, so a program that read the old id just before the flip still finds it.
@@ -273,6 +281,7 @@ impl Kernel {
             let mut name = [0u8; POLICY_NAME_LEN];
             name[..t.name.len()].copy_from_slice(t.name.as_bytes());
             let flags = STATE_ACTIVE
+                | containers
                 | if t.mode == Mode::Audit {
                     STATE_AUDIT
                 } else {

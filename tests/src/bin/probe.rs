@@ -340,15 +340,25 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         // Unconnected UDP sends of 64 bytes for MILLIS: datagrams per second.
-        ["udp-flood", to, millis] => {
+        ["udp-flood", to, millis, how @ ("sendto" | "connected")] => {
             let to = addr(to);
             let sock = UdpSocket::bind("0.0.0.0:0").expect("bind");
+            // A connected socket is judged once, at connect(); sendto() is judged per datagram.
+            let connected = *how == "connected";
+            if connected && let Err(e) = sock.connect(to) {
+                return report(classify::<()>(Err(e)));
+            }
             let budget = Duration::from_millis(millis.parse().expect("millis"));
             let start = Instant::now();
             let mut n = 0u64;
             while start.elapsed() < budget {
                 for _ in 0..64 {
-                    if let Err(e) = sock.send_to(&[0u8; 64], to) {
+                    let sent = if connected {
+                        sock.send(&[0u8; 64])
+                    } else {
+                        sock.send_to(&[0u8; 64], to)
+                    };
+                    if let Err(e) = sent {
                         return report(classify::<()>(Err(e)));
                     }
                     n += 1;
