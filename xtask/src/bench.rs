@@ -231,6 +231,7 @@ pub fn run() -> anyhow::Result<()> {
 
     let mut rows = Vec::new();
     let mut startup = Vec::new();
+    let mut breakdown = Vec::new();
     let sizes: Vec<usize> = match std::env::var("EG_BENCH_SIZES") {
         Ok(v) => v
             .split(',')
@@ -265,6 +266,9 @@ pub fn run() -> anyhow::Result<()> {
                 samples[i].push(measure(&bench.cgroups[i], &probe, &to)?);
             }
         }
+        if size == sizes[0] {
+            breakdown = kernel_time_per_connect(&bench.cgroups[1], &probe, &to)?;
+        }
         let bare = median(&samples[0]);
         for (i, v) in VARIANTS.iter().enumerate() {
             let s = &samples[i];
@@ -298,6 +302,25 @@ pub fn run() -> anyhow::Result<()> {
             r.size, r.variant, r.median_ns, r.min_ns, r.max_ns, r.ratio_to_bare
         )?;
     }
+    if !breakdown.is_empty() {
+        writeln!(
+            table,
+            "\nkernel time per connect by program (kernel.bpf_stats_enabled, {} entries, separate samples):",
+            sizes[0]
+        )?;
+        writeln!(
+            table,
+            "{:<14} {:>13} {:>11} {:>15}",
+            "program", "runs/connect", "ns/run", "ns/connect"
+        )?;
+        for b in &breakdown {
+            writeln!(
+                table,
+                "{:<14} {:>13.2} {:>11.0} {:>15.0}",
+                b.program, b.runs_per_connect, b.ns_per_run, b.ns_per_connect
+            )?;
+        }
+    }
     writeln!(table, "\ntime from `egress-guard run` to enforcing:")?;
     for (size, secs) in &startup {
         writeln!(table, "{size:>8} entries: {secs:.2} s")?;
@@ -311,6 +334,7 @@ pub fn run() -> anyhow::Result<()> {
         "sample_millis": SAMPLE_MILLIS,
         "rounds": ROUNDS,
         "rows": rows,
+        "kernel_time_per_connect": breakdown,
         "startup_seconds": startup.iter().map(|(n, s)| serde_json::json!({"entries": n, "seconds": s})).collect::<Vec<_>>(),
         "machine": machine(),
     });
@@ -329,6 +353,96 @@ pub fn run() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Where a guarded connect's kernel time goes, by program.
+#[derive(serde::Serialize)]
+struct ProgramTime {
+    program: String,
+    runs_per_connect: f64,
+    ns_per_run: f64,
+    ns_per_connect: f64,
+}
+
+/// The programs the agent loads, by name, as bpftool lists them.
+const PROGRAMS: [&str; 9] = [
+    "connect4",
+    "sendmsg4",
+    "recvmsg4",
+    "getpeername4",
+    "sock_create",
+    "egress",
+    "tcp_state",
+    "socket_enter",
+    "lsm_socket_cre",
+];
+
+/// `(run_cnt, run_time_ns)` of each of the agent's programs that has run.
+fn program_stats() -> anyhow::Result<std::collections::HashMap<String, (u64, u64)>> {
+    let out = Command::new("bpftool")
+        .args(["prog", "show", "--json"])
+        .output()
+        .context("running bpftool")?;
+    let progs: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout)?;
+    let mut stats = std::collections::HashMap::new();
+    for p in progs {
+        let name = p["name"].as_str().unwrap_or_default();
+        if PROGRAMS.contains(&name) {
+            let e = stats.entry(name.to_string()).or_insert((0, 0));
+            e.0 += p["run_cnt"].as_u64().unwrap_or(0);
+            e.1 += p["run_time_ns"].as_u64().unwrap_or(0);
+        }
+    }
+    Ok(stats)
+}
+
+/// Kernel time per guarded connect, by program: a few extra samples with the kernel's BPF
+/// run-time statistics on (they cost a clock read per run, so the timed rounds run without).
+/// Needs bpftool; without it, nothing.
+fn kernel_time_per_connect(
+    cgroup: &Path,
+    probe: &Path,
+    to: &str,
+) -> anyhow::Result<Vec<ProgramTime>> {
+    if Command::new("bpftool").arg("version").output().is_err() {
+        eprintln!("==> no bpftool: skipping the kernel time breakdown");
+        return Ok(Vec::new());
+    }
+    const STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+    let was = std::fs::read_to_string(STATS)?;
+    std::fs::write(STATS, "1")?;
+    let measured = (|| {
+        let before = program_stats()?;
+        for _ in 0..3 {
+            measure(cgroup, probe, to)?;
+        }
+        let after = program_stats()?;
+        anyhow::Ok((before, after))
+    })();
+    std::fs::write(STATS, was.trim())?;
+    let (before, after) = measured?;
+    let delta = |name: &str| {
+        let (c0, t0) = before.get(name).copied().unwrap_or((0, 0));
+        let (c1, t1) = after.get(name).copied().unwrap_or((0, 0));
+        (c1.saturating_sub(c0), t1.saturating_sub(t0))
+    };
+    let (connects, _) = delta("connect4");
+    if connects == 0 {
+        bail!("no connect4 runs counted: is kernel.bpf_stats_enabled honoured?");
+    }
+    let mut out = Vec::new();
+    for name in PROGRAMS {
+        let (runs, ns) = delta(name);
+        if runs > 0 {
+            out.push(ProgramTime {
+                program: name.to_string(),
+                runs_per_connect: runs as f64 / connects as f64,
+                ns_per_run: ns as f64 / runs as f64,
+                ns_per_connect: ns as f64 / connects as f64,
+            });
+        }
+    }
+    Ok(out)
 }
 
 /// Applies one policy size to every variant; returns the agent's time to enforcing.
