@@ -266,9 +266,10 @@ pub fn run() -> anyhow::Result<()> {
                 samples[i].push(measure(&bench.cgroups[i], &probe, &to)?);
             }
         }
-        if size == sizes[0] {
-            breakdown = kernel_time_per_connect(&bench.cgroups[1], &probe, &to)?;
-        }
+        breakdown.push((
+            size,
+            kernel_time_per_connect(&bench.cgroups[1], &probe, &to)?,
+        ));
         let bare = median(&samples[0]);
         for (i, v) in VARIANTS.iter().enumerate() {
             let s = &samples[i];
@@ -302,22 +303,29 @@ pub fn run() -> anyhow::Result<()> {
             r.size, r.variant, r.median_ns, r.min_ns, r.max_ns, r.ratio_to_bare
         )?;
     }
-    if !breakdown.is_empty() {
+    if breakdown.iter().any(|(_, b)| !b.is_empty()) {
         writeln!(
             table,
-            "\nkernel time per connect by program (kernel.bpf_stats_enabled, {} entries, separate samples):",
-            sizes[0]
+            "\negress-guard's kernel time per connect, by program (kernel.bpf_stats_enabled, separate samples):"
         )?;
         writeln!(
             table,
-            "{:<14} {:>13} {:>11} {:>15}",
-            "program", "runs/connect", "ns/run", "ns/connect"
+            "{:>8} {:<14} {:>13} {:>11} {:>15}",
+            "entries", "program", "runs/connect", "ns/run", "ns/connect"
         )?;
-        for b in &breakdown {
+        for (size, programs) in &breakdown {
+            for b in programs {
+                writeln!(
+                    table,
+                    "{size:>8} {:<14} {:>13.2} {:>11.0} {:>15.0}",
+                    b.program, b.runs_per_connect, b.ns_per_run, b.ns_per_connect
+                )?;
+            }
+            let total: f64 = programs.iter().map(|b| b.ns_per_connect).sum();
             writeln!(
                 table,
-                "{:<14} {:>13.2} {:>11.0} {:>15.0}",
-                b.program, b.runs_per_connect, b.ns_per_run, b.ns_per_connect
+                "{size:>8} {:<14} {:>13} {:>11} {total:>15.0}",
+                "all", "", ""
             )?;
         }
     }
@@ -334,7 +342,7 @@ pub fn run() -> anyhow::Result<()> {
         "sample_millis": SAMPLE_MILLIS,
         "rounds": ROUNDS,
         "rows": rows,
-        "kernel_time_per_connect": breakdown,
+        "kernel_time_per_connect": breakdown.iter().map(|(n, b)| serde_json::json!({"entries": n, "programs": b})).collect::<Vec<_>>(),
         "startup_seconds": startup.iter().map(|(n, s)| serde_json::json!({"entries": n, "seconds": s})).collect::<Vec<_>>(),
         "machine": machine(),
     });
