@@ -3,6 +3,7 @@
 
 use agent_common::event::{
     EVENT_VERSION, EventHeader, NetEvent, VERDICT_ALLOW, VERDICT_DENY, VERDICT_WOULD_DENY,
+    ring_wakeup,
 };
 use aya_ebpf::helpers::{
     bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
@@ -85,28 +86,23 @@ pub fn net(
         sock_protocol: sock[2],
         _pad2: 0,
     };
-    if EVENTS.output::<NetEvent>(&event, wakeup_flags()).is_err() {
+    let flags = wakeup_flags(core::mem::size_of::<NetEvent>() as u64);
+    if EVENTS.output::<NetEvent>(&event, flags).is_err() {
         lost();
     }
 }
 
-/// The ring's wake-up policy. Waking the agent for every record costs a context switch each;
-/// instead the agent drains the ring on a short timer, and the kernel wakes it early when a
-/// batch is waiting (an eighth of the ring, at most 64 KiB). Only the records that take the
-/// ring past that mark ask for the wake-up (a small window, as records of other CPUs may step
-/// over any exact point): every forced wake-up is an interrupt, and asking on each record
-/// while the agent drains cost more than the rest of a connect() decision together.
+/// The ring's wake-up flag for a record of `record_size` bytes about to be written: forced
+/// only when `agent_common::event::ring_wakeup` says a batch is waiting, else none.
 #[inline(always)]
-pub fn wakeup_flags() -> u64 {
+pub fn wakeup_flags(record_size: u64) -> u64 {
     const BPF_RB_NO_WAKEUP: u64 = 1;
     const BPF_RB_FORCE_WAKEUP: u64 = 2;
     const BPF_RB_AVAIL_DATA: u64 = 0;
     const BPF_RB_RING_SIZE: u64 = 1;
-    const WINDOW: u64 = 2048;
-    let size = EVENTS.query(BPF_RB_RING_SIZE);
-    let batch = if size / 8 < 65_536 { size / 8 } else { 65_536 };
     let avail = EVENTS.query(BPF_RB_AVAIL_DATA);
-    if avail >= batch && avail < batch + WINDOW {
+    let ring = EVENTS.query(BPF_RB_RING_SIZE);
+    if ring_wakeup(avail, record_size, ring) {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP

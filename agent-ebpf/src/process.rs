@@ -52,6 +52,7 @@ pub fn proc_exec(ctx: RawTracePointContext) -> i32 {
     let Some(slot) = guarded_slot_of_current_task() else {
         return 0;
     };
+    let flags = emit::wakeup_flags(core::mem::size_of::<ExecEvent>() as u64);
     let Some(mut entry) = EVENTS.reserve::<ExecEvent>(0) else {
         emit::lost();
         return 0;
@@ -99,7 +100,7 @@ pub fn proc_exec(ctx: RawTracePointContext) -> i32 {
             }
         }
     }
-    entry.submit(emit::wakeup_flags());
+    entry.submit(flags);
     0
 }
 
@@ -149,10 +150,8 @@ pub fn proc_exit(_ctx: RawTracePointContext) -> i32 {
             event.lifetime_ns = unsafe { bpf_ktime_get_boot_ns() }.saturating_sub(start);
         }
     }
-    if EVENTS
-        .output::<ExitEvent>(&event, emit::wakeup_flags())
-        .is_err()
-    {
+    let flags = emit::wakeup_flags(core::mem::size_of::<ExitEvent>() as u64);
+    if EVENTS.output::<ExitEvent>(&event, flags).is_err() {
         emit::lost();
     }
     0
