@@ -4,7 +4,7 @@
 
 use std::{
     fmt::Write as _,
-    path::Path,
+    path::{Path, PathBuf},
     process::Command,
     time::{Duration, Instant},
 };
@@ -47,10 +47,16 @@ fn in_cgroup(cgroup: &Path, script: &str) -> anyhow::Result<String> {
 
 /// Records in the audit file: (kernel records, lost reported).
 fn counts(file: &Path) -> (u64, u64) {
-    let text = std::fs::read_to_string(file).unwrap_or_default();
+    use std::io::BufRead as _;
     let (mut kernel, mut lost) = (0, 0);
-    for line in text.lines() {
-        let Ok(v) = serde_json::from_str::<Value>(line) else {
+    // The file and its rotated predecessors (`audit.jsonl.1` …): a storm may rotate it.
+    let rotated = (1..=9).map(|n| PathBuf::from(format!("{}.{n}", file.display())));
+    let lines = std::iter::once(file.to_path_buf())
+        .chain(rotated)
+        .filter_map(|p| std::fs::File::open(p).ok())
+        .flat_map(|f| std::io::BufReader::new(f).lines().map_while(Result::ok));
+    for line in lines {
+        let Ok(v) = serde_json::from_str::<Value>(&line) else {
             continue;
         };
         let ty = v["type"].as_str().unwrap_or("");
@@ -92,7 +98,7 @@ pub fn run(bin: &Path, probe: &Path) -> anyhow::Result<String> {
     let mut report = String::new();
     let mut rows = Vec::new();
     // (what, script, probe processes in it)
-    let storms: [(&str, String, u64); 4] = [
+    let storms: [(&str, String, u64); 6] = [
         (
             "connect storm (denied connects, 2 processes, 2 s)",
             format!(
@@ -110,6 +116,23 @@ pub fn run(bin: &Path, probe: &Path) -> anyhow::Result<String> {
             "paced connect storm (2 processes x 25,000 denied connects/s, 3 s)",
             format!(
                 "{p} storm-paced tcp {to} 25000 3 & {p} storm-paced tcp {to} 25000 3; wait",
+                p = probe.display()
+            ),
+            2,
+        ),
+        (
+            "paced connect storm (2 processes x 50,000 denied connects/s, 2 s)",
+            format!(
+                "{p} storm-paced tcp {to} 50000 2 & {p} storm-paced tcp {to} 50000 2; wait",
+                p = probe.display()
+            ),
+            2,
+        ),
+        (
+            // As fast as two processes go: where the ring overflows, if it does on this machine.
+            "unpaced connect storm (2 processes x 200,000 denied connects as fast as they go)",
+            format!(
+                "{p} storm-paced tcp {to} 1000000 0.2 & {p} storm-paced tcp {to} 1000000 0.2; wait",
                 p = probe.display()
             ),
             2,
