@@ -372,7 +372,7 @@ struct ProgramTime {
     ns_per_connect: f64,
 }
 
-/// The programs the agent loads, by name, as bpftool lists them.
+/// The programs the agent loads, by name, as bpftool lists them (the kernel keeps 15 bytes).
 const PROGRAMS: [&str; 9] = [
     "connect4",
     "sendmsg4",
@@ -382,7 +382,7 @@ const PROGRAMS: [&str; 9] = [
     "egress",
     "tcp_state",
     "socket_enter",
-    "lsm_socket_cre",
+    "lsm_socket_crea",
 ];
 
 /// `(run_cnt, run_time_ns)` of each of the agent's programs that has run.
