@@ -263,6 +263,7 @@ pub fn run(config_path: &Path, config: Config) -> anyhow::Result<()> {
             .context("starting the audit trail (see [audit] in the config)")?;
         audit.set_learner(dns.learner.clone());
         audit.set_docker_root(config.docker_root.clone());
+        audit.set_known_cgroups(discovery.known());
         // CloudWatch: every record is spooled before it counts as accepted; the sink sends
         // from the spool and acknowledges what CloudWatch took.
         let mut cloudwatch_health = None;
@@ -296,6 +297,12 @@ pub fn run(config_path: &Path, config: Config) -> anyhow::Result<()> {
                 let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
                 sink_stop = Some((stop_tx, sink.wake.clone()));
                 tracing::info!(log_group = %cw.log_group, log_stream = %stream, spool = %cw.spool_dir.display(), "shipping the audit trail to CloudWatch Logs");
+                if cw.metrics_interval > std::time::Duration::from_secs(60) {
+                    tracing::warn!(
+                        "[cloudwatch] metrics_interval is {:?}: the shipped AgentSilent alarms expect a Heartbeat at least every minute and will fire; keep it at 60s or less",
+                        cw.metrics_interval
+                    );
+                }
                 Some(tokio::spawn(sink.run(stop_rx)))
             }
             None => None,

@@ -212,6 +212,13 @@ fn cloudwatch_errors_are_retried_or_quarantined_as_they_should_be() {
         .filter_map(|v| v["DeniedConnections"].as_u64())
         .sum();
     assert!(denials >= 2, "EMF DeniedConnections: {denials}");
+    // The heartbeat the AgentSilent alarms watch: once per emission (every second here).
+    let heartbeats = got
+        .iter()
+        .filter_map(|m| serde_json::from_str::<serde_json::Value>(m).ok())
+        .filter(|v| v["Heartbeat"] == 1)
+        .count();
+    assert!(heartbeats >= 2, "EMF Heartbeat records: {heartbeats}");
     let _ = std::fs::remove_dir_all(&spool);
 }
 

@@ -1,6 +1,10 @@
 //! CloudWatch metrics in the Embedded Metric Format: counted from the audit records and
 //! written into the same log stream (through the spool, so they are not lost either); CloudWatch
 //! turns them into metrics in the `EgressGuard` namespace, per policy and instance.
+//!
+//! Every emission also carries `Heartbeat` = 1, per instance and without dimensions: the
+//! shipped template alarms when it stops arriving (missing data is breaching), so a host whose
+//! agent died or never started is noticed even though it sends nothing.
 
 use std::{collections::BTreeMap, time::SystemTime};
 
@@ -76,10 +80,16 @@ impl Metrics {
                     { "Name": "EventsLost", "Unit": "Count" },
                     { "Name": "SpoolPendingBytes", "Unit": "Bytes" },
                 ],
+            }, {
+                "Namespace": NAMESPACE,
+                // Per instance, and one series for the whole fleet (no dimension).
+                "Dimensions": [["Instance"], []],
+                "Metrics": [{ "Name": "Heartbeat", "Unit": "Count" }],
             }]},
             "type": "metrics", "ts": ts_text,
             "Instance": instance,
             "EventsLost": self.events_lost, "SpoolPendingBytes": spool_pending_bytes,
+            "Heartbeat": 1,
         }));
         self.events_lost = 0;
         out
@@ -119,6 +129,13 @@ mod tests {
             ),
             (Some(7), Some(42))
         );
+        assert_eq!(agent["Heartbeat"], 1);
+        let directives = agent["_aws"]["CloudWatchMetrics"].as_array().unwrap();
+        let heartbeat = directives
+            .iter()
+            .find(|d| d["Metrics"][0]["Name"] == "Heartbeat")
+            .expect("a Heartbeat directive");
+        assert_eq!(heartbeat["Dimensions"], json!([["Instance"], []]));
         // The next period starts from zero.
         let again = m.take("i-123", 0);
         assert!(
