@@ -5,6 +5,8 @@
 //! Rules (see the project's notes): never attach to the cgroup2 root or the cgroup holding
 //! this shell; traffic only to loopback.
 
+pub mod docker;
+
 use std::{
     io::{BufRead as _, BufReader, Read as _},
     net::{SocketAddr, TcpListener, UdpSocket},
@@ -79,6 +81,7 @@ pub fn cgroup2_root() -> PathBuf {
 
 /// Removes cgroups and pins left by earlier runs whose process is gone.
 pub fn sweep() {
+    docker::sweep();
     let alive = |name: &str| {
         name.strip_prefix(&format!("{PREFIX}-"))
             .and_then(|r| r.split('-').next())
