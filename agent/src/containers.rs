@@ -9,7 +9,7 @@
 //! few milliseconds) the parent's own policy applies, so a container is never unguarded.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     ffi::CString,
     os::unix::{ffi::OsStrExt as _, fs::MetadataExt as _},
     path::{Path, PathBuf},
@@ -28,6 +28,84 @@ pub const DEFAULT_DOCKER_ROOT: &str = "/var/lib/docker";
 
 /// How long a container cgroup whose metadata is not readable yet is retried.
 const METADATA_WAIT: Duration = Duration::from_secs(5);
+
+/// How long a removed container cgroup stays known (its last records may still be in the
+/// ring), and how many are kept at most.
+const KEEP_GONE: Duration = Duration::from_secs(600);
+const MAX_KNOWN: usize = 65_536;
+
+/// The cgroups that appear under the guarded cgroups (containers, systemd scopes), by cgroup
+/// id, from the moment they appear until a while after they are removed. Records are enriched
+/// when the agent drains the ring, and a `docker run --rm` container that lived a fraction of a
+/// second is gone by then (its cgroup and its Docker metadata): its records are still named
+/// from here.
+#[derive(Debug, Default)]
+pub struct KnownCgroups(Mutex<HashMap<u64, Known>>);
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Known {
+    /// The cgroup directory (absolute).
+    pub cgroup: PathBuf,
+    /// The full container id, if the cgroup is a container's.
+    pub container: Option<String>,
+    /// Docker's name; None if its metadata was never readable.
+    pub name: Option<String>,
+    gone_at: Option<Instant>,
+}
+
+impl KnownCgroups {
+    pub fn get(&self, cgroup_id: u64) -> Option<Known> {
+        self.lock().get(&cgroup_id).cloned()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Known>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A cgroup that exists now; a name seen earlier is kept when its metadata is gone.
+    fn seen(&self, cgroup_id: u64, cgroup: &Path, container: Option<&str>, name: Option<String>) {
+        let mut known = self.lock();
+        if known.len() >= MAX_KNOWN && !known.contains_key(&cgroup_id) {
+            forget_gone(&mut known, Duration::ZERO);
+        }
+        let name = name.or_else(|| known.get(&cgroup_id).and_then(|k| k.name.clone()));
+        known.insert(
+            cgroup_id,
+            Known {
+                cgroup: cgroup.to_path_buf(),
+                container: container.map(str::to_string),
+                name,
+                gone_at: None,
+            },
+        );
+    }
+
+    /// Marks every known cgroup not in `alive` as removed now, and forgets the long gone.
+    fn keep_only(&self, alive: &HashSet<u64>) {
+        let mut known = self.lock();
+        let now = Instant::now();
+        for (id, k) in known.iter_mut() {
+            if !alive.contains(id) && k.gone_at.is_none() {
+                k.gone_at = Some(now);
+            }
+        }
+        forget_gone(&mut known, KEEP_GONE);
+    }
+
+    /// The cgroup at `path` was removed.
+    fn gone(&self, path: &Path) {
+        let mut known = self.lock();
+        for k in known.values_mut().filter(|k| k.cgroup == path) {
+            k.gone_at.get_or_insert_with(Instant::now);
+        }
+        forget_gone(&mut known, KEEP_GONE);
+    }
+}
+
+/// Drops the cgroups removed more than `age` ago.
+fn forget_gone(known: &mut HashMap<u64, Known>, age: Duration) {
+    known.retain(|_, k| k.gone_at.is_none_or(|t| t.elapsed() < age));
+}
 
 /// One `containers` entry of a policy.
 #[derive(Debug, Clone, PartialEq)]
@@ -170,12 +248,15 @@ struct State {
     found: BTreeMap<PathBuf, Found>,
     /// Container cgroups whose metadata was missing, retried until the deadline.
     pending: BTreeMap<PathBuf, Instant>,
+    /// What names the records of containers, also after they are gone.
+    known: Arc<KnownCgroups>,
 }
 
 /// The discovery service: a thread reading inotify, and [`Discovery::update`] after each
 /// (re)load.
 pub struct Discovery {
     state: Arc<Mutex<State>>,
+    known: Arc<KnownCgroups>,
     inotify: Arc<Fd>,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -202,6 +283,7 @@ impl Discovery {
             return Err(std::io::Error::last_os_error()).context("inotify_init1");
         }
         let inotify = Arc::new(Fd(fd));
+        let known = Arc::new(KnownCgroups::default());
         let state = Arc::new(Mutex::new(State {
             map,
             rules: Vec::new(),
@@ -209,6 +291,7 @@ impl Discovery {
             watches: HashMap::new(),
             found: BTreeMap::new(),
             pending: BTreeMap::new(),
+            known: known.clone(),
         }));
         let stop = Arc::new(AtomicBool::new(false));
         let thread = std::thread::Builder::new()
@@ -219,6 +302,7 @@ impl Discovery {
             })?;
         Ok(Self {
             state,
+            known,
             inotify,
             stop,
             thread: Some(thread),
@@ -259,6 +343,11 @@ impl Discovery {
         failed.map_or(Ok(()), Err)
     }
 
+    /// The containers' cgroups by id, for the audit trail (kept after they are gone).
+    pub fn known(&self) -> Arc<KnownCgroups> {
+        self.known.clone()
+    }
+
     /// The containers seen, for the control socket.
     pub fn snapshot(&self) -> Vec<Found> {
         let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -279,8 +368,12 @@ impl State {
     /// Looks at one child cgroup of a guarded cgroup; matches it if it is a container and
     /// returns (cgroup id, slot) when a selector picked it.
     fn consider(&mut self, path: &Path) -> Option<(u64, u32)> {
-        let id = container_of(&path.to_string_lossy())?;
         let meta = std::fs::metadata(path).ok()?;
+        let Some(id) = container_of(&path.to_string_lossy()) else {
+            // Not a container (a systemd scope, say): known by its path only.
+            self.known.seen(meta.ino(), path, None, None);
+            return None;
+        };
         let info = read_docker(&self.docker_root, &id);
         let rule = info.as_ref().and_then(|c| {
             self.rules
@@ -311,6 +404,12 @@ impl State {
             );
         }
         let pick = found.slot.map(|s| (found.cgroup_id, s));
+        self.known.seen(
+            found.cgroup_id,
+            path,
+            Some(&found.container),
+            found.name.clone(),
+        );
         self.found.insert(path.to_path_buf(), found);
         pick
     }
@@ -356,11 +455,13 @@ impl State {
         self.found.clear();
         self.pending.clear();
         let parents: Vec<PathBuf> = self.watches.values().cloned().collect();
+        let mut alive = HashSet::new();
         for p in parents {
             match std::fs::read_dir(&p) {
                 Ok(entries) => {
                     for e in entries.flatten() {
                         if e.file_type().is_ok_and(|t| t.is_dir()) {
+                            alive.extend(e.metadata().ok().map(|m| m.ino()));
                             self.consider(&e.path());
                         }
                     }
@@ -368,6 +469,7 @@ impl State {
                 Err(e) => tracing::error!("listing {}: {e}", p.display()),
             }
         }
+        self.known.keep_only(&alive);
     }
 
     fn gone(&mut self, path: &Path) {
@@ -375,6 +477,7 @@ impl State {
         if let Some(f) = self.found.remove(path) {
             let _ = self.map.remove(&f.cgroup_id);
         }
+        self.known.gone(path);
     }
 }
 
@@ -502,6 +605,33 @@ mod tests {
         assert_eq!(container_of(&format!("/openhands/{id}")), Some(id.clone()));
         assert_eq!(container_of("/openhands.slice/something"), None);
         assert_eq!(container_of("/docker/short"), None);
+    }
+
+    #[test]
+    fn known_cgroups_outlive_their_containers_for_a_while() {
+        let known = KnownCgroups::default();
+        let dir = |id: u64| PathBuf::from(format!("/sys/fs/cgroup/s/{id}"));
+        let container = "ab".repeat(32);
+        known.seen(7, &dir(7), Some(&container), Some("short-lived".into()));
+        // Metadata gone by a later look (the container was removed): the name stays.
+        known.seen(7, &dir(7), Some(&container), None);
+        known.gone(&dir(7));
+        let k = known.get(7).expect("a removed container is still known");
+        assert_eq!(k.name.as_deref(), Some("short-lived"));
+        assert_eq!(k.container.as_deref(), Some(container.as_str()));
+        assert!(k.gone_at.is_some());
+        // Other cgroups (a systemd scope) are known by their path.
+        known.seen(8, &dir(8), None, None);
+        assert_eq!(known.get(8).unwrap().cgroup, dir(8));
+        // A rescan marks what it did not find as gone, and keeps what it found alive.
+        known.seen(9, &dir(9), Some(&container), Some("vanished".into()));
+        known.keep_only(&HashSet::from([8]));
+        assert!(known.get(8).unwrap().gone_at.is_none());
+        assert!(known.get(9).unwrap().gone_at.is_some());
+        // Only the long gone are forgotten.
+        forget_gone(&mut known.lock(), Duration::ZERO);
+        assert!(known.get(7).is_none() && known.get(9).is_none());
+        assert!(known.get(8).is_some());
     }
 
     #[test]

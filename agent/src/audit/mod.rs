@@ -132,6 +132,11 @@ impl Audit {
         self.enricher.set_docker_root(root);
     }
 
+    /// Lets records name containers from what discovery saw, also after they are gone.
+    pub fn set_known_cgroups(&mut self, known: std::sync::Arc<crate::containers::KnownCgroups>) {
+        self.enricher.known = Some(known);
+    }
+
     /// Lets `net.*` records name the hostnames their destination was answered for.
     pub fn set_learner(
         &mut self,

@@ -39,6 +39,8 @@ pub struct Enricher {
     last_scan_ns: Option<u64>,
     /// The DNS learner: which names a destination was answered for.
     pub learned: Option<std::sync::Arc<std::sync::Mutex<crate::dns::learned::Learner>>>,
+    /// Container cgroups by id from discovery, kept after they are gone.
+    pub known: Option<std::sync::Arc<crate::containers::KnownCgroups>>,
 }
 
 fn clock_ns(clock: libc::clockid_t) -> i128 {
@@ -75,6 +77,7 @@ impl Enricher {
             cgroups: HashMap::new(),
             last_scan_ns: None,
             learned: None,
+            known: None,
         }
     }
 
@@ -217,9 +220,25 @@ impl Enricher {
 
     /// Cgroup, container and process of `h`.
     fn process_fields(&mut self, m: &mut Map<String, Value>, h: &EventHeader) {
-        let cgroup = self.cgroup_path(h.cgroup_id, h.ts_ns);
-        let container = cgroup.as_deref().and_then(crate::containers::container_of);
-        let name = container.as_deref().and_then(|id| self.container_name(id));
+        let known = self.known.as_ref().and_then(|k| k.get(h.cgroup_id));
+        let (cgroup, container, name) = match known {
+            // A child of a guarded cgroup, as discovery saw it appear: also when it is gone by
+            // now (a `docker run --rm` container that lived a fraction of a second).
+            Some(k) => {
+                let name = match (&k.name, &k.container) {
+                    (Some(n), _) => Some(n.clone()),
+                    (None, Some(id)) => self.container_name(id),
+                    (None, None) => None,
+                };
+                (Some(self.relative(&k.cgroup)), k.container, name)
+            }
+            None => {
+                let cgroup = self.cgroup_path(h.cgroup_id, h.ts_ns);
+                let container = cgroup.as_deref().and_then(crate::containers::container_of);
+                let name = container.as_deref().and_then(|id| self.container_name(id));
+                (cgroup, container, name)
+            }
+        };
         m.insert(
             "container".into(),
             container.map_or(Value::Null, |id| Value::from(&id[..12])),
@@ -326,15 +345,22 @@ impl Enricher {
         self.cgroups.get(&id).cloned().flatten()
     }
 
+    /// A cgroup directory as records write it: relative to the cgroup2 root, with a leading '/'.
+    fn relative(&self, dir: &Path) -> String {
+        format!(
+            "/{}",
+            dir.strip_prefix(&self.cgroup_root).unwrap_or(dir).display()
+        )
+    }
+
     fn scan(&mut self, dir: &Path, depth: usize) {
         // Bounded: cgroups of containers long gone are forgotten.
         if depth == 0 && self.cgroups.len() > 65_536 {
             self.cgroups.clear();
         }
         if let Ok(meta) = std::fs::metadata(dir) {
-            let rel = dir.strip_prefix(&self.cgroup_root).unwrap_or(dir);
-            self.cgroups
-                .insert(meta.ino(), Some(format!("/{}", rel.display())));
+            let rel = self.relative(dir);
+            self.cgroups.insert(meta.ino(), Some(rel));
         }
         if depth >= 16 {
             return;
