@@ -123,6 +123,11 @@ enum Command {
     Uninstall {
         #[command(flatten)]
         pins: PinArgs,
+        /// First stop the agent running on these pins, and only that one (SIGTERM, then wait up
+        /// to 30 s for it to let go of them). For hosts without systemd; with systemd, use
+        /// `systemctl stop egress-guard`.
+        #[arg(long)]
+        stop_agent: bool,
     },
     /// Print shell completions or the man page (used by `cargo xtask dist`).
     #[command(hide = true)]
@@ -288,10 +293,16 @@ fn main() -> ExitCode {
             control::client::reload(&socket.socket, socket.json).unwrap_or_else(fail)
         }
         Command::Generate { what } => done(generate(&what)),
-        Command::Uninstall { pins } => {
+        Command::Uninstall { pins, stop_agent } => {
             init_logging(None);
             let run = || -> anyhow::Result<()> {
                 let dir = pins.resolve()?;
+                if stop_agent
+                    && let Some(pid) =
+                        kernel::stop_agent_on(&dir, std::time::Duration::from_secs(30))?
+                {
+                    println!("stopped the agent (pid {pid}) running on {}", dir.display());
+                }
                 let (links, maps) = kernel::uninstall(&dir)?;
                 println!(
                     "removed {links} attachments and {maps} maps from {}; the cgroups are no longer guarded",

@@ -304,15 +304,27 @@ fn the_deb_installs_runs_as_its_unit_says_and_removes_cleanly() {
         .unwrap();
     succeeded(&status, "egress-guard status (default socket)");
 
-    // Stopped by hand (no systemd); removal detaches, on purpose.
-    // SAFETY: plain kill(2) of our child.
-    unsafe { libc::kill(pid, libc::SIGTERM) };
-    let _ = cleanup.agent.take().map(|mut a| a.wait());
+    // Removal without systemd stops the agent running on the package's pins, and no other
+    // process of that name (another agent, an SRE's `egress-guard events --follow`): a
+    // bystander named egress-guard must survive it. Then it detaches, on purpose.
+    let bystander_bin = dir.join("egress-guard");
+    std::fs::copy("/bin/sleep", &bystander_bin).unwrap();
+    let mut bystander = Command::new(&bystander_bin).arg("300").spawn().unwrap();
+    let removed = dpkg(&["-r", "egress-guard"]);
+    let bystander_lived = bystander.try_wait().unwrap().is_none();
+    let _ = bystander.kill();
+    let _ = bystander.wait();
+    succeeded(&removed, "dpkg -r");
     assert!(
-        probe_in(&slice, &["raw"]).eperm(),
-        "a stopped agent must leave the guard in place"
+        bystander_lived,
+        "removal killed another process named egress-guard"
     );
-    succeeded(&dpkg(&["-r", "egress-guard"]), "dpkg -r");
+    let agent_exit = cleanup.agent.as_mut().unwrap().try_wait().unwrap();
+    assert!(
+        agent_exit.is_some_and(|s| s.success()),
+        "removal did not stop the agent (pid {pid}) cleanly: {agent_exit:?}"
+    );
+    cleanup.agent = None;
     assert!(
         probe_in(&slice, &["raw"]).ok(),
         "removal left the containers guarded without a DNS proxy"

@@ -588,6 +588,48 @@ pub fn uninstall(pin_dir: &Path) -> anyhow::Result<(usize, usize)> {
     Ok((links, maps))
 }
 
+/// The process holding the pin directory's lock (the agent running on these pins), from
+/// /proc/locks: `ID: FLOCK ADVISORY WRITE PID MAJ:MIN:INODE START END`.
+pub fn pin_dir_holder(pin_dir: &Path) -> Option<i32> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = std::fs::metadata(pin_dir).ok()?;
+    let (major, minor) = (libc::major(meta.dev()), libc::minor(meta.dev()));
+    let file = format!("{major:02x}:{minor:02x}:{}", meta.ino());
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    locks.lines().find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.get(1) == Some(&"FLOCK") && f.get(5) == Some(&file.as_str()) {
+            f.get(4)?.parse().ok()
+        } else {
+            None
+        }
+    })
+}
+
+/// Stops the agent running on `pin_dir`, and only that one (SIGTERM, then waits until it let
+/// go of the pins); its pid, or None if no agent held them.
+pub fn stop_agent_on(pin_dir: &Path, wait: std::time::Duration) -> anyhow::Result<Option<i32>> {
+    let Some(pid) = pin_dir_holder(pin_dir) else {
+        return Ok(None);
+    };
+    // SAFETY: plain syscall.
+    if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("stopping the agent (pid {pid}) on {}", pin_dir.display()));
+    }
+    let end = std::time::Instant::now() + wait;
+    while pin_dir_holder(pin_dir) == Some(pid) {
+        if std::time::Instant::now() > end {
+            bail!(
+                "the agent (pid {pid}) on {} did not stop within {wait:?}",
+                pin_dir.display()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    Ok(Some(pid))
+}
+
 /// An exclusive lock on the pin directory, held for as long as the returned file lives: two
 /// agents on one pin_dir would undo each other's work.
 pub fn lock_pin_dir(pin_dir: &Path) -> anyhow::Result<File> {
