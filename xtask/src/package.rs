@@ -101,9 +101,15 @@ const SCRIPTS: &[&str] = &["postinst", "prerm", "postrm"];
 
 /// Builds target/debian/egress-guard_<version>_<arch>.deb and returns its path.
 pub fn package() -> anyhow::Result<PathBuf> {
-    crate::dist()?;
+    package_build(env!("CARGO_PKG_VERSION"), None)
+}
+
+/// The .deb of a build with this package version and, if given, this build id
+/// (`EGRESS_GUARD_BUILD_ID`: part of the programs' identity, so an upgrade between two builds
+/// replaces every program, as an upgrade with changed programs does).
+pub fn package_build(version: &str, build_id: Option<&str>) -> anyhow::Result<PathBuf> {
+    crate::dist_build(build_id)?;
     let root = workspace_root();
-    let version = env!("CARGO_PKG_VERSION");
     let arch = output(Command::new("dpkg").arg("--print-architecture"))?
         .trim()
         .to_string();

@@ -19,12 +19,22 @@ use aya::{
 /// The programs, built by build.rs (aya-build) and embedded in the binary.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/egress-guard"));
 
-/// A short identity of the embedded programs: link pins carry it, so a restart with the same
-/// binary adopts its links and an upgrade attaches new ones before detaching the old.
+/// A build identity given at compile time (`EGRESS_GUARD_BUILD_ID`, e.g. a release pipeline's
+/// commit); empty by default. It is part of the programs' identity: two builds with different
+/// ids never adopt each other's links, so an upgrade between them replaces every program (the
+/// real-host test upgrades to such a build).
+pub const BUILD_ID: &str = match option_env!("EGRESS_GUARD_BUILD_ID") {
+    Some(id) => id,
+    None => "",
+};
+
+/// A short identity of the embedded programs (and the build id): link pins carry it, so a
+/// restart with the same binary adopts its links and an upgrade attaches new ones before
+/// detaching the old.
 pub fn object_id() -> String {
     // FNV-1a: stable across builds and Rust versions, unlike std's hasher.
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in OBJECT {
+    for b in OBJECT.iter().chain(BUILD_ID.as_bytes()) {
         h ^= u64::from(*b);
         h = h.wrapping_mul(0x100_0000_01b3);
     }

@@ -12,6 +12,11 @@
 //! probe udp-presocket ADDR:PORT    connect a UDP socket, print `ready`, wait for a line on
 //!                                  stdin, then send on it (the socket predates the guard)
 //! probe serve ADDR:PORT            listen, print `ready`, accept one connection, write `hello`
+//! probe serve-forever ADDR:PORT    listen, print `ready`, then accept connections until killed,
+//!                                  writing `hello` to each (a stand-in for a remote API)
+//! probe tcp-name HOST:PORT         resolve HOST with the system resolver (resolv.conf, as any
+//!                                  program in a container would), connect to its first address;
+//!                                  prints `ADDR ok`, `ADDR EPERM` or `err lookup: …`
 //! probe loop tcp ADDR:PORT MILLIS  connect repeatedly for MILLIS; prints `ok=N eperm=M err=K`
 //! probe bench-connect ADDR:PORT MILLIS  connect + close (RST) for MILLIS; prints `ns_per_connect=X`
 //! probe storm tcp ADDR:PORT N      N connects as fast as possible (a burst of audit records);
@@ -271,6 +276,29 @@ fn main() -> ExitCode {
             report(classify(
                 l.accept().and_then(|(mut c, _)| c.write_all(b"hello")),
             ))
+        }
+        ["serve-forever", on] => {
+            let l = match TcpListener::bind(addr(on)) {
+                Ok(l) => l,
+                Err(e) => return report(classify::<()>(Err(e))),
+            };
+            println!("ready");
+            let _ = std::io::stdout().flush();
+            for c in l.incoming().flatten() {
+                let mut c = c;
+                let _ = c.write_all(b"hello");
+            }
+            ExitCode::SUCCESS
+        }
+        ["tcp-name", host_port] => {
+            use std::net::ToSocketAddrs as _;
+            let to = match host_port.to_socket_addrs().map(|mut a| a.next()) {
+                Ok(Some(to)) => to,
+                Ok(None) => return report(Outcome::Err("lookup: no address".into())),
+                Err(e) => return report(Outcome::Err(format!("lookup: {e}"))),
+            };
+            print!("{to} ");
+            report(tcp(to))
         }
         ["loop", "tcp", to, millis] => {
             let to = addr(to);
