@@ -96,6 +96,12 @@ check "systemctl reload egress-guard" systemctl reload egress-guard
 wait_for "app: $OTHER_ADDR:80 after the reload" 10 sh -c "docker exec $app /probe tcp $OTHER_ADDR:80 | grep -q '^ok'"
 expect "the journal says it applied" 'enforcing;' sh -c "journalctl -u egress-guard --no-pager -n 30 | sed -n '/reloading/,\$p'"
 expect "app: $OTHER_ADDR:443 is still refused" '^EPERM' in_ctr $app tcp $OTHER_ADDR:443
+cp /etc/egress-guard/config.toml /tmp/config.applied
+sed -i "s|\"$OTHER_ADDR:80\",|\"$OTHER_ADDR:80\", \"not-an-entry\",|" /etc/egress-guard/config.toml
+check_not "a refused config: systemctl reload fails" systemctl reload egress-guard
+expect "and the journal says why" 'reload refused' journalctl -u egress-guard --no-pager -n 20
+expect "the running policy stays" '^ok' in_ctr $app tcp $OTHER_ADDR:80
+cp /tmp/config.applied /etc/egress-guard/config.toml
 wd2=$(systemctl show -p WatchdogTimestampMonotonic --value egress-guard)
 if [ "$wd1" != 0 ] && [ "$wd2" != "$wd1" ]; then ok "the watchdog is fed ($wd1 -> $wd2)"; else fail "the watchdog was not fed ($wd1 -> $wd2)"; fi
 
