@@ -202,6 +202,17 @@ pub enum Refusal {
     Nxdomain,
 }
 
+/// What the proxy does with an answer holding private addresses (RFC 1918 IPv4, IPv6 unique
+/// local `fc00::/7`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PrivateAnswers {
+    /// Learn them like any other address (VPC endpoints and private APIs answer with them).
+    Allow,
+    /// Refuse the whole answer (the client gets the `refuse` answer); nothing of it is learned.
+    Refuse,
+}
+
 pub const DEFAULT_DNS_LISTEN: Ipv4Addr = Ipv4Addr::new(172, 17, 0, 1);
 pub const DEFAULT_DNS_PORT: u16 = 10053;
 
@@ -222,16 +233,40 @@ pub struct Dns {
     /// Per attempt; after `upstream_attempts` the client gets SERVFAIL.
     pub upstream_timeout: Duration,
     pub upstream_attempts: u32,
-    /// Learned (name, address) pairs per policy; beyond it, answers are SERVFAIL.
+    /// Learned (name, address) pairs per policy. When full, idle pairs of the container
+    /// holding the most are evicted; if none can be, answers are SERVFAIL.
     pub max_learned: usize,
+    /// Learned pairs one container (cgroup) may hold in its policy; beyond it, its own idle
+    /// pairs are evicted, else its answer is refused. Default: `max_learned` / 8.
+    pub max_learned_per_container: usize,
+    /// Distinct names under a wildcard one container may have sent upstream in any 60 s;
+    /// beyond it, new names are refused without being sent.
+    pub wildcard_names_per_minute: usize,
     /// Addresses never allowed from a DNS answer, whatever the name (DNS rebinding to the
     /// cloud metadata service, the host, …).
     pub never_learn: Vec<IpNet>,
+    /// `"host"` in `never_learn`: every address of this host's (non-loopback) interfaces, as
+    /// they are now (re-read every second).
+    pub never_learn_host: bool,
+    /// Answers with RFC 1918 / unique local addresses: learned, or refused.
+    pub private_answers: PrivateAnswers,
 }
 
-/// The default `[dns] never_learn`: this host and network, link-local (the cloud metadata
-/// service at 169.254.169.254), multicast and broadcast.
-pub const DEFAULT_NEVER_LEARN: [&str; 9] = [
+/// `[dns] never_learn`'s word for every address of this host's interfaces.
+pub const NEVER_LEARN_HOST: &str = "host";
+
+/// The default `[dns] wildcard_names_per_minute`. Real work under a wildcard asks a handful
+/// of distinct names a minute (pip: pypi.org and files.pythonhosted.org; a CDN: a few shard
+/// hosts; S3: one per bucket), so 100 leaves an order of magnitude of headroom. A DNS tunnel
+/// needs a new name for every ~100 bytes (4 labels of 40 base32 characters): 100 names a
+/// minute caps it at ~10 KB a minute per container, where unlimited it was megabytes.
+pub const DEFAULT_WILDCARD_NAMES_PER_MINUTE: usize = 100;
+
+/// The default `[dns] never_learn`: this host (its interface addresses, kept current) and
+/// network, link-local (the cloud metadata service at 169.254.169.254), AWS's IPv6 metadata,
+/// DNS and time services (`fd00:ec2::254`, `::253`, `::123`), multicast and broadcast.
+pub const DEFAULT_NEVER_LEARN: [&str; 11] = [
+    NEVER_LEARN_HOST,
     "0.0.0.0/8",
     "127.0.0.0/8",
     "169.254.0.0/16",
@@ -240,6 +275,7 @@ pub const DEFAULT_NEVER_LEARN: [&str; 9] = [
     "::/128",
     "::1/128",
     "fe80::/10",
+    "fd00:ec2::/32",
     "ff00::/8",
 ];
 
@@ -255,10 +291,15 @@ impl Default for Dns {
             upstream_timeout: Duration::from_millis(1500),
             upstream_attempts: 2,
             max_learned: 16_384,
+            max_learned_per_container: 16_384 / 8,
+            wildcard_names_per_minute: DEFAULT_WILDCARD_NAMES_PER_MINUTE,
             never_learn: DEFAULT_NEVER_LEARN
                 .iter()
+                .filter(|n| **n != NEVER_LEARN_HOST)
                 .map(|n| n.parse().expect("constant"))
                 .collect(),
+            never_learn_host: true,
+            private_answers: PrivateAnswers::Allow,
         }
     }
 }
@@ -275,7 +316,10 @@ struct RawDns {
     upstream_timeout: Option<String>,
     upstream_attempts: Option<u32>,
     max_learned: Option<usize>,
+    max_learned_per_container: Option<usize>,
+    wildcard_names_per_minute: Option<usize>,
     never_learn: Option<Vec<String>>,
+    private_answers: Option<PrivateAnswers>,
 }
 
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/egress-guard/control.sock";
@@ -909,13 +953,41 @@ fn validate_dns(raw: RawDns) -> Result<Dns, Vec<String>> {
             problems.push(format!("[dns] max_learned = {m}: must be 1 to 1048576"));
         }
     }
+    d.max_learned_per_container = (d.max_learned / 8).max(1);
+    if let Some(q) = raw.max_learned_per_container {
+        if (1..=d.max_learned).contains(&q) {
+            d.max_learned_per_container = q;
+        } else {
+            problems.push(format!(
+                "[dns] max_learned_per_container = {q}: must be 1 to max_learned ({})",
+                d.max_learned
+            ));
+        }
+    }
+    if let Some(b) = raw.wildcard_names_per_minute {
+        if (1..=100_000).contains(&b) {
+            d.wildcard_names_per_minute = b;
+        } else {
+            problems.push(format!(
+                "[dns] wildcard_names_per_minute = {b}: must be 1 to 100000"
+            ));
+        }
+    }
+    if let Some(p) = raw.private_answers {
+        d.private_answers = p;
+    }
     if let Some(list) = raw.never_learn {
         d.never_learn.clear();
+        d.never_learn_host = false;
         for n in list {
+            if n == NEVER_LEARN_HOST {
+                d.never_learn_host = true;
+                continue;
+            }
             match parse_net(&n) {
                 Ok(Some(net)) => d.never_learn.push(net),
                 Ok(None) => problems.push(format!(
-                    "[dns] never_learn entry {n:?} is not an address or CIDR"
+                    "[dns] never_learn entry {n:?} is not an address, a CIDR or \"{NEVER_LEARN_HOST}\" (this host's addresses)"
                 )),
                 Err(e) => problems.push(format!("[dns] never_learn entry {n:?}: {e}")),
             }
@@ -1455,6 +1527,69 @@ allow_loopback = true
     }
 
     #[test]
+    fn dns_limits_and_never_learn_defaults() {
+        let d = Dns::default();
+        assert!(d.never_learn_host);
+        assert_eq!(d.wildcard_names_per_minute, 100);
+        assert_eq!(d.max_learned_per_container, 2048);
+        assert_eq!(d.private_answers, PrivateAnswers::Allow);
+        for ip in [
+            "fd00:ec2::254",
+            "fd00:ec2::253",
+            "169.254.169.254",
+            "127.0.0.1",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert!(d.never_learn.iter().any(|n| n.contains(&ip)), "{ip}");
+        }
+        let ok = |table: &str| {
+            cfg(&format!(
+                "[dns]\n{table}\n[[policy]]\nname = \"a\"\ncgroups = [\"x\"]\n"
+            ))
+            .unwrap()
+            .dns
+        };
+        // The per-container quota follows max_learned unless set.
+        assert_eq!(ok("max_learned = 100").max_learned_per_container, 12);
+        assert_eq!(ok("max_learned = 4").max_learned_per_container, 1);
+        let d = ok(
+            "max_learned_per_container = 7\nwildcard_names_per_minute = 5\nprivate_answers = \"refuse\"",
+        );
+        assert_eq!(
+            (
+                d.max_learned_per_container,
+                d.wildcard_names_per_minute,
+                d.private_answers
+            ),
+            (7, 5, PrivateAnswers::Refuse)
+        );
+        // A list of one's own replaces the defaults, "host" included unless listed.
+        let d = ok("never_learn = [\"169.254.0.0/16\"]");
+        assert!(!d.never_learn_host);
+        assert_eq!(d.never_learn.len(), 1);
+        let d = ok("never_learn = [\"host\", \"10.0.0.0/8\"]");
+        assert!(d.never_learn_host);
+        assert_eq!(d.never_learn.len(), 1);
+        for (table, want) in [
+            ("max_learned_per_container = 0", "must be 1 to max_learned"),
+            (
+                "max_learned = 10\nmax_learned_per_container = 11",
+                "must be 1 to max_learned (10)",
+            ),
+            ("wildcard_names_per_minute = 0", "must be 1 to 100000"),
+            ("private_answers = \"drop\"", "unknown variant"),
+            (
+                "never_learn = [\"hosts\"]",
+                "\"host\" (this host's addresses)",
+            ),
+        ] {
+            let text = format!("[dns]\n{table}\n[[policy]]\nname = \"a\"\ncgroups = [\"x\"]\n");
+            let p = one_problem(&text);
+            assert!(p.reason.contains(want), "{table}: {p:?}");
+        }
+    }
+
+    #[test]
     fn parses_a_full_config() {
         let c = cfg(GOOD).unwrap();
         assert_eq!(c.policies.len(), 2);
@@ -1494,6 +1629,34 @@ allow_loopback = true
         assert!(c.policies[0].hostnames.is_empty());
         assert_eq!(c.policies[1].containers.len(), 1);
         assert_eq!(c.policies[1].hostnames.len(), 3);
+    }
+
+    #[test]
+    fn the_shipped_dns_block_shows_the_defaults() {
+        // Uncommenting every setting of the shipped [dns] block changes nothing.
+        let text = include_str!("../../packaging/config.toml");
+        let mut in_dns = false;
+        let mut out = String::new();
+        for line in text.lines() {
+            if line.starts_with('[') || line.starts_with("# [") {
+                in_dns = line == "[dns]";
+            }
+            let setting = line.strip_prefix("# ").filter(|l| {
+                let key = l.split(" =").next().unwrap_or("");
+                l.contains(" = ") && key.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+            });
+            let continued = line
+                .strip_prefix("#  ")
+                .filter(|l| l.trim_start().starts_with('"'));
+            match (in_dns, setting.or(continued)) {
+                (true, Some(l)) => out.push_str(l),
+                _ => out.push_str(line),
+            }
+            out.push('\n');
+        }
+        let d = cfg(&out).unwrap().dns;
+        assert!(out.contains("\nnever_learn = [\"host\""), "{out}");
+        assert_eq!(d, Dns::default());
     }
 
     #[test]

@@ -206,8 +206,9 @@ pub fn run(config_path: &Path, config: Config) -> anyhow::Result<()> {
     let mut kernel = Kernel::open(&config.pin_dir, config.audit.ring_buffer_bytes).context(
         "setting up the eBPF maps failed (egress-guard needs root, or CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON and CAP_SYS_RESOURCE)",
     )?;
-    // The audit notices channel first: the DNS proxy writes `dns` records to it.
+    // The audit channels first: the DNS proxy writes `dns` records to its own (bounded) one.
     let (tx, rx) = mpsc::unbounded_channel();
+    let (dns_records, dns_queue) = crate::audit::dns_records();
     let learn_maps = kernel::maps::LearnMaps::from_pins(&kernel.maps_dir())?;
     let clients = kernel::maps::DnsClients::from_pins(&kernel.maps_dir())
         .inspect_err(|e| tracing::warn!("dns records will not name processes: {e:#}"))
@@ -220,7 +221,7 @@ pub fn run(config_path: &Path, config: Config) -> anyhow::Result<()> {
             learn_maps,
             clients,
             Some(redirect_map),
-            tx.clone(),
+            dns_records,
         )
     };
     // The addresses the previous agent learned: connections to them survive the restart.
@@ -303,7 +304,7 @@ pub fn run(config_path: &Path, config: Config) -> anyhow::Result<()> {
                         cw.metrics_interval
                     );
                 }
-                Some(tokio::spawn(sink.run(stop_rx)))
+                Some(spawn_sink(sink, stop_rx)?)
             }
             None => None,
         };
@@ -317,7 +318,8 @@ pub fn run(config_path: &Path, config: Config) -> anyhow::Result<()> {
                     "socket_guard": kernel.socket_guard }),
         ));
         announce(&say, &kernel, &targets, &report);
-        let audit_task = tokio::spawn(audit.run(events, rx));
+        let ring = crate::audit::ring::Ring::new(events).context("reading the audit ring buffer")?;
+        let audit_task = tokio::spawn(audit.run(ring, rx, dns_queue));
 
         let (reload_tx, mut reload_rx) = mpsc::channel::<ReloadRequest>(4);
         let group = match control::group_id(&config.control.group) {
@@ -428,8 +430,8 @@ pub fn run(config_path: &Path, config: Config) -> anyhow::Result<()> {
             let _ = stop.send(true);
             wake.notify_one();
             if tokio::time::timeout(SINK_GRACE, &mut t).await.is_err() {
+                // Its thread ends with the process.
                 tracing::warn!("CloudWatch: undelivered records stay in the spool for the next start");
-                t.abort();
             }
         }
         audited
@@ -642,6 +644,30 @@ fn log_applied(config: &Config, report: &ApplyReport, kernel: &Kernel) {
         "enforcing; cgroup guards: {}",
         hooks.join(", ")
     );
+}
+
+/// The CloudWatch sink on a thread and runtime of its own: reading the spool, building
+/// batches and waiting for CloudWatch never delay the audit drain (and so the kernel ring) or
+/// the DNS proxy on the main runtime. The receiver says when it is done.
+fn spawn_sink(
+    sink: crate::cloudwatch::sink::Sink,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<tokio::sync::oneshot::Receiver<()>> {
+    let (done, done_rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("cloudwatch".into())
+        .spawn(move || {
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt.block_on(sink.run(stop)),
+                Err(e) => tracing::error!("CloudWatch: no runtime for the sink: {e}"),
+            }
+            let _ = done.send(());
+        })
+        .context("starting the CloudWatch sink's thread")?;
+    Ok(done_rx)
 }
 
 /// Half of systemd's `WatchdogSec` (from `$WATCHDOG_USEC`), or practically never.

@@ -57,18 +57,21 @@ fn file_lines_with(agent: &Agent, what: &str) -> Vec<String> {
     }
 }
 
-/// Waits until CloudWatch holds every line in `want`.
+/// Waits until CloudWatch holds every line in `want` (30 s, and more for many lines).
 fn wait_for_all(moto: &Moto, want: &[String]) -> Vec<String> {
-    let end = Instant::now() + Duration::from_secs(30);
+    let end = Instant::now() + Duration::from_secs(30 + want.len() as u64 / 500);
     loop {
         let got = moto.messages(GROUP, STREAM);
-        if want.iter().all(|w| got.contains(w)) {
+        let have: std::collections::HashSet<&String> = got.iter().collect();
+        let missing: Vec<&String> = want.iter().filter(|w| !have.contains(w)).collect();
+        if missing.is_empty() {
             return got;
         }
         assert!(
             Instant::now() < end,
-            "missing in CloudWatch: {:?}",
-            want.iter().filter(|w| !got.contains(w)).collect::<Vec<_>>()
+            "{} lines missing in CloudWatch, e.g. {:?}",
+            missing.len(),
+            &missing[..missing.len().min(3)]
         );
         std::thread::sleep(Duration::from_millis(300));
     }
@@ -308,5 +311,108 @@ fn cloudwatch_access_denied_keeps_everything_spooled_and_says_so() {
     // Nothing was dropped: the records wait in the spool for the next attempt (60 s later).
     assert!(moto.messages(GROUP, STREAM).is_empty());
     agent.kill9();
+    let _ = std::fs::remove_dir_all(&spool);
+}
+
+#[test]
+fn cloudwatch_kill_9_mid_stream_loses_nothing_and_ships_nothing_the_file_lacks() {
+    setup();
+    let moto = Moto::start();
+    let cg = TestCgroup::new("cloudwatch-kill");
+    let spool = std::env::temp_dir().join(unique("spool"));
+    let denied = tcp_listener("127.0.0.3");
+    // A ring that holds the records of the seconds a restart takes (16 MiB: ~15 s of this
+    // storm), so that nothing overflows while no agent reads.
+    let mut agent = Agent::start(&body_with(
+        &cg,
+        &moto.endpoint(),
+        &spool,
+        "[audit]\nring_buffer_bytes = 16777216\n",
+    ));
+    // 10,000 connects a second for 4 s, each refused and so one net.connect record, while the
+    // agent is killed (-9) and started again at moments no one chose.
+    let storm = std::thread::spawn({
+        let (path, to) = (cg.path.clone(), denied.to_string());
+        move || probe_in(&path, &["storm-paced", "tcp", &to, "10000", "4"]).stdout
+    });
+    let mut seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as u64;
+    let mut kills = 0;
+    while !storm.is_finished() && kills < 5 {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        std::thread::sleep(Duration::from_millis(150 + (seed >> 33) % 500));
+        agent.kill9();
+        agent.spawn();
+        kills += 1;
+    }
+    let out = storm.join().unwrap();
+    let made: usize = out
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("eperm="))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("storm output: {out}"));
+    assert!(out.starts_with("ok=0 "), "{out}");
+    assert!(kills >= 3, "only {kills} kills during the storm");
+    // CloudWatch gets every record of the storm, by identity (a record written to the file
+    // just before a kill is read again, and its second line, with another ts, is shipped).
+    let storm_ids = |lines: &[String]| -> std::collections::HashSet<(String, String)> {
+        lines
+            .iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["type"] == "net.connect" && v["dst"] == "127.0.0.3")
+            .map(|v| (v["kernel_ns"].to_string(), v["tid"].to_string()))
+            .collect()
+    };
+    let end = Instant::now() + Duration::from_secs(30 + made as u64 / 500);
+    let got = loop {
+        let got = moto.messages(GROUP, STREAM);
+        let shipped = storm_ids(&got).len();
+        if shipped >= made {
+            break got;
+        }
+        assert!(
+            Instant::now() < end,
+            "{shipped} of {made} records of the storm reached CloudWatch"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    agent.stop();
+
+    // The file: every line one whole record, every connect of the storm at least once (a
+    // batch read but not committed before a kill is read again), none lost.
+    let lines = file_lines(&agent);
+    let mut connects = std::collections::HashSet::new();
+    let mut lost = 0;
+    for l in &lines {
+        let v: serde_json::Value = serde_json::from_str(l)
+            .unwrap_or_else(|e| panic!("not one whole record in the audit file ({e}): {l:?}"));
+        if v["type"] == "net.connect" && v["dst"] == "127.0.0.3" {
+            connects.insert((v["kernel_ns"].to_string(), v["tid"].to_string()));
+        }
+        if v["type"] == "agent.events_lost" {
+            lost += v["count"].as_u64().unwrap_or(0) as usize;
+        }
+    }
+    assert_eq!(
+        (connects.len(), lost),
+        (made, 0),
+        "{made} connects made: (in the file, reported lost) after {kills} kills"
+    );
+    // And CloudWatch holds no line the file does not.
+    let file: std::collections::HashSet<&String> = lines.iter().collect();
+    let strangers: Vec<&String> = got
+        .iter()
+        .filter(|m| !m.contains("\"_aws\"") && !file.contains(m))
+        .collect();
+    assert!(
+        strangers.is_empty(),
+        "{} records shipped that the audit file does not hold: {:?}",
+        strangers.len(),
+        &strangers[..strangers.len().min(3)]
+    );
     let _ = std::fs::remove_dir_all(&spool);
 }

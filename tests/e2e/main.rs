@@ -3,10 +3,12 @@
 
 mod audit;
 mod cloudwatch;
+mod cloudwatch_faults;
 mod config_errors;
 mod containers;
 mod control;
 mod dns;
+mod dns_abuse;
 mod enforce;
 mod lifecycle;
 mod package;

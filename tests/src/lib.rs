@@ -446,20 +446,37 @@ impl Drop for Moto {
     }
 }
 
-/// A fault to inject into the next PutLogEvents calls: (HTTP status, error type).
-pub type Fault = (u16, &'static str);
+/// A fault to inject into the next PutLogEvents calls. `(status, "ErrorType")` converts into
+/// `Fault::Error`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// An error answer: HTTP status and error type.
+    Error(u16, &'static str),
+    /// No answer, ever: the request is read and not forwarded, and the connection stays open
+    /// until the client closes it.
+    Hang,
+}
+
+impl From<(u16, &'static str)> for Fault {
+    fn from((status, kind): (u16, &'static str)) -> Self {
+        Fault::Error(status, kind)
+    }
+}
 
 /// What the fault proxy saw of one PutLogEvents batch: (events, bytes as CloudWatch counts
 /// them), or the rule it broke.
 pub type SentBatch = Result<(usize, usize), String>;
 
 /// An HTTP proxy on loopback in front of moto_server that answers the next PutLogEvents calls
-/// with injected errors (throttling, 5xx, invalid parameter), and forwards everything else.
+/// with injected errors (throttling, 5xx, invalid parameter) or not at all (a hang), and
+/// forwards everything else.
 pub struct FaultProxy {
     pub port: u16,
     faults: std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<Fault>>>,
     /// PutLogEvents calls seen (faulted or forwarded).
     pub puts: std::sync::Arc<std::sync::atomic::AtomicU32>,
+    /// PutLogEvents calls held without an answer (`Fault::Hang`).
+    pub hung: std::sync::Arc<std::sync::atomic::AtomicU32>,
     /// Every PutLogEvents batch sent: (events, bytes as CloudWatch counts them, or a rule it
     /// broke).
     pub batches: std::sync::Arc<std::sync::Mutex<Vec<SentBatch>>>,
@@ -504,13 +521,14 @@ impl FaultProxy {
         let port = l.local_addr().unwrap().port();
         let faults = std::sync::Arc::new(std::sync::Mutex::new(std::collections::VecDeque::new()));
         let puts = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let hung = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
         let batches = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (f, p, b) = (faults.clone(), puts.clone(), batches.clone());
+        let (f, p, h, b) = (faults.clone(), puts.clone(), hung.clone(), batches.clone());
         std::thread::spawn(move || {
             for c in l.incoming().flatten() {
-                let (f, p, b) = (f.clone(), p.clone(), b.clone());
+                let (f, p, h, b) = (f.clone(), p.clone(), h.clone(), b.clone());
                 std::thread::spawn(move || {
-                    let _ = proxy_connection(c, upstream, &f, &p, &b);
+                    let _ = proxy_connection(c, upstream, &f, &p, &h, &b);
                 });
             }
         });
@@ -518,6 +536,7 @@ impl FaultProxy {
             port,
             faults,
             puts,
+            hung,
             batches,
         }
     }
@@ -527,8 +546,11 @@ impl FaultProxy {
     }
 
     /// The next PutLogEvents calls get these answers, one each.
-    pub fn inject(&self, faults: &[Fault]) {
-        self.faults.lock().unwrap().extend(faults.iter().copied());
+    pub fn inject<F: Into<Fault> + Copy>(&self, faults: &[F]) {
+        self.faults
+            .lock()
+            .unwrap()
+            .extend(faults.iter().map(|&f| f.into()));
     }
 
     pub fn pending(&self) -> usize {
@@ -568,6 +590,7 @@ fn proxy_connection(
     upstream: u16,
     faults: &std::sync::Mutex<std::collections::VecDeque<Fault>>,
     puts: &std::sync::atomic::AtomicU32,
+    hung: &std::sync::atomic::AtomicU32,
     batches: &std::sync::Mutex<Vec<SentBatch>>,
 ) -> std::io::Result<()> {
     use std::io::Write as _;
@@ -580,7 +603,14 @@ fn proxy_connection(
         if head.contains("Logs_20140328.PutLogEvents") {
             puts.fetch_add(1, Ordering::SeqCst);
             batches.lock().unwrap().push(check_put(&body));
-            if let Some((status, kind)) = faults.lock().unwrap().pop_front() {
+            let fault = faults.lock().unwrap().pop_front();
+            if fault == Some(Fault::Hang) {
+                // Never answer: hold the connection until the client gives up on it.
+                hung.fetch_add(1, Ordering::SeqCst);
+                std::io::copy(&mut from_client, &mut std::io::sink())?;
+                return Ok(());
+            }
+            if let Some(Fault::Error(status, kind)) = fault {
                 let msg = format!("{{\"__type\":\"{kind}\",\"message\":\"injected by the test\"}}");
                 write!(
                     out,

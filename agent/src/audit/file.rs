@@ -20,14 +20,45 @@ pub struct FileSink {
 fn open(path: &Path) -> anyhow::Result<(BufWriter<File>, u64)> {
     use std::os::unix::fs::OpenOptionsExt as _;
     // Records hold argv and command names: not for every local user.
-    let f = OpenOptions::new()
+    let mut f = OpenOptions::new()
         .create(true)
+        .read(true)
         .append(true)
         .mode(0o640)
         .open(path)
         .with_context(|| format!("opening the audit file {}", path.display()))?;
-    let size = f.metadata()?.len();
+    let len = f.metadata()?.len();
+    // Every line one record, also after a crash mid-write: a torn last line is cut (its
+    // record was not consumed from the kernel ring, so it is read and written again).
+    let size = whole_lines_len(&mut f, len)?;
+    if size != len {
+        f.set_len(size)?;
+        tracing::warn!(
+            "the audit file {} ended in a torn record (a crash while writing); cut {} bytes",
+            path.display(),
+            len - size
+        );
+    }
     Ok((BufWriter::new(f), size))
+}
+
+/// The length of the whole lines at the start of `f` (`len` bytes long): up to and with its
+/// last newline. Reads backwards from the end, so a long file costs one small read.
+pub fn whole_lines_len(f: &mut File, len: u64) -> anyhow::Result<u64> {
+    use std::io::{Read as _, Seek as _, SeekFrom};
+    let mut end = len;
+    let mut buf = vec![0u8; 64 << 10];
+    while end > 0 {
+        let start = end.saturating_sub(buf.len() as u64);
+        let chunk = &mut buf[..(end - start) as usize];
+        f.seek(SeekFrom::Start(start))?;
+        f.read_exact(chunk)?;
+        if let Some(i) = chunk.iter().rposition(|&b| b == b'\n') {
+            return Ok(start + i as u64 + 1);
+        }
+        end = start;
+    }
+    Ok(0)
 }
 
 impl FileSink {
@@ -117,6 +148,28 @@ mod tests {
         for line in std::fs::read_to_string(&path).unwrap().lines() {
             serde_json::from_str::<Value>(line).unwrap();
         }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_torn_last_line_is_cut_before_the_next_record() {
+        let dir = std::env::temp_dir().join(format!("eg-file-torn-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("audit.jsonl");
+        // A crash mid-write left half a record after a whole one (longer than one backward
+        // read, so the search crosses a chunk).
+        let whole = format!("{{\"pad\":\"{}\"}}\n", "x".repeat(100_000));
+        std::fs::write(&path, format!("{whole}{{\"version\":1,\"cgro")).unwrap();
+        let mut sink = FileSink::open(&path, 1 << 30, 2).unwrap();
+        sink.write(&serde_json::json!({ "next": 1 })).unwrap();
+        sink.flush().unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text, format!("{whole}{{\"next\":1}}\n"));
+        // No newline at all: nothing whole is kept.
+        std::fs::write(&path, "{\"torn").unwrap();
+        drop(FileSink::open(&path, 1 << 30, 2).unwrap());
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

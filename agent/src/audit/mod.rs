@@ -1,11 +1,16 @@
 //! The audit trail: kernel records from the `EVENTS` ring and the agent's own happenings,
-//! decoded and enriched once (`record`), written to the sinks (`file`).
+//! decoded and enriched once (`record`), written to the sinks (`file`, the CloudWatch spool,
+//! the in-memory feed).
 //!
 //! Nothing is dropped silently: the kernel counts records that did not fit in the ring
-//! (`LOST_EVENTS`), and every increase becomes an `agent.events_lost` record.
+//! (`LOST_EVENTS`), and every increase becomes an `agent.events_lost` record. Nothing is lost
+//! to a crash of the agent either: a batch read from the ring is consumed (`ring`) only once
+//! its records are written to the audit file and then to the spool, in that order, so the
+//! file holds every record the spool ships.
 
 pub mod file;
 pub mod record;
+pub mod ring;
 
 use std::{
     collections::HashMap,
@@ -18,7 +23,7 @@ use anyhow::Context as _;
 use serde_json::{Value, json};
 use tokio::{io::unix::AsyncFd, sync::mpsc};
 
-use aya::maps::{MapData, PerCpuArray, PerCpuValues, RingBuf};
+use aya::maps::{MapData, PerCpuArray, PerCpuValues};
 
 use crate::config;
 use record::Enricher;
@@ -35,15 +40,56 @@ fn read<T: aya::Pod>(bytes: &[u8]) -> Option<T> {
 const LOST_TOTAL: u32 = 0;
 const LOST_REPORTED: u32 = 1;
 
-/// What the daemon tells the audit task.
+/// What the daemon (and the CloudWatch sink) tell the audit task: few, so unbounded.
 pub enum Notice {
     /// An `agent.*` record to write: its type and fields.
     Agent(&'static str, Value),
-    /// A `dns` record from the proxy: its fields, and the task behind the query when the
-    /// kernel saw it.
-    Dns(Value, Option<agent_common::event::EventHeader>),
     /// Policy names by slot and the guarded cgroups, after a (re)load.
     Policies(Vec<String>, Vec<PathBuf>),
+}
+
+/// A `dns` record from the proxy: its fields, and the task behind the query when the kernel
+/// saw it.
+pub type DnsRecord = (Value, Option<EventHeader>);
+
+/// How many `dns` records may wait for the audit task. The proxy makes one per query, as fast
+/// as containers ask; beyond this many waiting, its records are counted and reported lost
+/// rather than growing the agent's memory without end.
+const DNS_RECORDS_QUEUED: usize = 16_384;
+
+/// The DNS proxy's side of the audit trail.
+#[derive(Clone)]
+pub struct DnsRecords {
+    tx: mpsc::Sender<DnsRecord>,
+    dropped: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl DnsRecords {
+    /// Queues a record for the audit task, or counts it as lost when the queue is full.
+    pub fn send(&self, record: DnsRecord) {
+        if self.tx.try_send(record).is_err() {
+            self.dropped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+/// The proxy's records: its sender, and the audit task's receiver.
+pub fn dns_records() -> (DnsRecords, DnsRecordQueue) {
+    let (tx, rx) = mpsc::channel(DNS_RECORDS_QUEUED);
+    let dropped = std::sync::Arc::default();
+    (
+        DnsRecords {
+            tx,
+            dropped: std::sync::Arc::clone(&dropped),
+        },
+        DnsRecordQueue { rx, dropped },
+    )
+}
+
+pub struct DnsRecordQueue {
+    rx: mpsc::Receiver<DnsRecord>,
+    dropped: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Allowed UDP sends to one destination, waiting to be written as one record.
@@ -66,10 +112,14 @@ pub struct Audit {
     undecodable: u64,
     /// The CloudWatch sink's spool, when `[cloudwatch]` is configured.
     spool: Option<SpoolLink>,
+    /// Lines for the spool, appended once the audit file has them.
+    spool_pending: Vec<String>,
     /// Written to the spool since its last sync.
     spool_dirty: bool,
     /// Records the spool dropped (full) since start.
     spool_dropped: u64,
+    /// `dns` records the proxy could not queue, not yet reported.
+    dns_dropped: std::sync::Arc<std::sync::atomic::AtomicU64>,
     /// CloudWatch metrics counted from the records (with the spool only).
     metrics: crate::cloudwatch::metrics::Metrics,
     metrics_since: Instant,
@@ -111,8 +161,10 @@ impl Audit {
             feed,
             undecodable: 0,
             spool: None,
+            spool_pending: Vec::new(),
             spool_dirty: false,
             spool_dropped: 0,
+            dns_dropped: Default::default(),
             metrics: Default::default(),
             metrics_since: Instant::now(),
         };
@@ -180,7 +232,7 @@ impl Audit {
         self.feed.push(std::sync::Arc::new(record));
     }
 
-    /// Ships the CloudWatch sink the same line the file got.
+    /// Ships the CloudWatch sink the same line the file got, once the file has it (`flush`).
     fn spool_line(&mut self, line: &str) {
         if self.spool.is_none() {
             return;
@@ -188,7 +240,7 @@ impl Audit {
         if let Ok(v) = serde_json::from_str::<Value>(line) {
             self.metrics.count(&v);
         }
-        self.spool_raw(line);
+        self.spool_pending.push(line.to_string());
     }
 
     /// The EMF metrics of the period that ended (or, with `now`, of the one so far), into the
@@ -205,7 +257,7 @@ impl Audit {
         let instance = self.enricher.identity();
         for rec in self.metrics.take(&instance, pending) {
             if let Ok(line) = serde_json::to_string(&rec) {
-                self.spool_raw(&line);
+                self.spool_pending.push(line);
             }
         }
     }
@@ -298,6 +350,19 @@ impl Audit {
     }
 
     fn check_lost(&mut self) {
+        let dns = self
+            .dns_dropped
+            .swap(0, std::sync::atomic::Ordering::Relaxed);
+        if dns > 0 {
+            tracing::error!(
+                "{dns} dns records were lost: the DNS proxy made them faster than the audit trail could write them"
+            );
+            let rec = self.enricher.agent(
+                "agent.events_lost",
+                json!({ "count": dns, "cause": "dns records queue full: the DNS proxy answered faster than they could be written" }),
+            );
+            self.write(rec);
+        }
         if self.undecodable > 0 {
             let count = std::mem::take(&mut self.undecodable);
             tracing::error!(
@@ -344,23 +409,21 @@ impl Audit {
                 self.metrics.know_policies(&names);
                 self.enricher.set_policies(names, guarded)
             }
-            Notice::Dns(fields, task) => {
-                let rec = self.enricher.dns(fields, task.as_ref());
-                self.write(rec);
-            }
         }
     }
 
     /// Runs until the notice channel closes (the daemon is stopping), then drains the ring.
     pub async fn run(
         mut self,
-        ring: RingBuf<MapData>,
+        ring: ring::Ring,
         mut notices: mpsc::UnboundedReceiver<Notice>,
+        mut dns: DnsRecordQueue,
     ) -> anyhow::Result<()> {
         // SAFETY: the ring buffer owns its fd for as long as it lives, and the AsyncFd owns it.
         let mut ring =
             unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
                 .map_err(|e| anyhow::anyhow!("watching the audit ring buffer: {e}"))?;
+        self.dns_dropped = dns.dropped.clone();
         self.check_lost();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut poll = tokio::time::interval(DRAIN_EVERY);
@@ -376,11 +439,20 @@ impl Audit {
                     }
                     self.flush();
                 }
+                Some((fields, task)) = dns.rx.recv() => {
+                    let rec = self.enricher.dns(fields, task.as_ref());
+                    self.write(rec);
+                }
                 n = notices.recv() => match n {
                     Some(n) => {
                         let stop = matches!(n, Notice::Agent("agent.stop", _));
                         if stop {
-                            // Everything the kernel recorded comes before the stop record.
+                            // Everything the kernel and the proxy recorded comes before the
+                            // stop record.
+                            while let Ok((fields, task)) = dns.rx.try_recv() {
+                                let rec = self.enricher.dns(fields, task.as_ref());
+                                self.write(rec);
+                            }
                             while self.drain(ring.get_mut(), DRAIN_BATCH) {}
                             self.flush_flows(true);
                             self.check_lost();
@@ -414,46 +486,66 @@ impl Audit {
         self.flush_flows(true);
         self.check_lost();
         self.emit_metrics(true);
-        self.sync_spool();
-        self.file.flush()
+        self.flush();
+        Ok(())
     }
 
-    /// Pushes what was written to disk: the file sink and the spool.
+    /// Pushes what was written to disk: the file sink first, then the same lines into the
+    /// spool (so that every record shipped is also in the file), and syncs the spool.
     fn flush(&mut self) {
         if let Err(e) = self.file.flush() {
             tracing::error!("audit file sink: {e:#}");
         }
+        // Appending may drop the spool's oldest records and say so in a record of its own,
+        // which goes through here again.
+        while !self.spool_pending.is_empty() {
+            for line in std::mem::take(&mut self.spool_pending) {
+                self.spool_raw(&line);
+            }
+            if let Err(e) = self.file.flush() {
+                tracing::error!("audit file sink: {e:#}");
+            }
+        }
         self.sync_spool();
     }
 
-    /// Decodes up to `max` records; returns whether more may be waiting.
-    fn drain(&mut self, ring: &mut RingBuf<MapData>, max: usize) -> bool {
+    /// Decodes up to `max` records and writes them to the sinks; only then gives their space
+    /// back to the kernel. Returns whether more may be waiting.
+    fn drain(&mut self, ring: &mut ring::Ring, max: usize) -> bool {
+        let mut more = true;
         for _ in 0..max {
-            let Some(item) = ring.next() else {
-                return false;
+            let Some(item) = ring.read() else {
+                more = false;
+                break;
             };
             // The header's first fields say which record follows, and in which layout.
-            let hdr = read::<EventHeader>(&item);
+            let hdr = read::<EventHeader>(item);
             let decoded = match hdr.map(|h| (h.kind, h.version)) {
                 Some((kind::PROC_EXEC, EVENT_VERSION)) => {
-                    read::<ExecEvent>(&item).map(|e| self.enricher.exec(&e))
+                    read::<ExecEvent>(item).map(|e| self.enricher.exec(&e))
                 }
                 Some((kind::PROC_EXIT, EVENT_VERSION)) => {
-                    read::<ExitEvent>(&item).map(|e| self.enricher.exit(&e))
+                    read::<ExitEvent>(item).map(|e| self.enricher.exit(&e))
                 }
                 Some((k, EVENT_VERSION)) if (kind::NET_CONNECT..=kind::NET_SOCKET).contains(&k) => {
-                    read::<NetEvent>(&item).and_then(|e| self.on_event(&e))
+                    read::<NetEvent>(item).and_then(|e| self.on_event(&e))
                 }
                 _ => {
                     self.undecodable += 1;
                     None
                 }
             };
-            drop(item);
             if let Some(rec) = decoded {
                 self.write(rec);
             }
         }
-        true
+        if ring.uncommitted() > 0 {
+            // In the file and the spool (a kill -9 from here on loses none of them), then
+            // consumed. Allowed UDP sends still being aggregated are the exception: their
+            // count so far lives in memory until the interval ends.
+            self.flush();
+            ring.commit();
+        }
+        more
     }
 }

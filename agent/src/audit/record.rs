@@ -215,6 +215,9 @@ impl Enricher {
             .filter(|n| !n.is_empty())
             .cloned();
         m.insert("policy".into(), policy.map_or(Value::Null, Value::from));
+        // The record's identity across deliveries: a record read again after a crash (at
+        // least once) has the same kernel_ns, while its wall-clock ts may differ slightly.
+        m.insert("kernel_ns".into(), h.ts_ns.into());
         self.process_fields(m, h);
     }
 

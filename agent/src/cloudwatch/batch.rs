@@ -39,28 +39,69 @@ impl Event {
     }
 }
 
-/// The timestamp of a record: its `ts` field (RFC 3339), else `fallback_ms`.
-pub fn timestamp_of(record: &str, fallback_ms: i64) -> i64 {
-    let ts = serde_json::from_str::<serde_json::Value>(record)
+/// The time of a record: its top-level `ts` field (RFC 3339) in milliseconds since the epoch,
+/// if it has one. Only that field is decoded; the others are skipped, not built into a tree.
+pub fn record_time_ms(record: &str) -> Option<i64> {
+    #[derive(serde::Deserialize)]
+    struct Ts<'a> {
+        #[serde(borrow)]
+        ts: Option<std::borrow::Cow<'a, str>>,
+    }
+    let ts = serde_json::from_str::<Ts>(record).ok()?.ts?;
+    humantime::parse_rfc3339(&ts)
+        .ok()?
+        .duration_since(std::time::UNIX_EPOCH)
         .ok()
-        .and_then(|v| v.get("ts")?.as_str().map(str::to_string));
-    ts.and_then(|t| humantime::parse_rfc3339(&t).ok())
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map_or(fallback_ms, |d| d.as_millis() as i64)
+        .map(|d| d.as_millis() as i64)
 }
 
-/// Whether `next` can join a batch holding `events` (already `bytes` large) without breaking
-/// a rule.
-pub fn fits(events: &[Event], bytes: usize, next: &Event) -> bool {
-    if events.len() >= MAX_BATCH_EVENTS || bytes + next.cost() > MAX_BATCH_BYTES {
-        return false;
+/// The timestamp of a record: its `ts` field (RFC 3339), else `fallback_ms`.
+pub fn timestamp_of(record: &str, fallback_ms: i64) -> i64 {
+    record_time_ms(record).unwrap_or(fallback_ms)
+}
+
+/// A batch being built: its events, their bytes as CloudWatch counts them, and their time
+/// span, kept up to date as events join, so that whether the next one fits is decided in O(1).
+#[derive(Debug, Default)]
+pub struct Batch {
+    events: Vec<Event>,
+    bytes: usize,
+    /// The earliest and the latest timestamp in the batch.
+    span: Option<(i64, i64)>,
+}
+
+impl Batch {
+    /// Whether `next` can join without breaking a rule.
+    pub fn fits(&self, next: &Event) -> bool {
+        if self.events.len() >= MAX_BATCH_EVENTS || self.bytes + next.cost() > MAX_BATCH_BYTES {
+            return false;
+        }
+        let t = next.timestamp_ms;
+        let (lo, hi) = self.span.unwrap_or((t, t));
+        hi.max(t) - lo.min(t) <= MAX_SPAN_MS
     }
-    let (lo, hi) = events
-        .iter()
-        .fold((next.timestamp_ms, next.timestamp_ms), |(lo, hi), e| {
-            (lo.min(e.timestamp_ms), hi.max(e.timestamp_ms))
-        });
-    hi - lo <= MAX_SPAN_MS
+
+    /// Adds `e` (check `fits` first).
+    pub fn push(&mut self, e: Event) {
+        let t = e.timestamp_ms;
+        self.span = Some(self.span.map_or((t, t), |(lo, hi)| (lo.min(t), hi.max(t))));
+        self.bytes += e.cost();
+        self.events.push(e);
+    }
+
+    pub fn len(&self) -> usize {
+        self.events.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+
+    /// The events, in time order.
+    pub fn into_events(mut self) -> Vec<Event> {
+        order(&mut self.events);
+        self.events
+    }
 }
 
 /// Puts a batch in time order (stable: equal times keep their order).
@@ -120,39 +161,44 @@ mod tests {
         assert_eq!(small.message.len(), 10);
     }
 
-    #[test]
-    fn batches_respect_count_size_and_span() {
-        let mut batch = Vec::new();
-        let mut bytes = 0;
-        let e = ev(0, 50);
-        while fits(&batch, bytes, &e) {
-            bytes += e.cost();
+    /// Fills a batch with copies of `e` until the next one would not fit.
+    fn fill(e: &Event) -> Batch {
+        let mut batch = Batch::default();
+        while batch.fits(e) {
             batch.push(e.clone());
         }
+        batch
+    }
+
+    #[test]
+    fn batches_respect_count_size_and_span() {
         assert_eq!(
-            batch.len(),
+            fill(&ev(0, 50)).len(),
             MAX_BATCH_EVENTS,
             "count bound first for small events"
         );
-        let mut batch = Vec::new();
-        let mut bytes = 0;
-        let e = ev(0, 100);
-        while fits(&batch, bytes, &e) {
-            bytes += e.cost();
-            batch.push(e.clone());
-        }
-        assert_eq!(batch.len(), MAX_BATCH_BYTES / 126, "then the byte bound");
-        let big = ev(0, 200_000);
-        let mut batch = Vec::new();
-        let mut bytes = 0;
-        while fits(&batch, bytes, &big) {
-            bytes += big.cost();
-            batch.push(big.clone());
-        }
+        assert_eq!(
+            fill(&ev(0, 100)).len(),
+            MAX_BATCH_BYTES / 126,
+            "then the byte bound"
+        );
+        let batch = fill(&ev(0, 200_000));
         assert_eq!(batch.len(), 5, "size bound: 5 × 200,026 bytes ≤ 1 MiB");
-        assert!(check(&batch).is_ok());
-        assert!(!fits(&[ev(0, 1)], 27, &ev(MAX_SPAN_MS + 1, 1)));
-        assert!(fits(&[ev(0, 1)], 27, &ev(MAX_SPAN_MS, 1)));
+        assert!(check(&batch.into_events()).is_ok());
+        let mut one = Batch::default();
+        one.push(ev(0, 1));
+        assert!(!one.fits(&ev(MAX_SPAN_MS + 1, 1)));
+        assert!(one.fits(&ev(MAX_SPAN_MS, 1)));
+        // The span runs from the earliest to the latest event, whatever order they came in.
+        let mut b = Batch::default();
+        b.push(ev(10, 1));
+        b.push(ev(5, 1));
+        assert!(b.fits(&ev(5 + MAX_SPAN_MS, 1)));
+        assert!(!b.fits(&ev(6 + MAX_SPAN_MS, 1)));
+        assert!(b.fits(&ev(10 - MAX_SPAN_MS, 1)));
+        assert!(!b.fits(&ev(9 - MAX_SPAN_MS, 1)));
+        let times: Vec<i64> = b.into_events().iter().map(|e| e.timestamp_ms).collect();
+        assert_eq!(times, [5, 10], "in time order");
     }
 
     #[test]
@@ -170,5 +216,12 @@ mod tests {
         let r = r#"{"version":1,"ts":"2026-11-22T04:44:34.526190885Z","type":"x"}"#;
         assert_eq!(timestamp_of(r, 7), 1_795_322_674_526);
         assert_eq!(timestamp_of("not json", 7), 7);
+        // Only the top-level `ts` counts, escapes and all; a record without one has none.
+        let nested = r#"{"_aws":{"ts":"2000-01-01T00:00:00Z"},"ts":"2026-11-22T04:44:34.526Z"}"#;
+        assert_eq!(record_time_ms(nested), Some(1_795_322_674_526));
+        let escaped = r#"{"ts":"2026-11-22T04:44:34.526\u005a"}"#;
+        assert_eq!(record_time_ms(escaped), Some(1_795_322_674_526));
+        assert_eq!(record_time_ms(r#"{"type":"x"}"#), None);
+        assert_eq!(record_time_ms(r#"{"ts":5}"#), None);
     }
 }

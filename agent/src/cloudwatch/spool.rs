@@ -74,7 +74,7 @@ impl Spool {
             .open(&path)
             .with_context(|| format!("opening {}", path.display()))?;
         // Keep whole lines only.
-        let whole = whole_lines_len(&mut writer, len)?;
+        let whole = crate::audit::file::whole_lines_len(&mut writer, len)?;
         if whole != len {
             writer.set_len(whole)?;
             tracing::warn!(
@@ -181,9 +181,21 @@ impl Spool {
     /// after it. Call `ack` with a position once everything before it is delivered, `unread`
     /// to hand records out again from a position, or `rewind` after a failed delivery.
     pub fn next_records(&mut self, max: usize) -> anyhow::Result<Vec<(String, Position)>> {
+        self.next_records_within(max, usize::MAX)
+    }
+
+    /// As `next_records`, and no more than needed to reach `max_bytes` (lines with their
+    /// newlines): reading stops after the record that reaches it, so a batch builder that
+    /// takes at most `max_bytes` reads little it does not use.
+    pub fn next_records_within(
+        &mut self,
+        max: usize,
+        max_bytes: usize,
+    ) -> anyhow::Result<Vec<(String, Position)>> {
         let mut out = Vec::new();
+        let mut bytes = 0usize;
         let mut pos = self.read;
-        while out.len() < max {
+        while out.len() < max && bytes < max_bytes {
             let Some(&(seq, len)) = self.segments.iter().find(|s| s.0 >= pos.segment) else {
                 break;
             };
@@ -211,16 +223,17 @@ impl Spool {
             f.seek(SeekFrom::Start(pos.offset))?;
             let mut r = BufReader::new(f).take(len - pos.offset);
             let mut line = String::new();
-            while out.len() < max {
+            while out.len() < max && bytes < max_bytes {
                 line.clear();
                 let n = r.read_line(&mut line)?;
                 if n == 0 || !line.ends_with('\n') {
                     break;
                 }
                 pos.offset += n as u64;
+                bytes += n;
                 out.push((line.trim_end_matches('\n').to_string(), pos));
             }
-            if pos.offset < len && out.len() < max {
+            if pos.offset < len && out.len() < max && bytes < max_bytes {
                 break;
             }
         }
@@ -253,7 +266,10 @@ impl Spool {
         Ok(())
     }
 
-    /// Records appended but not yet acknowledged (for status and metrics).
+    /// Bytes appended and not yet acknowledged, at this moment: the segments' lengths past the
+    /// acknowledged cursor (records handed out in a batch still count until CloudWatch took
+    /// them). Kept current by `append`, `ack` and the cap, so O(segments) and no I/O: status and
+    /// the `SpoolPendingBytes` metric read it whenever they like.
     pub fn pending_bytes(&self) -> u64 {
         self.segments
             .iter()
@@ -264,24 +280,31 @@ impl Spool {
             })
             .sum()
     }
-}
 
-/// The length of `f`'s leading whole lines.
-fn whole_lines_len(f: &mut File, len: u64) -> anyhow::Result<u64> {
-    if len == 0 {
-        return Ok(0);
-    }
-    f.seek(SeekFrom::Start(0))?;
-    let mut r = BufReader::new(&mut *f);
-    let mut whole = 0u64;
-    let mut line = Vec::new();
-    loop {
-        line.clear();
-        let n = r.read_until(b'\n', &mut line)?;
-        if n == 0 || line.last() != Some(&b'\n') {
-            return Ok(whole);
+    /// The oldest record not yet acknowledged (the first after the cursor; records are spooled
+    /// in the order they are written), if any. One read of one line.
+    pub fn oldest_pending(&self) -> anyhow::Result<Option<String>> {
+        for &(seq, len) in self.segments.iter().filter(|s| s.0 >= self.cursor.segment) {
+            let offset = if seq == self.cursor.segment {
+                self.cursor.offset
+            } else {
+                0
+            };
+            if offset >= len {
+                continue;
+            }
+            let path = self.dir.join(segment_name(seq));
+            let mut f = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+            f.seek(SeekFrom::Start(offset))?;
+            let mut line = String::new();
+            BufReader::new(f).take(len - offset).read_line(&mut line)?;
+            if !line.ends_with('\n') {
+                return Ok(None);
+            }
+            line.pop();
+            return Ok(Some(line));
         }
-        whole += n as u64;
+        Ok(None)
     }
 }
 
@@ -363,6 +386,83 @@ mod tests {
         s.ack(at).unwrap();
         assert_eq!(s.pending_bytes(), 0);
         assert!(s.next_records(100).unwrap().is_empty());
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    /// The backlog is exact at any moment, whatever was handed out in batches: what the segment
+    /// files hold past the cursor file's position.
+    #[test]
+    fn pending_bytes_and_the_oldest_record_are_exact_at_any_moment() {
+        let d = dir("pending");
+        let on_disk = |d: &Path| -> u64 {
+            let cursor = read_cursor(d).unwrap_or_default();
+            let mut segs: Vec<(u64, u64)> = std::fs::read_dir(d)
+                .unwrap()
+                .flatten()
+                .filter_map(|e| {
+                    let seq = parse_segment(&e.file_name().to_string_lossy())?;
+                    Some((seq, e.metadata().ok()?.len()))
+                })
+                .collect();
+            segs.sort();
+            segs.iter()
+                .filter(|s| s.0 >= cursor.segment)
+                .map(|&(seq, len)| {
+                    if seq == cursor.segment {
+                        len - cursor.offset
+                    } else {
+                        len
+                    }
+                })
+                .sum()
+        };
+        let mut s = Spool::open(&d, 1 << 30).unwrap();
+        assert_eq!((s.pending_bytes(), s.oldest_pending().unwrap()), (0, None));
+        let line = |i: usize| format!("{{\"n\":{i},\"pad\":\"{}\"}}", "z".repeat(1000));
+        let mut n = 0;
+        for _ in 0..10 {
+            s.append(&line(n)).unwrap();
+            n += 1;
+        }
+        s.sync().unwrap();
+        assert_eq!(s.pending_bytes(), 10 * (line(0).len() as u64 + 1));
+        assert_eq!(s.pending_bytes(), on_disk(&d));
+        // Handed out in a batch (in flight): still pending, and more arrive meanwhile.
+        let batch = s.next_records(4).unwrap();
+        for _ in 0..(SEGMENT_BYTES as usize / 1000) {
+            s.append(&line(n)).unwrap();
+            n += 1;
+        }
+        s.sync().unwrap();
+        assert!(s.segments.len() >= 2, "a second segment");
+        assert_eq!(s.pending_bytes(), on_disk(&d));
+        assert_eq!(s.oldest_pending().unwrap(), Some(line(0)));
+        // That batch delivered: what follows it.
+        s.ack(batch[3].1).unwrap();
+        assert_eq!(s.pending_bytes(), on_disk(&d));
+        assert_eq!(s.oldest_pending().unwrap(), Some(line(4)));
+        // The first segment delivered to its last byte: the oldest is in the next one.
+        let first_len = s.segments[0].1;
+        let mut last_of_first = None;
+        while let Some((_, pos)) = s.next_records(1).unwrap().pop() {
+            if pos.segment != s.segments[0].0 {
+                break;
+            }
+            last_of_first = Some(pos);
+        }
+        let at = last_of_first.unwrap();
+        assert_eq!(at.offset, first_len);
+        s.ack(at).unwrap();
+        assert_eq!(s.pending_bytes(), on_disk(&d));
+        let oldest = s.oldest_pending().unwrap().unwrap();
+        let first_n: usize = oldest[5..].split(',').next().unwrap().parse().unwrap();
+        assert!(first_n > 4 && first_n < n, "{first_n}");
+        // A new agent on the same spool sees the same backlog.
+        let before = s.pending_bytes();
+        drop(s);
+        let s = Spool::open(&d, 1 << 30).unwrap();
+        assert_eq!(s.pending_bytes(), before);
+        assert_eq!(s.oldest_pending().unwrap(), Some(oldest));
         let _ = std::fs::remove_dir_all(&d);
     }
 

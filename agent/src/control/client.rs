@@ -152,14 +152,19 @@ pub fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
     let cw = &v["cloudwatch"];
     if cw["log_group"].is_string() {
         println!(
-            "  cloudwatch: {}/{}; last delivery {}; delivered {}, rejected {}, quarantined {}; spool backlog {} bytes{}",
+            "  cloudwatch: {}/{}; last delivery {}; delivered {}, rejected {}, quarantined {}, timed-out requests {}; spool backlog {} bytes{}{}",
             cw["log_group"].as_str().unwrap_or("?"),
             cw["log_stream"].as_str().unwrap_or("?"),
             cw["last_delivery"].as_str().unwrap_or("never"),
             cw["delivered_events"],
             cw["rejected_events"],
             cw["quarantined_events"],
+            cw["timeouts"],
             cw["spool_pending_bytes"],
+            cw["oldest_undelivered_age_ms"]
+                .as_u64()
+                .map(|ms| format!(", oldest waiting {:.1} s", ms as f64 / 1000.0))
+                .unwrap_or_default(),
             cw["last_error"]
                 .as_str()
                 .map(|e| format!("; LAST ERROR: {e}"))
@@ -232,6 +237,27 @@ pub fn dns(socket: &Path, json: bool) -> anyhow::Result<()> {
                     .collect::<Vec<_>>()
                     .join(", "))
                 .unwrap_or_default()
+        );
+    }
+    let l = &v["limits"];
+    println!(
+        "limits: {} distinct wildcard names per minute and container, {} learned pairs per container, {} per policy; private answers {}",
+        l["wildcard_names_per_minute"],
+        l["max_learned_per_container"],
+        l["max_learned"],
+        l["private_answers"].as_str().unwrap_or("?")
+    );
+    for p in l["policies"].as_array().into_iter().flatten() {
+        println!(
+            "limits: policy {}: {} pairs; refused: name budget {}, pair quota {}, private {}; evicted {}, full {}, not learned {}",
+            p["policy"].as_str().unwrap_or("?"),
+            p["learned_pairs"],
+            p["name_budget_refused"],
+            p["learned_quota_refused"],
+            p["private_refused"],
+            p["learned_evicted"],
+            p["learned_full"],
+            p["not_learned"]
         );
     }
     println!();

@@ -328,12 +328,13 @@ async fn handle(
         (&Method::GET, "/v1/targets") => json_response(StatusCode::OK, &targets(&shared)),
         (&Method::GET, "/v1/dns") => {
             let mut v = shared.dns.lock().map(|d| d.clone()).unwrap_or(Value::Null);
-            let learned = shared
+            let (learned, limits) = shared
                 .learner
                 .lock()
-                .map(|l| l.entries())
+                .map(|l| (l.entries(), l.limits()))
                 .unwrap_or_default();
             v["learned"] = serde_json::to_value(learned).unwrap_or(Value::Null);
+            v["limits"] = limits;
             json_response(StatusCode::OK, &v)
         }
         (&Method::GET, p) if p == "/v1/policy" || p.starts_with("/v1/policy/") => {

@@ -170,6 +170,21 @@ fn header_only(h: &mut [u8], code: ResponseCode) {
     h[4..HEADER].fill(0);
 }
 
+/// The policy's refusal (`[dns] refuse`: REFUSED or NXDOMAIN) to a request `plan` would have
+/// forwarded: a limit refused it (the name budget, the quota of learned pairs, a private
+/// answer).
+pub fn refusal(request: &[u8], refuse: RefuseWith) -> Vec<u8> {
+    let code = match refuse {
+        RefuseWith::Refused => ResponseCode::Refused,
+        RefuseWith::Nxdomain => ResponseCode::NXDomain,
+    };
+    match Message::from_vec(request) {
+        Ok(m) => reply(&m, code),
+        Err(_) if request.len() >= HEADER => header_reply(request, code),
+        Err(_) => Vec::new(),
+    }
+}
+
 /// A SERVFAIL for `q` (upstream failed, or the answer could not be learned).
 pub fn servfail(q: &Question) -> Vec<u8> {
     let mut m = Message::response(q.id, OpCode::Query);
@@ -358,6 +373,20 @@ mod tests {
 
     fn rcode(bytes: &[u8]) -> ResponseCode {
         Message::from_vec(bytes).unwrap().metadata.response_code
+    }
+
+    #[test]
+    fn a_limit_refuses_with_the_configured_code_and_the_question() {
+        let req = query("a.example.com.", RecordType::AAAA);
+        for (with, code) in [
+            (RefuseWith::Refused, ResponseCode::Refused),
+            (RefuseWith::Nxdomain, ResponseCode::NXDomain),
+        ] {
+            let bytes = refusal(&req, with);
+            let m = Message::from_vec(&bytes).unwrap();
+            assert_eq!((m.metadata.id, m.metadata.response_code), (7, code));
+            assert_eq!(m.queries, Message::from_vec(&req).unwrap().queries);
+        }
     }
 
     #[test]

@@ -3,7 +3,10 @@
 //! - `names`: which names a policy allows (exact, `*.suffix`), with which port rules;
 //! - `message`: what to do with one request, what an upstream answer says (pure; fuzzed);
 //! - `upstream`: asking the policy's resolvers (UDP, TCP on truncation, timeouts, retries);
-//! - `learned`: answered addresses in the kernel's allow maps, TTLs, expiry;
+//! - `learned`: answered addresses in the kernel's allow maps, TTLs, expiry, the quota of
+//!   pairs per container and eviction;
+//! - `limits`: who asked (the container's cgroup), the name budget per container, this host's
+//!   addresses and private ranges (never learned / refused), counters;
 //! - `proxy`: the listeners (one port per policy) and the life of a query.
 //!
 //! In `proxy` mode the kernel redirects every DNS query of a guarded process here (see
@@ -11,6 +14,7 @@
 //! (pre-resolution, which both modes do, so clients that cache addresses keep working).
 
 pub mod learned;
+pub mod limits;
 pub mod message;
 pub mod names;
 pub mod proxy;
@@ -26,9 +30,9 @@ use hickory_proto::{
     op::{Message, MessageType, OpCode, Query},
     rr::{Name, RecordType},
 };
-use tokio::{sync::mpsc, task::JoinHandle};
+use tokio::task::JoinHandle;
 
-use crate::{audit::Notice, config, kernel::maps::LearnMaps};
+use crate::{config, kernel::maps::LearnMaps};
 use learned::Learner;
 use message::{Question, read_answer};
 use names::PolicyNames;
@@ -121,15 +125,9 @@ impl Service {
         maps: LearnMaps,
         clients: Option<crate::kernel::maps::DnsClients>,
         redirect_map: Option<crate::kernel::maps::DnsProxyMap>,
-        records: mpsc::UnboundedSender<Notice>,
+        records: crate::audit::DnsRecords,
     ) -> Self {
-        let learner = Arc::new(Mutex::new(Learner::new(
-            maps,
-            cfg.min_ttl,
-            cfg.max_ttl,
-            cfg.max_learned,
-            cfg.never_learn.clone(),
-        )));
+        let learner = Arc::new(Mutex::new(Learner::new(maps, cfg)));
         let proxy = (cfg.mode == config::DnsMode::Proxy)
             .then(|| Proxy::new(cfg.listen, cfg.refuse, learner.clone(), records, clients));
         Self {
@@ -208,12 +206,25 @@ impl Service {
         let (learner, prefetch) = (self.learner.clone(), self.prefetch.clone());
         let redirects = self.redirects.clone();
         let (min_ttl, max_ttl) = (self.cfg.min_ttl, self.cfg.max_ttl);
+        let watch_host = self.cfg.never_learn_host;
         self.task = Some(tokio::spawn(async move {
             let mut tick = tokio::time::interval(TICK);
             loop {
                 tick.tick().await;
                 if let Ok(mut r) = redirects.lock() {
                     r.refresh();
+                }
+                // `"host"` in never_learn: the host's addresses as they are now (the same
+                // once-a-second look as the proxy address's check above).
+                if watch_host {
+                    match limits::host_addresses() {
+                        Ok(addrs) => {
+                            if let Ok(mut l) = learner.lock() {
+                                l.set_host_addresses(addrs);
+                            }
+                        }
+                        Err(e) => tracing::warn!("listing this host's addresses: {e}"),
+                    }
                 }
                 let now = Instant::now();
                 match learner.lock().map(|mut l| l.expire(now)) {
@@ -241,7 +252,8 @@ impl Service {
                             Ok(addrs) => {
                                 let ttl = addrs.iter().map(|a| a.1).min();
                                 if let Ok(mut l) = learner.lock()
-                                    && let Err(e) = l.learn(&policy, &name, &addrs)
+                                    && let Err(e) =
+                                        l.learn(&policy, &name, &addrs, limits::Owner::Agent)
                                 {
                                     tracing::warn!(policy = %policy, name = %name, "pre-resolution: {e}");
                                 }

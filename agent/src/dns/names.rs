@@ -122,6 +122,12 @@ impl PolicyNames {
         self.exact.keys().map(String::as_str)
     }
 
+    /// Whether an exact rule lists `name` (normalized). Names only a wildcard allows are the
+    /// ones charged to a container's name budget: the policy does not list them.
+    pub fn is_exact(&self, name: &str) -> bool {
+        self.exact.contains_key(name)
+    }
+
     /// The port rules that apply to `name` (normalized): those of its exact rule and of every
     /// wildcard covering it; or why it is refused.
     pub fn rules_for(&self, name: &str) -> Result<Vec<PortRule>, Refusal> {
@@ -228,6 +234,8 @@ mod tests {
         let r = n.rules_for("api.example.com").unwrap();
         assert_eq!(r.iter().map(|r| r.lo).collect::<Vec<_>>(), [443, 8443]);
         assert_eq!(n.rules_for("b.example.com").unwrap().len(), 1);
+        assert!(n.is_exact("api.example.com"));
+        assert!(!n.is_exact("b.example.com"));
     }
 
     #[test]

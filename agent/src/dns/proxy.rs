@@ -5,7 +5,7 @@ use std::{
     collections::HashMap,
     net::{SocketAddr, SocketAddrV4},
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use hickory_proto::op::Message;
@@ -13,21 +13,22 @@ use serde_json::{Value, json};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpListener, TcpStream, UdpSocket},
-    sync::{Semaphore, mpsc},
+    sync::Semaphore,
     task::JoinHandle,
     time::timeout,
 };
 
 use super::{
-    learned::Learner,
+    learned::{LearnError, Learner},
+    limits::{Charge, Owner},
     message::{
-        Local, MAX_UDP_MESSAGE, Plan, Question, plan, rcode_name, read_answer, restore_question,
-        servfail, upstream_query,
+        Local, MAX_UDP_MESSAGE, Plan, Question, plan, rcode_name, read_answer, refusal,
+        restore_question, servfail, upstream_query,
     },
     names::PolicyNames,
     upstream::{Upstream, random_id},
 };
-use crate::{audit::Notice, config};
+use crate::config;
 
 /// Per policy: queries answered or forwarded at the same time; beyond, UDP queries are
 /// dropped (the client retries) and TCP connections wait. Per policy, so one policy's
@@ -57,7 +58,7 @@ struct Shared {
     /// Who is behind a query (the kernel notes it as the query leaves the process).
     clients: Option<crate::kernel::maps::DnsClients>,
     learner: Arc<Mutex<Learner>>,
-    records: mpsc::UnboundedSender<Notice>,
+    records: crate::audit::DnsRecords,
 }
 
 /// The running proxy.
@@ -72,7 +73,7 @@ impl Proxy {
         listen: std::net::Ipv4Addr,
         refuse: config::Refusal,
         learner: Arc<Mutex<Learner>>,
-        records: mpsc::UnboundedSender<Notice>,
+        records: crate::audit::DnsRecords,
         clients: Option<crate::kernel::maps::DnsClients>,
     ) -> Self {
         Self {
@@ -311,9 +312,17 @@ async fn answer(
     client: SocketAddr,
     tcp: bool,
 ) -> Option<Vec<u8>> {
+    // Who asked: the kernel noted the task as the query left it. Limits are per owner (its
+    // cgroup: a container).
+    let task = shared
+        .clients
+        .as_ref()
+        .and_then(|c| c.task_of(client, if tcp { 6 } else { 17 }));
+    let owner = Owner::of(task.as_ref(), client);
     let mut rec = Rec {
         policy: &policy.policy,
         client,
+        task,
         tcp,
         question: None,
         verdict: "allow",
@@ -321,6 +330,8 @@ async fn answer(
         rcode: String::new(),
         answers: Vec::new(),
         cnames: Vec::new(),
+        not_learned: Vec::new(),
+        evicted: None,
         upstream: None,
     };
     let (question, would_refuse) = match plan(&request, &policy.names, policy.audit, shared.refuse)
@@ -346,12 +357,28 @@ async fn answer(
             question,
             would_refuse,
             ..
-        } => (question, would_refuse),
+        } => (question, would_refuse.map(Local::reason)),
     };
+    let mut would_refuse = would_refuse;
     rec.question = Some(question.clone());
+    // A name only a wildcard allows costs the asker one of its distinct names per minute
+    // before it leaves the host (the volume limit on data carried in names).
+    if would_refuse.is_none() && !policy.names.is_exact(&question.name) {
+        let charge = shared
+            .learner
+            .lock()
+            .map(|mut l| l.charge_name(&policy.policy, owner, &question.name, Instant::now()))
+            .unwrap_or(Charge::Within);
+        if matches!(charge, Charge::Spent { .. }) {
+            if !policy.audit {
+                return Some(shared.refuse(&mut rec, &request, "name_budget"));
+            }
+            would_refuse = Some("name_budget");
+        }
+    }
     if let Some(why) = would_refuse {
         rec.verdict = "would_refuse";
-        rec.reason = Some(why.reason());
+        rec.reason = Some(why);
     }
     // The proxy's own query, with a fresh id; the client's id and question go back on the
     // answer.
@@ -390,21 +417,58 @@ async fn answer(
         Ok(a) => a,
         Err(e) => return fail(&mut rec, format!("{}: {e}", reply.server)),
     };
+    rec.answers = answer.addrs.iter().map(|(ip, _)| ip.to_string()).collect();
+    rec.cnames = answer.cnames.clone();
     // Learn before answering: when the client has the address, the kernel allows it.
     if would_refuse.is_none() && !answer.addrs.is_empty() {
         let learned = match shared.learner.lock() {
-            Ok(mut l) => l
-                .learn(&policy.policy, &question.name, &answer.addrs)
-                .map_err(|e| e.to_string()),
-            Err(_) => Err("learner state poisoned".to_string()),
+            Ok(mut l) => l.learn(&policy.policy, &question.name, &answer.addrs, owner),
+            Err(_) => Err(LearnError::Kernel(anyhow::anyhow!(
+                "learner state poisoned"
+            ))),
         };
-        if let Err(e) = learned {
-            tracing::error!(policy = %policy.policy, name = %question.name, "DNS: cannot allow the answered addresses: {e}");
-            rec.verdict = "error";
-            rec.reason = Some("learn_failed");
-            rec.rcode = "SERVFAIL".into();
-            shared.write(&rec);
-            return Some(servfail(&question));
+        match learned {
+            Ok(l) => {
+                if !l.withheld.is_empty() {
+                    rec.reason = Some("never_learn");
+                    rec.not_learned = l.withheld.iter().map(ToString::to_string).collect();
+                }
+                if l.evicted > 0 {
+                    rec.evicted = Some(l.evicted);
+                }
+            }
+            Err(e @ (LearnError::Quota { .. } | LearnError::Private(_))) => {
+                let reason = match &e {
+                    LearnError::Quota { first, .. } => {
+                        if *first {
+                            tracing::warn!(policy = %policy.policy, name = %question.name, "DNS: {e}: its answers are refused until some of its pairs expire or become idle");
+                        }
+                        "learned_quota"
+                    }
+                    _ => {
+                        tracing::warn!(policy = %policy.policy, name = %question.name, "DNS: {e}");
+                        "private_answer"
+                    }
+                };
+                rec.not_learned = rec.answers.clone();
+                if !policy.audit {
+                    return Some(shared.refuse(&mut rec, &request, reason));
+                }
+                rec.verdict = "would_refuse";
+                rec.reason = Some(reason);
+            }
+            Err(e) => {
+                tracing::error!(policy = %policy.policy, name = %question.name, "DNS: cannot allow the answered addresses: {e}");
+                rec.verdict = "error";
+                rec.reason = Some(if matches!(e, LearnError::Full { .. }) {
+                    "learned_full"
+                } else {
+                    "learn_failed"
+                });
+                rec.rcode = "SERVFAIL".into();
+                shared.write(&rec);
+                return Some(servfail(&question));
+            }
         }
     }
     let mut bytes = rewritten.unwrap_or(reply.bytes);
@@ -417,8 +481,6 @@ async fn answer(
         bytes = truncated(&bytes).unwrap_or(bytes);
     }
     rec.rcode = answer.rcode.clone();
-    rec.answers = answer.addrs.iter().map(|(ip, _)| ip.to_string()).collect();
-    rec.cnames = answer.cnames;
     shared.write(&rec);
     Some(bytes)
 }
@@ -445,6 +507,8 @@ fn truncated(bytes: &[u8]) -> Option<Vec<u8>> {
 struct Rec<'a> {
     policy: &'a str,
     client: SocketAddr,
+    /// The task behind the query, when the kernel saw it leave.
+    task: Option<agent_common::event::EventHeader>,
     tcp: bool,
     question: Option<Question>,
     verdict: &'static str,
@@ -452,10 +516,25 @@ struct Rec<'a> {
     rcode: String,
     answers: Vec<String>,
     cnames: Vec<String>,
+    /// Answered addresses not allowed in the kernel (never_learn, this host's, or all of a
+    /// refused answer).
+    not_learned: Vec<String>,
+    /// Learned pairs evicted to make room for this answer.
+    evicted: Option<usize>,
     upstream: Option<SocketAddr>,
 }
 
 impl Shared {
+    /// Refuses a request a limit stopped (`[dns] refuse`), and records it.
+    fn refuse(&self, rec: &mut Rec, request: &[u8], reason: &'static str) -> Vec<u8> {
+        let bytes = refusal(request, self.refuse);
+        rec.verdict = "refuse";
+        rec.reason = Some(reason);
+        rec.rcode = rcode_of(&bytes);
+        self.write(rec);
+        bytes
+    }
+
     fn write(&self, r: &Rec) {
         let (query, qtype) = match &r.question {
             Some(q) => (
@@ -464,12 +543,7 @@ impl Shared {
             ),
             None => (Value::Null, Value::Null),
         };
-        let proto = if r.tcp { 6 } else { 17 };
-        let task = self
-            .clients
-            .as_ref()
-            .and_then(|c| c.task_of(r.client, proto));
-        let fields = json!({
+        let mut fields = json!({
             "policy": r.policy,
             "client": r.client.to_string(),
             "transport": if r.tcp { "tcp" } else { "udp" },
@@ -480,8 +554,12 @@ impl Shared {
             "rcode": r.rcode,
             "answers": r.answers,
             "cnames": r.cnames,
+            "not_learned": r.not_learned,
             "upstream": r.upstream.map(|u| u.to_string()),
         });
-        let _ = self.records.send(Notice::Dns(fields, task));
+        if let Some(n) = r.evicted {
+            fields["evicted"] = n.into();
+        }
+        self.records.send((fields, r.task));
     }
 }

@@ -93,7 +93,8 @@ pub struct Kernel {
 
 /// The audit trail's kernel side: the record ring and the count of records it dropped.
 pub struct AuditMaps {
-    pub events: aya::maps::RingBuf<aya::maps::MapData>,
+    /// The ring buffer (read by `audit::ring`, which commits consumption itself).
+    pub events: aya::maps::MapData,
     pub lost: aya::maps::PerCpuArray<aya::maps::MapData, u64>,
 }
 
@@ -160,10 +161,13 @@ impl Kernel {
         };
         let mut base = programs::load_object(&root.join("maps"), u32::MAX, &params)?;
         let maps = Maps::from_ebpf(&mut base)?;
-        let events = base
+        let events = match base
             .take_map(map_names::EVENTS)
             .context("the eBPF object has no EVENTS map")?
-            .try_into()?;
+        {
+            aya::maps::Map::RingBuf(data) => data,
+            _ => bail!("the EVENTS map is not a ring buffer"),
+        };
         let lost = base
             .take_map(map_names::LOST_EVENTS)
             .context("the eBPF object has no LOST_EVENTS map")?

@@ -74,9 +74,11 @@ in_ctr() {
 records() { jq -c "select($1)" /var/log/egress-guard/audit.jsonl 2>/dev/null; }
 has_record() { [ -n "$(records "$1" | head -n 1)" ]; }
 
-# The VPC around the host, as local stand-ins on a dummy interface (the VM has no network):
-# the Amazon-provided resolver and time service, an "LLM API" that answers for
-# api.openai.com, and a site no policy allows.
+# The VPC around the host, as stand-ins (the VM has no network): the Amazon-provided
+# resolver and time service on a dummy interface of the host (as on EC2, where they are
+# link-local), and, beyond a router, an "LLM API" that answers for api.openai.com and a site
+# no policy allows: in a network namespace of their own behind a veth, since the agent never
+# learns this host's own addresses from DNS.
 VPC_DNS=169.254.169.253
 VPC_NTP=169.254.169.123
 LLM_ADDR=10.88.0.10
@@ -85,13 +87,27 @@ vpc_stand_ins() {
     modprobe dummy
     ip link add vpc0 type dummy
     ip link set vpc0 up
-    for a in $VPC_DNS $VPC_NTP $LLM_ADDR $OTHER_ADDR; do ip addr add "$a/32" dev vpc0; done
+    for a in $VPC_DNS $VPC_NTP; do ip addr add "$a/32" dev vpc0; done
+    ip netns add remote
+    ip link add vpc-gw type veth peer name eth0 netns remote
+    ip addr add 10.88.0.1/24 dev vpc-gw
+    ip link set vpc-gw up
+    ip -n remote link set lo up
+    ip -n remote link set eth0 up
+    for a in $LLM_ADDR $OTHER_ADDR; do ip -n remote addr add "$a/24" dev eth0; done
+    ip -n remote route add default via 10.88.0.1
+    # The host routes between the containers' bridges and the "VPC" (Docker turns this on
+    # too, with its own forwarding rules and masquerading for the bridges).
+    echo 1 >/proc/sys/net/ipv4/ip_forward
     dnsmasq --no-resolv --no-hosts --user=root --bind-interfaces --listen-address=$VPC_DNS \
         --address=/api.openai.com/$LLM_ADDR --address=/attacker.example/$OTHER_ADDR \
         --log-queries --log-facility=/var/log/vpc-dns.log --pid-file=/run/vpc-dns.pid
-    probe serve-forever $LLM_ADDR:443 >/dev/null &
-    probe serve-forever $OTHER_ADDR:443 >/dev/null &
-    probe serve-forever $OTHER_ADDR:80 >/dev/null &
+    ip netns exec remote /vmtest/probe serve-forever $LLM_ADDR:443 >/dev/null &
+    ip netns exec remote /vmtest/probe serve-forever $OTHER_ADDR:443 >/dev/null &
+    ip netns exec remote /vmtest/probe serve-forever $OTHER_ADDR:80 >/dev/null &
+    for a in $LLM_ADDR:443 $OTHER_ADDR:443 $OTHER_ADDR:80; do
+        for _ in $(seq 1 40); do probe tcp $a >/dev/null && break; sleep 0.25; done
+    done
 }
 
 # The package version in a .deb file name (egress-guard_VERSION_amd64.deb).
