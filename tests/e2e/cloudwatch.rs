@@ -318,6 +318,13 @@ fn cloudwatch_access_denied_keeps_everything_spooled_and_says_so() {
 fn cloudwatch_kill_9_mid_stream_loses_nothing_and_ships_nothing_the_file_lacks() {
     setup();
     let moto = Moto::start();
+    // CloudWatch behind a proxy that fails and hangs some of the calls made meanwhile.
+    let proxy = FaultProxy::start(moto.port);
+    proxy.inject(&[
+        (503, "ServiceUnavailableException").into(),
+        egress_guard_e2e::Fault::Hang,
+        (500, "InternalFailure").into(),
+    ]);
     let cg = TestCgroup::new("cloudwatch-kill");
     let spool = std::env::temp_dir().join(unique("spool"));
     let denied = tcp_listener("127.0.0.3");
@@ -325,7 +332,7 @@ fn cloudwatch_kill_9_mid_stream_loses_nothing_and_ships_nothing_the_file_lacks()
     // storm), so that nothing overflows while no agent reads.
     let mut agent = Agent::start(&body_with(
         &cg,
-        &moto.endpoint(),
+        &proxy.endpoint(),
         &spool,
         "[audit]\nring_buffer_bytes = 16777216\n",
     ));
@@ -380,6 +387,8 @@ fn cloudwatch_kill_9_mid_stream_loses_nothing_and_ships_nothing_the_file_lacks()
         );
         std::thread::sleep(Duration::from_millis(500));
     };
+    assert_eq!(proxy.pending(), 0, "calls met not all the injected faults");
+    assert!(proxy.hung.load(std::sync::atomic::Ordering::SeqCst) >= 1);
     agent.stop();
 
     // The file: every line one whole record, every connect of the storm at least once (a

@@ -125,8 +125,10 @@ pub struct Audit {
     metrics_since: Instant,
 }
 
-/// Records decoded per wake-up before the task yields to its other work.
-const DRAIN_BATCH: usize = 2048;
+/// Records decoded per batch before the task yields to its other work. A batch keeps its ring
+/// space until its records are in the sinks (then it is committed), so it is kept small: with
+/// 2,048 a paced storm of 100,000 records/s overflowed the 1 MiB ring (2 % lost), with 512 none.
+const DRAIN_BATCH: usize = 512;
 /// The CloudWatch sink is woken before its flush interval when this much is spooled.
 const SPOOL_WAKE_BYTES: u64 = 512 << 10;
 
