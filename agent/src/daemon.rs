@@ -657,6 +657,7 @@ fn spawn_sink(
     std::thread::Builder::new()
         .name("cloudwatch".into())
         .spawn(move || {
+            lower_this_threads_priority(SINK_NICE);
             match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -668,6 +669,27 @@ fn spawn_sink(
         })
         .context("starting the CloudWatch sink's thread")?;
     Ok(done_rx)
+}
+
+/// The CloudWatch sink's nice value. Its work can wait (the spool holds every record), the
+/// ring drain cannot (a full ring loses records): under a storm on a busy host the kernel
+/// scheduler gives the drain the CPU first. The sink's helper threads inherit it.
+const SINK_NICE: i32 = 10;
+
+/// Sets the calling thread's nice value (Linux: nice is per thread). Failure only costs
+/// priority, so it is logged, not fatal.
+fn lower_this_threads_priority(nice: i32) {
+    // No safe wrapper in nix for setpriority; gettid and setpriority have no preconditions.
+    let rc = unsafe {
+        let tid = libc::gettid() as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, nice)
+    };
+    if rc != 0 {
+        tracing::debug!(
+            "could not lower the CloudWatch sink's priority: {}",
+            std::io::Error::last_os_error()
+        );
+    }
 }
 
 /// Half of systemd's `WatchdogSec` (from `$WATCHDOG_USEC`), or practically never.

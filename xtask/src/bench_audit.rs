@@ -83,16 +83,84 @@ fn settle(file: &Path) {
     }
 }
 
+/// Where the agent ships besides the audit file while the storms run.
+#[derive(Clone, Copy)]
+enum Sink {
+    /// The audit file only.
+    FileOnly,
+    /// Also CloudWatch (moto_server on loopback), busy shipping every record of the storm.
+    Moto,
+    /// Also a CloudWatch endpoint that accepts connections and never answers: the sink sits
+    /// in 10 s timeouts and backoff while every record piles up in the spool.
+    Stalled,
+}
+
+impl Sink {
+    fn name(self) -> &'static str {
+        match self {
+            Sink::FileOnly => "audit file only",
+            Sink::Moto => "audit file + CloudWatch shipping to moto_server",
+            Sink::Stalled => "audit file + CloudWatch endpoint that never answers",
+        }
+    }
+}
+
 pub fn run(bin: &Path, probe: &Path) -> anyhow::Result<String> {
-    let name = format!("egress-guard-bench-audit-{}", std::process::id());
+    let mut report = String::new();
+    let mut runs = Vec::new();
+    for sink in [Sink::FileOnly, Sink::Moto, Sink::Stalled] {
+        let (text, value) = storms(bin, probe, sink)?;
+        writeln!(report, "== {} ==\n{text}", sink.name())?;
+        runs.push(value);
+    }
+    let out = crate::workspace_root().join("docs/benchmarks");
+    std::fs::create_dir_all(&out)?;
+    std::fs::write(
+        out.join("audit.json"),
+        serde_json::to_string_pretty(&json!({ "benchmark": "audit", "runs": runs }))?,
+    )?;
+    std::fs::write(out.join("audit.txt"), &report)?;
+    Ok(report)
+}
+
+/// One agent with `sink`, and the storms: the whole set with the file only, the paced ones
+/// (where the file alone loses nothing) when CloudWatch is also busy or stalled.
+fn storms(bin: &Path, probe: &Path, sink: Sink) -> anyhow::Result<(String, Value)> {
+    let name = format!("egress-guard-bench-audit-{}-{}", std::process::id(), sink as u8);
     let mut setup = crate::scratch::Scratch::new(&name, bin)?;
     let (cgroup, dir) = (setup.cgroup.clone(), setup.dir.clone());
     let audit_file = dir.join("audit.jsonl");
-    let config = setup.write_config("", &[])?;
-    let pid = setup.start_agent(&config, &[])?;
+    // Held until the end: moto_server, or a listener whose connections are never answered.
+    let mut _moto = None;
+    let mut _silent = None;
+    let endpoint = match sink {
+        Sink::FileOnly => None,
+        Sink::Moto => {
+            let (moto, port) = crate::scratch::moto_server()?;
+            _moto = Some(moto);
+            Some(format!("http://127.0.0.1:{port}"))
+        }
+        Sink::Stalled => {
+            let silent = std::net::TcpListener::bind("127.0.0.1:0")?;
+            let port = silent.local_addr()?.port();
+            // The kernel completes the handshakes (backlog); nothing ever reads or answers.
+            _silent = Some(silent);
+            Some(format!("http://127.0.0.1:{port}"))
+        }
+    };
+    let pid = match &endpoint {
+        None => {
+            let config = setup.write_config("", &[])?;
+            setup.start_agent(&config, &[])?
+        }
+        Some(endpoint) => {
+            let (table, env) = crate::scratch::cloudwatch_table(endpoint, &dir);
+            let config = setup.write_config(&table, &[])?;
+            setup.start_agent(&config, &env)?
+        }
+    };
     std::thread::sleep(Duration::from_secs(1));
     let (_, rest_rss, _) = usage(pid)?;
-
     let listener = std::net::TcpListener::bind("127.0.0.3:0")?;
     let to = listener.local_addr()?.to_string();
     let mut report = String::new();
@@ -143,7 +211,11 @@ pub fn run(bin: &Path, probe: &Path) -> anyhow::Result<String> {
             0,
         ),
     ];
+    let paced = |what: &str| what.starts_with("paced");
     for (what, script, probes) in storms {
+        if !matches!(sink, Sink::FileOnly) && !paced(what) {
+            continue;
+        }
         let (before_kernel, before_lost) = counts(&audit_file);
         let (cpu0, _, _) = usage(pid)?;
         let started = Instant::now();
@@ -179,14 +251,26 @@ pub fn run(bin: &Path, probe: &Path) -> anyhow::Result<String> {
                           "written": written, "lost": lost, "agent_cpu_ms_per_10k": cpu_per_10k, "agent_peak_rss_kib": peak }));
     }
     writeln!(report, "agent RSS at rest: {rest_rss} KiB")?;
-    let out = crate::workspace_root().join("docs/benchmarks");
-    std::fs::create_dir_all(&out)?;
-    std::fs::write(
-        out.join("audit.json"),
-        serde_json::to_string_pretty(
-            &json!({ "benchmark": "audit", "storms": rows, "agent_rest_rss_kib": rest_rss }),
-        )?,
-    )?;
-    std::fs::write(out.join("audit.txt"), &report)?;
-    Ok(report)
+    let mut cloudwatch = Value::Null;
+    if endpoint.is_some() {
+        let status = Command::new(bin)
+            .args(["status", "--json", "--socket"])
+            .arg(dir.join("control.sock"))
+            .output()?;
+        let v: Value = serde_json::from_slice(&status.stdout)
+            .with_context(|| format!("status: {}", String::from_utf8_lossy(&status.stderr)))?;
+        cloudwatch = v["cloudwatch"].clone();
+        writeln!(
+            report,
+            "CloudWatch at the end: delivered {}, spool backlog {} bytes, oldest undelivered {} ms, timeouts {}",
+            cloudwatch["delivered_events"],
+            cloudwatch["spool_pending_bytes"],
+            cloudwatch["oldest_undelivered_age_ms"],
+            cloudwatch["timeouts"]
+        )?;
+    }
+    Ok((
+        report,
+        json!({ "sink": sink.name(), "storms": rows, "agent_rest_rss_kib": rest_rss, "cloudwatch": cloudwatch }),
+    ))
 }

@@ -7,7 +7,7 @@
 use std::{
     fmt::Write as _,
     path::Path,
-    process::{Command, Stdio},
+    process::Command,
     time::Duration,
 };
 
@@ -18,46 +18,11 @@ pub fn run(bin: &Path, probe: &Path) -> anyhow::Result<String> {
     let name = format!("egress-guard-bench-cw-{}", std::process::id());
     let mut setup = crate::scratch::Scratch::new(&name, bin)?;
     let (cgroup, dir) = (setup.cgroup.clone(), setup.dir.clone());
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let _moto = crate::scratch::KillOnDrop(
-        Command::new("python3")
-            .args([
-                "-m",
-                "moto.server",
-                "-H",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting moto_server (cargo xtask setup installs it)")?,
-    );
-    for _ in 0..100 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let (_moto, port) = crate::scratch::moto_server()?;
     let socket = dir.join("control.sock");
-    let config = setup.write_config(
-        &format!(
-            "[cloudwatch]\nlog_group = \"/egress-guard/bench\"\nlog_stream = \"bench\"\nregion = \"us-east-1\"\nendpoint = \"http://127.0.0.1:{port}\"\nspool_dir = \"{}\"\n",
-            dir.join("spool").display()
-        ),
-        &[],
-    )?;
-    let _ = setup.start_agent(
-        &config,
-        &[
-            ("AWS_ACCESS_KEY_ID", "testing"),
-            ("AWS_SECRET_ACCESS_KEY", "testing"),
-            ("AWS_EC2_METADATA_DISABLED", "true"),
-        ],
-    )?;
+    let (table, env) = crate::scratch::cloudwatch_table(&format!("http://127.0.0.1:{port}"), &dir);
+    let config = setup.write_config(&table, &[])?;
+    let _ = setup.start_agent(&config, &env)?;
     // About 1,000 denied connects a second for 10 s (the probe sleeps 1 ms between them).
     let to = std::net::TcpListener::bind("127.0.0.3:0")?.local_addr()?;
     let out = Command::new("sh")

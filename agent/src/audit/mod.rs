@@ -116,6 +116,8 @@ pub struct Audit {
     spool_pending: Vec<String>,
     /// Written to the spool since its last sync.
     spool_dirty: bool,
+    /// When the spool was last synced (it is synced every `SPOOL_SYNC_EVERY`, not per batch).
+    spool_synced: Instant,
     /// Records the spool dropped (full) since start.
     spool_dropped: u64,
     /// `dns` records the proxy could not queue, not yet reported.
@@ -129,6 +131,9 @@ pub struct Audit {
 /// space until its records are in the sinks (then it is committed), so it is kept small: with
 /// 2,048 a paced storm of 100,000 records/s overflowed the 1 MiB ring (2 % lost), with 512 none.
 const DRAIN_BATCH: usize = 512;
+/// How old the newest spooled record may get before the spool is synced: what a power loss
+/// can cost (README, Known limits). A sync per batch cost a storm a third of its drain rate.
+const SPOOL_SYNC_EVERY: Duration = Duration::from_millis(50);
 /// The CloudWatch sink is woken before its flush interval when this much is spooled.
 const SPOOL_WAKE_BYTES: u64 = 512 << 10;
 
@@ -165,6 +170,7 @@ impl Audit {
             spool: None,
             spool_pending: Vec::new(),
             spool_dirty: false,
+            spool_synced: Instant::now(),
             spool_dropped: 0,
             dns_dropped: Default::default(),
             metrics: Default::default(),
@@ -226,23 +232,15 @@ impl Audit {
                 if let Err(e) = self.file.write_line(&line) {
                     tracing::error!("audit file sink: {e:#}");
                 }
-                self.spool_line(&line);
+                if self.spool.is_some() {
+                    self.metrics.count(&record);
+                    self.spool_pending.push(line);
+                }
             }
             Err(e) => tracing::error!("audit record cannot be serialized: {e}"),
         }
         // Moved, not copied, into the in-memory sink.
         self.feed.push(std::sync::Arc::new(record));
-    }
-
-    /// Ships the CloudWatch sink the same line the file got, once the file has it (`flush`).
-    fn spool_line(&mut self, line: &str) {
-        if self.spool.is_none() {
-            return;
-        }
-        if let Ok(v) = serde_json::from_str::<Value>(line) {
-            self.metrics.count(&v);
-        }
-        self.spool_pending.push(line.to_string());
     }
 
     /// The EMF metrics of the period that ended (or, with `now`, of the one so far), into the
@@ -264,12 +262,13 @@ impl Audit {
         }
     }
 
-    fn spool_raw(&mut self, line: &str) {
+    /// Appends lines the file already has to the spool.
+    fn spool_lines(&mut self, lines: &[String]) {
         let Some(sp) = &self.spool else {
             return;
         };
         let dropped = match sp.spool.lock() {
-            Ok(mut s) => s.append(line),
+            Ok(mut s) => s.append_all(lines),
             Err(_) => Err(anyhow::anyhow!("spool poisoned")),
         };
         self.spool_dirty = true;
@@ -289,12 +288,14 @@ impl Audit {
         }
     }
 
-    /// Makes what was spooled durable, and wakes the sink when a batch is waiting.
-    fn sync_spool(&mut self) {
-        if !self.spool_dirty {
+    /// Makes what was spooled durable once the last sync is `SPOOL_SYNC_EVERY` old (or now,
+    /// with `force`), and wakes the sink when a batch is waiting.
+    fn sync_spool(&mut self, force: bool) {
+        if !self.spool_dirty || (!force && self.spool_synced.elapsed() < SPOOL_SYNC_EVERY) {
             return;
         }
         self.spool_dirty = false;
+        self.spool_synced = Instant::now();
         let Some(sp) = &self.spool else {
             return;
         };
@@ -474,6 +475,7 @@ impl Audit {
                         tokio::task::yield_now().await;
                     }
                     self.flush();
+                    self.sync_spool(true);
                 }
                 _ = tick.tick() => {
                     self.emit_metrics(false);
@@ -489,6 +491,7 @@ impl Audit {
         self.check_lost();
         self.emit_metrics(true);
         self.flush();
+        self.sync_spool(true);
         Ok(())
     }
 
@@ -501,14 +504,13 @@ impl Audit {
         // Appending may drop the spool's oldest records and say so in a record of its own,
         // which goes through here again.
         while !self.spool_pending.is_empty() {
-            for line in std::mem::take(&mut self.spool_pending) {
-                self.spool_raw(&line);
-            }
+            let lines = std::mem::take(&mut self.spool_pending);
+            self.spool_lines(&lines);
             if let Err(e) = self.file.flush() {
                 tracing::error!("audit file sink: {e:#}");
             }
         }
-        self.sync_spool();
+        self.sync_spool(false);
     }
 
     /// Decodes up to `max` records and writes them to the sinks; only then gives their space
