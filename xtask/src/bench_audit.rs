@@ -126,7 +126,11 @@ pub fn run(bin: &Path, probe: &Path) -> anyhow::Result<String> {
 /// One agent with `sink`, and the storms: the whole set with the file only, the paced ones
 /// (where the file alone loses nothing) when CloudWatch is also busy or stalled.
 fn storms(bin: &Path, probe: &Path, sink: Sink) -> anyhow::Result<(String, Value)> {
-    let name = format!("egress-guard-bench-audit-{}-{}", std::process::id(), sink as u8);
+    let name = format!(
+        "egress-guard-bench-audit-{}-{}",
+        std::process::id(),
+        sink as u8
+    );
     let mut setup = crate::scratch::Scratch::new(&name, bin)?;
     let (cgroup, dir) = (setup.cgroup.clone(), setup.dir.clone());
     let audit_file = dir.join("audit.jsonl");

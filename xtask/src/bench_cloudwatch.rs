@@ -4,12 +4,7 @@
 //! (`status`: `cloudwatch.latency_ms_p50/p99` over the last 10,000 records).
 //! Writes docs/benchmarks/cloudwatch.{json,txt}.
 
-use std::{
-    fmt::Write as _,
-    path::Path,
-    process::Command,
-    time::Duration,
-};
+use std::{fmt::Write as _, path::Path, process::Command, time::Duration};
 
 use anyhow::{Context as _, bail};
 use serde_json::json;

@@ -116,7 +116,16 @@ pub fn moto_server() -> anyhow::Result<(KillOnDrop, u16)> {
         .port();
     let moto = KillOnDrop(
         Command::new("nice")
-            .args(["-n", "19", "python3", "-m", "moto.server", "-H", "127.0.0.1", "-p"])
+            .args([
+                "-n",
+                "19",
+                "python3",
+                "-m",
+                "moto.server",
+                "-H",
+                "127.0.0.1",
+                "-p",
+            ])
             .arg(port.to_string())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
