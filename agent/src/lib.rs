@@ -1,6 +1,6 @@
 //! egress-guard: kernel-enforced egress allowlists for the containers of an OpenHands host.
 //!
-//! Where things are: config parsing in `config.rs`, rule compilation in `policy.rs`, kernel
+//! Where things are: config parsing in `config/` (one file per table, `validate`'s steps in `mod.rs`), rule compilation in `policy.rs`, kernel
 //! maps and attachments in `kernel/`, the DNS proxy and learned addresses in `dns/`, the audit
 //! trail in `audit/`, the control socket in `control/`, container discovery (policy selectors) in
 //! `containers.rs`, the daemon loop in `daemon.rs`; the
