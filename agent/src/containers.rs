@@ -24,7 +24,7 @@ use anyhow::Context as _;
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use serde::Serialize;
 
-pub const DEFAULT_DOCKER_ROOT: &str = "/var/lib/docker";
+use crate::config::Selector;
 
 /// How long a container cgroup whose metadata is not readable yet is retried.
 const METADATA_WAIT: Duration = Duration::from_secs(5);
@@ -105,47 +105,6 @@ impl KnownCgroups {
 /// Drops the cgroups removed more than `age` ago.
 fn forget_gone(known: &mut HashMap<u64, Known>, age: Duration) {
     known.retain(|_, k| k.gone_at.is_none_or(|t| t.elapsed() < age));
-}
-
-/// One `containers` entry of a policy.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Selector {
-    /// Docker's container name (without the leading `/`), `*` matching any run of characters.
-    Name(String),
-    /// A label: present (`value` None) or with a value matching the glob.
-    Label { key: String, value: Option<String> },
-}
-
-impl std::str::FromStr for Selector {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        let bad = |why: &str| {
-            Err(format!(
-                "container selector {s:?}: {why}; write name:GLOB, label:KEY=GLOB or label:KEY"
-            ))
-        };
-        if let Some(glob) = s.strip_prefix("name:") {
-            if glob.is_empty() || glob.chars().any(|c| c.is_whitespace() || c == '/') {
-                return bad("the name pattern is empty or has spaces or '/'");
-            }
-            Ok(Selector::Name(glob.to_string()))
-        } else if let Some(rest) = s.strip_prefix("label:") {
-            let (key, value) = match rest.split_once('=') {
-                Some((k, v)) => (k, Some(v.to_string())),
-                None => (rest, None),
-            };
-            if key.is_empty() || key.contains('*') || key.chars().any(char::is_whitespace) {
-                return bad("the label key is empty or has '*' or spaces");
-            }
-            Ok(Selector::Label {
-                key: key.to_string(),
-                value,
-            })
-        } else {
-            bad("unknown kind")
-        }
-    }
 }
 
 impl Selector {

@@ -18,12 +18,13 @@ use std::sync::{Arc, Mutex};
 use serde_json::Value;
 
 use crate::{
-    audit::{Audit, Notice},
+    audit::{Audit, EventFeed},
     check::PolicyView,
     config::{self, Config, ConfigError, Mode, Problem},
-    control::{self, EventFeed, ReloadRequest, Shared},
+    control::{self, ReloadRequest, Shared},
     dns::{self, PolicySetup, learned::Binding, names::PolicyNames, upstream::Upstream},
     kernel::{self, ApplyReport, AuditMaps, Kernel, SocketGuard, Target, programs::Hook},
+    notice::Notice,
     policy,
 };
 
@@ -208,7 +209,7 @@ pub fn run(config_path: &Path, config: Config) -> anyhow::Result<()> {
     )?;
     // The audit channels first: the DNS proxy writes `dns` records to its own (bounded) one.
     let (tx, rx) = mpsc::unbounded_channel();
-    let (dns_records, dns_queue) = crate::audit::dns_records();
+    let (dns_records, dns_queue) = crate::dns::records::dns_records();
     let learn_maps = kernel::maps::LearnMaps::from_pins(&kernel.maps_dir())?;
     let clients = kernel::maps::DnsClients::from_pins(&kernel.maps_dir())
         .inspect_err(|e| tracing::warn!("dns records will not name processes: {e:#}"))

@@ -12,6 +12,7 @@ mod bench_lifecycle;
 mod bench_throughput;
 mod demo;
 mod fuzz;
+mod layers;
 mod package;
 mod scratch;
 mod vm;
@@ -390,6 +391,7 @@ fn ensure_apt_packages() -> anyhow::Result<()> {
 fn test() -> anyhow::Result<()> {
     setup()?;
     run(Command::new("cargo").args(["fmt", "--all", "--", "--check"]))?;
+    layers::check(&workspace_root().join("agent/src"))?;
     run(Command::new("cargo").args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
     run(Command::new("cargo")
         .args([

@@ -8,9 +8,12 @@
 //! its records are written to the audit file and then to the spool, in that order, so the
 //! file holds every record the spool ships.
 
+mod feed;
 pub mod file;
 pub mod record;
 pub mod ring;
+
+pub use feed::{EventFeed, RECENT_EVENTS};
 
 use std::{
     collections::HashMap,
@@ -25,7 +28,7 @@ use tokio::{io::unix::AsyncFd, sync::mpsc};
 
 use aya::maps::{MapData, PerCpuArray, PerCpuValues};
 
-use crate::config;
+use crate::{config, dns::records::DnsRecordQueue, notice::Notice};
 use record::Enricher;
 
 /// A record of type `T` from ring bytes, if they are long enough.
@@ -39,58 +42,6 @@ fn read<T: aya::Pod>(bytes: &[u8]) -> Option<T> {
 /// `LOST_EVENTS` indexes: counted by the kernel, reported by the agent.
 const LOST_TOTAL: u32 = 0;
 const LOST_REPORTED: u32 = 1;
-
-/// What the daemon (and the CloudWatch sink) tell the audit task: few, so unbounded.
-pub enum Notice {
-    /// An `agent.*` record to write: its type and fields.
-    Agent(&'static str, Value),
-    /// Policy names by slot and the guarded cgroups, after a (re)load.
-    Policies(Vec<String>, Vec<PathBuf>),
-}
-
-/// A `dns` record from the proxy: its fields, and the task behind the query when the kernel
-/// saw it.
-pub type DnsRecord = (Value, Option<EventHeader>);
-
-/// How many `dns` records may wait for the audit task. The proxy makes one per query, as fast
-/// as containers ask; beyond this many waiting, its records are counted and reported lost
-/// rather than growing the agent's memory without end.
-const DNS_RECORDS_QUEUED: usize = 16_384;
-
-/// The DNS proxy's side of the audit trail.
-#[derive(Clone)]
-pub struct DnsRecords {
-    tx: mpsc::Sender<DnsRecord>,
-    dropped: std::sync::Arc<std::sync::atomic::AtomicU64>,
-}
-
-impl DnsRecords {
-    /// Queues a record for the audit task, or counts it as lost when the queue is full.
-    pub fn send(&self, record: DnsRecord) {
-        if self.tx.try_send(record).is_err() {
-            self.dropped
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
-    }
-}
-
-/// The proxy's records: its sender, and the audit task's receiver.
-pub fn dns_records() -> (DnsRecords, DnsRecordQueue) {
-    let (tx, rx) = mpsc::channel(DNS_RECORDS_QUEUED);
-    let dropped = std::sync::Arc::default();
-    (
-        DnsRecords {
-            tx,
-            dropped: std::sync::Arc::clone(&dropped),
-        },
-        DnsRecordQueue { rx, dropped },
-    )
-}
-
-pub struct DnsRecordQueue {
-    rx: mpsc::Receiver<DnsRecord>,
-    dropped: std::sync::Arc<std::sync::atomic::AtomicU64>,
-}
 
 /// Allowed UDP sends to one destination, waiting to be written as one record.
 struct Flow {
@@ -107,7 +58,7 @@ pub struct Audit {
     aggregate: Duration,
     lost_reported: u64,
     /// The in-memory sink (for the control socket's `events`).
-    feed: std::sync::Arc<crate::control::EventFeed>,
+    feed: std::sync::Arc<EventFeed>,
     /// Records read from the ring that could not be decoded, not yet reported.
     undecodable: u64,
     /// The CloudWatch sink's spool, when `[cloudwatch]` is configured.
@@ -155,7 +106,7 @@ impl Audit {
         lost: PerCpuArray<MapData, u64>,
         cfg: &config::Audit,
         cgroup_root: PathBuf,
-        feed: std::sync::Arc<crate::control::EventFeed>,
+        feed: std::sync::Arc<EventFeed>,
     ) -> anyhow::Result<Self> {
         let file = file::FileSink::open(&cfg.file, cfg.file_max_bytes, cfg.file_keep)?;
         let mut audit = Self {

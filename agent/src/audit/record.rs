@@ -68,7 +68,7 @@ impl Enricher {
         Self {
             host: hostname(),
             instance: ec2_instance_id(),
-            docker_root: PathBuf::from(crate::containers::DEFAULT_DOCKER_ROOT),
+            docker_root: PathBuf::from(crate::config::DEFAULT_DOCKER_ROOT),
             container_names: HashMap::new(),
             boot_to_wall_ns: clock_ns(libc::CLOCK_REALTIME) - clock_ns(libc::CLOCK_BOOTTIME),
             policies: Vec::new(),

@@ -29,7 +29,7 @@ use super::{
     batch::{self, Batch, Event},
     spool::{Position, Spool},
 };
-use crate::audit::Notice;
+use crate::notice::Notice;
 
 /// How long one request (PutLogEvents, CreateLogGroup, CreateLogStream) may go unanswered
 /// before it is abandoned and retried with the backoff. CloudWatch answers a PutLogEvents in
@@ -201,7 +201,7 @@ fn backoff(attempt: u32, cap: Duration) -> Duration {
     let step = Duration::from_millis(200)
         .saturating_mul(1u32 << attempt.min(16))
         .min(cap);
-    let jitter = f64::from(crate::dns::upstream::random_id()) / f64::from(u16::MAX);
+    let jitter = f64::from(crate::random::random_u16()) / f64::from(u16::MAX);
     step.mul_f64(0.5 + 0.5 * jitter)
 }
 

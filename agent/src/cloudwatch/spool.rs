@@ -74,7 +74,7 @@ impl Spool {
             .open(&path)
             .with_context(|| format!("opening {}", path.display()))?;
         // Keep whole lines only.
-        let whole = crate::audit::file::whole_lines_len(&mut writer, len)?;
+        let whole = crate::jsonl::whole_lines_len(&mut writer, len)?;
         if whole != len {
             writer.set_len(whole)?;
             tracing::warn!(

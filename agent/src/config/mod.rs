@@ -36,9 +36,12 @@ pub use dns::{
     Dns, DnsMode, NEVER_LEARN_HOST, PrivateAnswers, Refusal,
 };
 pub use entries::{Dest, enclosing, parse_entry};
-pub use policy::{CgroupEntry, HostnameRule, Policy, Rule};
+pub use policy::{CgroupEntry, HostnameRule, Policy, Rule, Selector};
 pub use problems::{ConfigError, Problem};
-pub use settings::{Audit, Control, DEFAULT_AUDIT_FILE, DEFAULT_CONTROL_SOCKET, DEFAULT_PIN_DIR};
+pub use settings::{
+    Audit, Control, DEFAULT_AUDIT_FILE, DEFAULT_CONTROL_SOCKET, DEFAULT_DOCKER_ROOT,
+    DEFAULT_PIN_DIR,
+};
 
 /// Enforce refuses what the policy does not allow; audit decides and counts the same way but
 /// lets everything through (for rollout).

@@ -13,13 +13,54 @@ use super::{
     entries::{Dest, duplicate_hostnames, overlaps, parse_entry},
 };
 
+/// One `containers` entry of a policy.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Selector {
+    /// Docker's container name (without the leading `/`), `*` matching any run of characters.
+    Name(String),
+    /// A label: present (`value` None) or with a value matching the glob.
+    Label { key: String, value: Option<String> },
+}
+
+impl std::str::FromStr for Selector {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = |why: &str| {
+            Err(format!(
+                "container selector {s:?}: {why}; write name:GLOB, label:KEY=GLOB or label:KEY"
+            ))
+        };
+        if let Some(glob) = s.strip_prefix("name:") {
+            if glob.is_empty() || glob.chars().any(|c| c.is_whitespace() || c == '/') {
+                return bad("the name pattern is empty or has spaces or '/'");
+            }
+            Ok(Selector::Name(glob.to_string()))
+        } else if let Some(rest) = s.strip_prefix("label:") {
+            let (key, value) = match rest.split_once('=') {
+                Some((k, v)) => (k, Some(v.to_string())),
+                None => (rest, None),
+            };
+            if key.is_empty() || key.contains('*') || key.chars().any(char::is_whitespace) {
+                return bad("the label key is empty or has '*' or spaces");
+            }
+            Ok(Selector::Label {
+                key: key.to_string(),
+                value,
+            })
+        } else {
+            bad("unknown kind")
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Policy {
     pub name: String,
     pub mode: Mode,
     pub cgroups: Vec<CgroupEntry>,
     /// Containers under any guarded cgroup that this policy takes over (container discovery).
-    pub containers: Vec<crate::containers::Selector>,
+    pub containers: Vec<Selector>,
     /// Address and CIDR rules, including those implied by `ntp`, `allow_loopback` and, in
     /// direct DNS mode, `dns`.
     pub rules: Vec<Rule>,

@@ -12,6 +12,9 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/egress-guard";
 
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/egress-guard/control.sock";
 
+/// `[docker] root`: where Docker keeps container metadata (names, labels).
+pub const DEFAULT_DOCKER_ROOT: &str = "/var/lib/docker";
+
 /// `[control]`: the local control socket of the CLI.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -220,7 +223,7 @@ pub(super) fn validate_docker(
             }
             root
         }
-        None => PathBuf::from(crate::containers::DEFAULT_DOCKER_ROOT),
+        None => PathBuf::from(DEFAULT_DOCKER_ROOT),
     }
 }
 

@@ -5,7 +5,6 @@
 pub mod client;
 
 use std::{
-    collections::VecDeque,
     convert::Infallible,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
@@ -25,47 +24,7 @@ use tokio::{
     sync::{broadcast, mpsc, oneshot},
 };
 
-use crate::{check, kernel};
-
-/// How many recent records the in-memory sink keeps for `events`.
-pub const RECENT_EVENTS: usize = 10_000;
-
-/// The in-memory sink: recent records for `events`, and a live feed for `events --follow`.
-pub struct EventFeed {
-    recent: Mutex<VecDeque<Arc<Value>>>,
-    live: broadcast::Sender<Arc<Value>>,
-    total: std::sync::atomic::AtomicU64,
-}
-
-impl Default for EventFeed {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl EventFeed {
-    pub fn new() -> Self {
-        Self {
-            recent: Mutex::new(VecDeque::with_capacity(1024)),
-            live: broadcast::channel(4096).0,
-            total: 0.into(),
-        }
-    }
-
-    /// Adds a record; never waits for readers (a slow follower only misses records, and is
-    /// told how many).
-    pub fn push(&self, rec: Arc<Value>) {
-        if let Ok(mut r) = self.recent.lock() {
-            if r.len() == RECENT_EVENTS {
-                r.pop_front();
-            }
-            r.push_back(rec.clone());
-        }
-        self.total
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let _ = self.live.send(rec);
-    }
-}
+use crate::{audit::EventFeed, check, kernel};
 
 /// A reload request from the socket, answered with the outcome.
 pub type ReloadRequest = oneshot::Sender<Result<Value, String>>;
@@ -429,7 +388,7 @@ fn status(shared: &Shared) -> Value {
             json!({
                 "file": shared.audit_file.display().to_string(),
                 "file_bytes": audit_size,
-                "records_since_start": shared.events.total.load(std::sync::atomic::Ordering::Relaxed),
+                "records_since_start": shared.events.total(),
             }),
         );
         let cw = match &shared.cloudwatch {
@@ -450,10 +409,7 @@ fn status(shared: &Shared) -> Value {
 
 fn stats(shared: &Shared) -> anyhow::Result<Value> {
     let mut v = kernel::counters_json(&shared.pin_dir)?;
-    let records = shared
-        .events
-        .total
-        .load(std::sync::atomic::Ordering::Relaxed);
+    let records = shared.events.total();
     let uptime = shared.started.elapsed().as_secs_f64().max(1.0);
     v["audit_records"] = records.into();
     v["audit_records_per_second"] = (records as f64 / uptime).into();
@@ -533,12 +489,7 @@ fn events(shared: &Shared, query: &[(String, String)]) -> Response<Body> {
         .filter(|(k, _)| ["type", "verdict", "container", "policy"].contains(&k.as_str()))
         .cloned()
         .collect();
-    let recent: Vec<Arc<Value>> = shared
-        .events
-        .recent
-        .lock()
-        .map(|r| r.iter().cloned().collect())
-        .unwrap_or_default();
+    let recent = shared.events.recent();
     let newer = |r: &Value| {
         since.is_none_or(|t| {
             r["ts"]
@@ -568,7 +519,7 @@ fn events(shared: &Shared, query: &[(String, String)]) -> Response<Body> {
     }
     // Follow: the backlog, then live records as they come; a reader too slow for the feed
     // is told how many it missed.
-    let rx = shared.events.live.subscribe();
+    let rx = shared.events.subscribe();
     let first =
         futures_util::stream::once(
             async move { Ok::<_, Infallible>(Frame::data(Bytes::from(lines))) },

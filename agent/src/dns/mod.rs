@@ -18,6 +18,7 @@ pub mod limits;
 pub mod message;
 pub mod names;
 pub mod proxy;
+pub mod records;
 pub mod upstream;
 
 use std::{
@@ -125,7 +126,7 @@ impl Service {
         maps: LearnMaps,
         clients: Option<crate::kernel::maps::DnsClients>,
         redirect_map: Option<crate::kernel::maps::DnsProxyMap>,
-        records: crate::audit::DnsRecords,
+        records: records::DnsRecords,
     ) -> Self {
         let learner = Arc::new(Mutex::new(Learner::new(maps, cfg)));
         let proxy = (cfg.mode == config::DnsMode::Proxy)

@@ -58,7 +58,7 @@ struct Shared {
     /// Who is behind a query (the kernel notes it as the query leaves the process).
     clients: Option<crate::kernel::maps::DnsClients>,
     learner: Arc<Mutex<Learner>>,
-    records: crate::audit::DnsRecords,
+    records: super::records::DnsRecords,
 }
 
 /// The running proxy.
@@ -73,7 +73,7 @@ impl Proxy {
         listen: std::net::Ipv4Addr,
         refuse: config::Refusal,
         learner: Arc<Mutex<Learner>>,
-        records: crate::audit::DnsRecords,
+        records: super::records::DnsRecords,
         clients: Option<crate::kernel::maps::DnsClients>,
     ) -> Self {
         Self {
