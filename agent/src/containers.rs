@@ -11,7 +11,10 @@
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     ffi::CString,
-    os::unix::{ffi::OsStrExt as _, fs::MetadataExt as _},
+    os::{
+        fd::AsFd as _,
+        unix::{ffi::OsStrExt as _, fs::MetadataExt as _},
+    },
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
@@ -22,6 +25,10 @@ use std::{
 
 use anyhow::Context as _;
 use aya::maps::{HashMap as BpfHashMap, MapData};
+use nix::{
+    poll::{PollFd, PollFlags, poll},
+    sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor},
+};
 use serde::Serialize;
 
 use crate::config::Selector;
@@ -203,7 +210,7 @@ struct State {
     rules: Vec<Rule>,
     docker_root: PathBuf,
     /// Watch descriptor → guarded cgroup directory.
-    watches: HashMap<i32, PathBuf>,
+    watches: HashMap<WatchDescriptor, PathBuf>,
     found: BTreeMap<PathBuf, Found>,
     /// Container cgroups whose metadata was missing, retried until the deadline.
     pending: BTreeMap<PathBuf, Instant>,
@@ -216,18 +223,9 @@ struct State {
 pub struct Discovery {
     state: Arc<Mutex<State>>,
     known: Arc<KnownCgroups>,
-    inotify: Arc<Fd>,
+    inotify: Arc<Inotify>,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
-}
-
-struct Fd(i32);
-
-impl Drop for Fd {
-    fn drop(&mut self) {
-        // SAFETY: the descriptor is owned here and closed once.
-        unsafe { libc::close(self.0) };
-    }
 }
 
 impl Discovery {
@@ -236,12 +234,10 @@ impl Discovery {
         let map: BpfHashMap<MapData, u64, u32> =
             crate::kernel::maps::open_pinned(maps_dir, agent_common::map_names::CONTAINER_SLOTS)?
                 .try_into()?;
-        // SAFETY: plain syscall; the result is checked.
-        let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error()).context("inotify_init1");
-        }
-        let inotify = Arc::new(Fd(fd));
+        let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)
+            .map_err(std::io::Error::from)
+            .context("inotify_init1")?;
+        let inotify = Arc::new(inotify);
         let known = Arc::new(KnownCgroups::default());
         let state = Arc::new(Mutex::new(State {
             map,
@@ -273,27 +269,30 @@ impl Discovery {
     pub fn update(&self, parents: &[PathBuf], rules: Vec<Rule>) -> anyhow::Result<()> {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         for (&wd, _) in st.watches.iter() {
-            // SAFETY: plain syscall on our descriptor.
-            unsafe { libc::inotify_rm_watch(self.inotify.0, wd) };
+            let _ = self.inotify.rm_watch(wd);
         }
         st.watches.clear();
         st.rules = rules;
         let mut failed = None;
         for p in parents {
             let c = CString::new(p.as_os_str().as_bytes())?;
-            let mask = libc::IN_CREATE | libc::IN_DELETE | libc::IN_MOVED_TO | libc::IN_ONLYDIR;
-            // SAFETY: valid C string; the result is checked.
-            let wd = unsafe { libc::inotify_add_watch(self.inotify.0, c.as_ptr(), mask) };
-            if wd < 0 {
-                // The others are still watched; the caller hears about this one.
-                let e = std::io::Error::last_os_error();
-                failed.get_or_insert(anyhow::anyhow!(
-                    "watching {} with inotify: {e}",
-                    p.display()
-                ));
-                continue;
+            let mask = AddWatchFlags::IN_CREATE
+                | AddWatchFlags::IN_DELETE
+                | AddWatchFlags::IN_MOVED_TO
+                | AddWatchFlags::IN_ONLYDIR;
+            match self.inotify.add_watch(c.as_c_str(), mask) {
+                Ok(wd) => {
+                    st.watches.insert(wd, p.clone());
+                }
+                Err(e) => {
+                    // The others are still watched; the caller hears about this one.
+                    let e = std::io::Error::from(e);
+                    failed.get_or_insert(anyhow::anyhow!(
+                        "watching {} with inotify: {e}",
+                        p.display()
+                    ));
+                }
             }
-            st.watches.insert(wd, p.clone());
         }
         // Scan after the watches are in place, so nothing created in between is missed; the
         // kernel map then agrees with what was found, whatever failed above.
@@ -440,33 +439,18 @@ impl State {
     }
 }
 
-fn watch_loop(state: &Mutex<State>, inotify: &Fd, stop: &AtomicBool) {
-    let mut buf = [0u8; 8192];
+fn watch_loop(state: &Mutex<State>, inotify: &Inotify, stop: &AtomicBool) {
     while !stop.load(Ordering::Relaxed) {
-        let mut pfd = libc::pollfd {
-            fd: inotify.0,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd.
-        unsafe { libc::poll(&mut pfd, 1, 100) };
-        // SAFETY: the buffer is valid for its length; the descriptor is non-blocking.
-        let n = unsafe { libc::read(inotify.0, buf.as_mut_ptr().cast(), buf.len()) };
+        let _ = poll(
+            &mut [PollFd::new(inotify.as_fd(), PollFlags::POLLIN)],
+            100u16,
+        );
+        // The descriptor is non-blocking: nothing to read (EAGAIN) is no events.
+        let events = inotify.read_events().unwrap_or_default();
         let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
-        let mut off = 0usize;
-        let header = std::mem::size_of::<libc::inotify_event>();
-        while n > 0 && off + header <= n as usize {
-            // SAFETY: the kernel wrote whole events; read_unaligned copes with alignment.
-            let ev: libc::inotify_event =
-                unsafe { std::ptr::read_unaligned(buf.as_ptr().add(off).cast()) };
-            let name_bytes = &buf[off + header..off + header + ev.len as usize];
-            off += header + ev.len as usize;
-            let name_end = name_bytes
-                .iter()
-                .position(|&b| b == 0)
-                .unwrap_or(name_bytes.len());
-            let name = std::ffi::OsStr::from_bytes(&name_bytes[..name_end]);
-            if ev.mask & libc::IN_Q_OVERFLOW != 0 {
+        for ev in events {
+            let name = ev.name.as_deref().unwrap_or_default();
+            if ev.mask.contains(AddWatchFlags::IN_Q_OVERFLOW) {
                 // Events were lost: look at everything again.
                 tracing::warn!("container discovery: inotify queue overflowed; rescanning");
                 st.rescan();
@@ -475,7 +459,7 @@ fn watch_loop(state: &Mutex<State>, inotify: &Fd, stop: &AtomicBool) {
                 }
                 continue;
             }
-            if ev.mask & libc::IN_IGNORED != 0 {
+            if ev.mask.contains(AddWatchFlags::IN_IGNORED) {
                 if let Some(p) = st.watches.remove(&ev.wd) {
                     tracing::error!(
                         "guarded cgroup {} was removed: what is created there again is guarded only after a reload or restart",
@@ -488,9 +472,12 @@ fn watch_loop(state: &Mutex<State>, inotify: &Fd, stop: &AtomicBool) {
                 continue;
             };
             let path = parent.join(name);
-            if ev.mask & (libc::IN_CREATE | libc::IN_MOVED_TO) != 0 {
+            if ev
+                .mask
+                .intersects(AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO)
+            {
                 st.admit(&path);
-            } else if ev.mask & libc::IN_DELETE != 0 {
+            } else if ev.mask.contains(AddWatchFlags::IN_DELETE) {
                 st.gone(&path);
             }
         }

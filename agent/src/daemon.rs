@@ -1,15 +1,17 @@
 //! The daemon: start-up order, signals, reload, readiness.
 //!
-//! Start-up: read and check the config → mount bpffs → open or create the pinned maps →
-//! write rulesets → attach (adopting pins left by a previous run) → READY. A config that fails
-//! any check is refused before the kernel is touched; on reload the old policy stays.
+//! Start-up, as [`run`] lists it: read and check the config → mount bpffs → open or create
+//! the pinned maps → the DNS proxy listens → write rulesets → attach (adopting pins left by a
+//! previous run) → match containers → audit trail, CloudWatch sink, control socket → READY.
+//! A config that fails any check is refused before the kernel is touched; on reload the old
+//! policy stays.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use serde_json::json;
 use tokio::{
-    signal::unix::{SignalKind, signal},
+    signal::unix::{Signal, SignalKind, signal},
     sync::mpsc,
 };
 
@@ -21,8 +23,12 @@ use crate::{
     audit::{Audit, EventFeed},
     check::PolicyView,
     config::{self, Config, ConfigError, Mode, Problem},
+    containers::Discovery,
     control::{self, ReloadRequest, Shared},
-    dns::{self, PolicySetup, learned::Binding, names::PolicyNames, upstream::Upstream},
+    dns::{
+        self, PolicySetup, learned::Binding, names::PolicyNames, records::DnsRecords,
+        upstream::Upstream,
+    },
     kernel::{self, ApplyReport, AuditMaps, Kernel, SocketGuard, Target, programs::Hook},
     notice::Notice,
     policy,
@@ -192,17 +198,8 @@ fn capacity_problems(targets: &[Target]) -> Vec<Problem> {
 
 pub fn run(config_path: &Path, config: Config) -> anyhow::Result<()> {
     // Signal handlers first: a SIGTERM during start-up is handled once started, not fatal.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let (mut hup, mut term, mut int) = {
-        let _in_runtime = rt.enter();
-        (
-            signal(SignalKind::hangup())?,
-            signal(SignalKind::terminate())?,
-            signal(SignalKind::interrupt())?,
-        )
-    };
+    let (rt, mut signals) = runtime_with_signals()?;
+    // Every check before the kernel is touched: a config that fails one changes nothing.
     let mut targets = prepare(&config)??;
     let mut kernel = Kernel::open(&config.pin_dir, config.audit.ring_buffer_bytes).context(
         "setting up the eBPF maps failed (egress-guard needs root, or CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON and CAP_SYS_RESOURCE)",
@@ -210,22 +207,110 @@ pub fn run(config_path: &Path, config: Config) -> anyhow::Result<()> {
     // The audit channels first: the DNS proxy writes `dns` records to its own (bounded) one.
     let (tx, rx) = mpsc::unbounded_channel();
     let (dns_records, dns_queue) = crate::dns::records::dns_records();
+    let mut dns = dns_service(&rt, &config, &kernel, dns_records)?;
+    // The addresses the previous agent learned: connections to them survive the restart.
+    adopt_learned(&kernel, &dns)?;
+    // The policy: the DNS proxy listens before the kernel redirects to it; pins a previous
+    // run left are adopted, and old attachments go only once the new are in (`Kernel::apply`).
+    let report = {
+        let _in_runtime = rt.enter();
+        apply(&mut kernel, &mut dns, &config, &mut targets)
+            .context("attaching the policy to the kernel failed")?
+    };
+    log_applied(&config, &report, &kernel);
+    // Containers under the guarded cgroups that selectors give to other policies: matched
+    // before READY, watched from now on.
+    let discovery = start_discovery(&kernel, &config, &targets, &report)?;
+    let mut agent = Agent {
+        config_path,
+        config,
+        targets,
+        kernel,
+        dns,
+        discovery,
+        tx,
+    };
+    rt.block_on(async move {
+        agent.dns.start();
+        // The audit trail and the control socket, before READY: nothing the guarded
+        // processes do goes unrecorded, and the CLI answers as soon as systemd says "started".
+        let feed = Arc::new(EventFeed::new());
+        let (mut audit, events) = agent.open_audit(feed.clone())?;
+        // CloudWatch: every record is spooled before it counts as accepted; the sink sends
+        // from the spool and acknowledges what CloudWatch took.
+        let cloudwatch = agent.start_cloudwatch(&mut audit)?;
+        agent.say_started(&report);
+        let ring =
+            crate::audit::ring::Ring::new(events).context("reading the audit ring buffer")?;
+        let mut audit_task = tokio::spawn(audit.run(ring, rx, dns_queue));
+        let mut control = agent.start_control(feed, cloudwatch.as_ref(), &report)?;
+        // READY=1 last: units ordered after the agent (Docker) start only once the programs
+        // are attached, the DNS proxy listens, the containers are matched, and the audit
+        // trail and the control socket run.
+        notify_ready(report.policies.len());
+        // Until SIGTERM or SIGINT: reloads, the watchdog, and the audit trail's health.
+        agent
+            .serve(&mut signals, &mut audit_task, &mut control)
+            .await?;
+        // The policy stays in force (pinned); the audit trail and CloudWatch get the rest.
+        agent.stop(control, audit_task, cloudwatch).await
+    })
+}
+
+/// Tells systemd that the agent has started: it enforces `policies` policies.
+fn notify_ready(policies: usize) {
+    notify(&format!("READY=1\nSTATUS=enforcing {policies} policies"));
+    tracing::info!("egress-guard ready");
+}
+
+/// The signals the agent answers: SIGHUP reloads, SIGTERM and SIGINT stop it.
+struct Signals {
+    hup: Signal,
+    term: Signal,
+    int: Signal,
+}
+
+/// The agent's runtime (one thread), with the signal handlers installed.
+fn runtime_with_signals() -> anyhow::Result<(tokio::runtime::Runtime, Signals)> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let signals = {
+        let _in_runtime = rt.enter();
+        Signals {
+            hup: signal(SignalKind::hangup())?,
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        }
+    };
+    Ok((rt, signals))
+}
+
+/// The DNS side on the pinned maps: the learner, the proxy (if `[dns] mode` has one; its
+/// `dns` records go to `records`) and the redirects.
+fn dns_service(
+    rt: &tokio::runtime::Runtime,
+    config: &Config,
+    kernel: &Kernel,
+    records: DnsRecords,
+) -> anyhow::Result<dns::Service> {
     let learn_maps = kernel::maps::LearnMaps::from_pins(&kernel.maps_dir())?;
     let clients = kernel::maps::DnsClients::from_pins(&kernel.maps_dir())
         .inspect_err(|e| tracing::warn!("dns records will not name processes: {e:#}"))
         .ok();
-    let mut dns = {
-        let _in_runtime = rt.enter();
-        let redirect_map = kernel::maps::DnsProxyMap::from_pins(&kernel.maps_dir())?;
-        dns::Service::new(
-            &config.dns,
-            learn_maps,
-            clients,
-            Some(redirect_map),
-            dns_records,
-        )
-    };
-    // The addresses the previous agent learned: connections to them survive the restart.
+    let _in_runtime = rt.enter();
+    let redirect_map = kernel::maps::DnsProxyMap::from_pins(&kernel.maps_dir())?;
+    Ok(dns::Service::new(
+        &config.dns,
+        learn_maps,
+        clients,
+        Some(redirect_map),
+        records,
+    ))
+}
+
+/// Gives the learner the addresses the previous agent learned (kept in the pinned rulesets).
+fn adopt_learned(kernel: &Kernel, dns: &dns::Service) -> anyhow::Result<()> {
     match kernel.learned_entries() {
         Ok(entries) => {
             let n = dns
@@ -239,90 +324,153 @@ pub fn run(config_path: &Path, config: Config) -> anyhow::Result<()> {
         }
         Err(e) => tracing::warn!("cannot adopt learned addresses: {e:#}"),
     }
-    let report = {
-        let _in_runtime = rt.enter();
-        apply(&mut kernel, &mut dns, &config, &mut targets)
-            .context("attaching the policy to the kernel failed")?
-    };
-    log_applied(&config, &report, &kernel);
-    // Containers under the guarded cgroups that selectors give to other policies: matched
-    // before READY, watched from now on.
+    Ok(())
+}
+
+/// Starts container discovery and matches the containers there are now.
+fn start_discovery(
+    kernel: &Kernel,
+    config: &Config,
+    targets: &[Target],
+    report: &ApplyReport,
+) -> anyhow::Result<Arc<Discovery>> {
     let discovery = Arc::new(
-        crate::containers::Discovery::start(&kernel.maps_dir(), config.docker_root.clone())
+        Discovery::start(&kernel.maps_dir(), config.docker_root.clone())
             .context("starting container discovery")?,
     );
     discovery
-        .update(&guarded_dirs(&targets), selector_rules(&config, &report))
+        .update(&guarded_dirs(targets), selector_rules(config, report))
         .context("matching containers to policies")?;
+    Ok(discovery)
+}
 
-    rt.block_on(async move {
-        dns.start();
-        // The audit trail and the control socket, before READY: nothing the guarded
-        // processes do goes unrecorded, and the CLI answers as soon as systemd says "started".
-        let feed = Arc::new(EventFeed::new());
-        let AuditMaps { events, lost } = kernel.take_audit_maps().context("audit maps already taken")?;
-        let mut audit = Audit::new(lost, &config.audit, kernel::mounts::cgroup2_root()?, feed.clone())
-            .context("starting the audit trail (see [audit] in the config)")?;
-        audit.set_learner(dns.learner.clone());
-        audit.set_docker_root(config.docker_root.clone());
-        audit.set_known_cgroups(discovery.known());
-        // CloudWatch: every record is spooled before it counts as accepted; the sink sends
-        // from the spool and acknowledges what CloudWatch took.
-        let mut cloudwatch_health = None;
-        let mut sink_stop = None;
-        let sink_task = match &config.cloudwatch {
-            Some(cw) => {
-                let spool = crate::cloudwatch::spool::Spool::open(&cw.spool_dir, cw.spool_max_bytes)
-                    .with_context(|| format!("opening the CloudWatch spool {} (see [cloudwatch] spool_dir)", cw.spool_dir.display()))?;
-                let spool = Arc::new(Mutex::new(spool));
-                let stream = cw.log_stream.clone().unwrap_or_else(|| {
-                    crate::audit::record::ec2_instance_id().unwrap_or_else(crate::audit::record::hostname)
-                });
-                let sink = crate::cloudwatch::sink::Sink::new(
-                    crate::cloudwatch::sink::Settings {
-                        log_group: cw.log_group.clone(),
-                        log_stream: stream.clone(),
-                        region: cw.region.clone(),
-                        endpoint: cw.endpoint.clone(),
-                        flush_interval: cw.flush_interval,
-                    },
-                    spool.clone(),
-                    cw.spool_dir.clone(),
-                    tx.clone(),
-                );
-                audit.set_spool(crate::audit::SpoolLink {
-                    spool,
-                    wake: sink.wake.clone(),
-                    metrics_every: cw.metrics_interval,
-                });
-                cloudwatch_health = Some(sink.health.clone());
-                let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-                sink_stop = Some((stop_tx, sink.wake.clone()));
-                tracing::info!(log_group = %cw.log_group, log_stream = %stream, spool = %cw.spool_dir.display(), "shipping the audit trail to CloudWatch Logs");
-                if cw.metrics_interval > std::time::Duration::from_secs(60) {
-                    tracing::warn!(
-                        "[cloudwatch] metrics_interval is {:?}: the shipped AgentSilent alarms expect a Heartbeat at least every minute and will fire; keep it at 60s or less",
-                        cw.metrics_interval
-                    );
-                }
-                Some(spawn_sink(sink, stop_rx)?)
-            }
-            None => None,
+/// The running agent: what the steps inside the runtime, the main loop and the stop share.
+struct Agent<'a> {
+    config_path: &'a Path,
+    /// The config in force (a reload that applies replaces it).
+    config: Config,
+    targets: Vec<Target>,
+    kernel: Kernel,
+    dns: dns::Service,
+    discovery: Arc<Discovery>,
+    /// The agent's own records, to the audit trail.
+    tx: mpsc::UnboundedSender<Notice>,
+}
+
+/// The CloudWatch sink's thread: its health, and how to stop it.
+struct CloudWatch {
+    health: Arc<Mutex<crate::cloudwatch::sink::Health>>,
+    stop: tokio::sync::watch::Sender<bool>,
+    wake: Arc<tokio::sync::Notify>,
+    /// Says when the sink is done.
+    done: tokio::sync::oneshot::Receiver<()>,
+}
+
+/// The control socket and its server.
+struct Control {
+    shared: Arc<Shared>,
+    /// Reloads asked for on the socket, each with its reply channel.
+    reloads: mpsc::Receiver<ReloadRequest>,
+    socket: PathBuf,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Agent<'_> {
+    fn say(&self, n: Notice) {
+        // The receiver lives until `stop`.
+        let _ = self.tx.send(n);
+    }
+
+    /// The audit trail, and the kernel ring it is to read.
+    fn open_audit(&mut self, feed: Arc<EventFeed>) -> anyhow::Result<(Audit, aya::maps::MapData)> {
+        let AuditMaps { events, lost } = self
+            .kernel
+            .take_audit_maps()
+            .context("audit maps already taken")?;
+        let mut audit = Audit::new(
+            lost,
+            &self.config.audit,
+            kernel::mounts::cgroup2_root()?,
+            feed,
+        )
+        .context("starting the audit trail (see [audit] in the config)")?;
+        audit.set_learner(self.dns.learner.clone());
+        audit.set_docker_root(self.config.docker_root.clone());
+        audit.set_known_cgroups(self.discovery.known());
+        Ok((audit, events))
+    }
+
+    /// With `[cloudwatch]`: the spool, linked to the audit trail, and the sink on its thread.
+    fn start_cloudwatch(&self, audit: &mut Audit) -> anyhow::Result<Option<CloudWatch>> {
+        let Some(cw) = &self.config.cloudwatch else {
+            return Ok(None);
         };
-        let say = |n: Notice| {
-            // The receiver lives until after the loop below.
-            let _ = tx.send(n);
-        };
-        say(Notice::Agent(
+        let spool = crate::cloudwatch::spool::Spool::open(&cw.spool_dir, cw.spool_max_bytes)
+            .with_context(|| {
+                format!(
+                    "opening the CloudWatch spool {} (see [cloudwatch] spool_dir)",
+                    cw.spool_dir.display()
+                )
+            })?;
+        let spool = Arc::new(Mutex::new(spool));
+        let stream = cw.log_stream.clone().unwrap_or_else(|| {
+            crate::audit::record::ec2_instance_id().unwrap_or_else(crate::audit::record::hostname)
+        });
+        let sink = crate::cloudwatch::sink::Sink::new(
+            crate::cloudwatch::sink::Settings {
+                log_group: cw.log_group.clone(),
+                log_stream: stream.clone(),
+                region: cw.region.clone(),
+                endpoint: cw.endpoint.clone(),
+                flush_interval: cw.flush_interval,
+            },
+            spool.clone(),
+            cw.spool_dir.clone(),
+            self.tx.clone(),
+        );
+        audit.set_spool(crate::audit::SpoolLink {
+            spool,
+            wake: sink.wake.clone(),
+            metrics_every: cw.metrics_interval,
+        });
+        let health = sink.health.clone();
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let wake = sink.wake.clone();
+        tracing::info!(log_group = %cw.log_group, log_stream = %stream, spool = %cw.spool_dir.display(), "shipping the audit trail to CloudWatch Logs");
+        if cw.metrics_interval > std::time::Duration::from_secs(60) {
+            tracing::warn!(
+                "[cloudwatch] metrics_interval is {:?}: the shipped AgentSilent alarms expect a Heartbeat at least every minute and will fire; keep it at 60s or less",
+                cw.metrics_interval
+            );
+        }
+        let done = spawn_sink(sink, stop_rx)?;
+        Ok(Some(CloudWatch {
+            health,
+            stop,
+            wake,
+            done,
+        }))
+    }
+
+    /// The `agent.start` record, and the policies in force.
+    fn say_started(&self, report: &ApplyReport) {
+        self.say(Notice::Agent(
             "agent.start",
-            json!({ "agent_version": env!("CARGO_PKG_VERSION"), "config": config_path.display().to_string(),
-                    "socket_guard": kernel.socket_guard }),
+            json!({ "agent_version": env!("CARGO_PKG_VERSION"), "config": self.config_path.display().to_string(),
+                    "socket_guard": self.kernel.socket_guard }),
         ));
-        announce(&say, &kernel, &targets, &report);
-        let ring = crate::audit::ring::Ring::new(events).context("reading the audit ring buffer")?;
-        let audit_task = tokio::spawn(audit.run(ring, rx, dns_queue));
+        announce(&|n| self.say(n), &self.kernel, &self.targets, report);
+    }
 
-        let (reload_tx, mut reload_rx) = mpsc::channel::<ReloadRequest>(4);
+    /// The control socket's shared view, made current, and its server.
+    fn start_control(
+        &self,
+        feed: Arc<EventFeed>,
+        cloudwatch: Option<&CloudWatch>,
+        report: &ApplyReport,
+    ) -> anyhow::Result<Control> {
+        let config = &self.config;
+        let (reload, reloads) = mpsc::channel::<ReloadRequest>(4);
         let group = match control::group_id(&config.control.group) {
             Some(gid) => Some((config.control.group.clone(), gid)),
             None => {
@@ -336,29 +484,40 @@ pub fn run(config_path: &Path, config: Config) -> anyhow::Result<()> {
         let shared = Arc::new(Shared {
             started: std::time::Instant::now(),
             pin_dir: config.pin_dir.clone(),
-            config_path: config_path.to_path_buf(),
+            config_path: self.config_path.to_path_buf(),
             status: Mutex::new(Value::Null),
             policies: Mutex::new(Vec::new()),
             events: feed,
             audit_file: config.audit.file.clone(),
-            reload: reload_tx,
+            reload,
             group,
             dns: Mutex::new(Value::Null),
-            learner: dns.learner.clone(),
-            cloudwatch: cloudwatch_health,
-            containers: discovery.clone(),
+            learner: self.dns.learner.clone(),
+            cloudwatch: cloudwatch.map(|c| c.health.clone()),
+            containers: self.discovery.clone(),
         });
-        publish(&shared, &config, &targets, &report, &kernel);
+        publish(&shared, config, &self.targets, report, &self.kernel);
         let socket = config.control.socket.clone();
         let listener = control::bind(&socket, shared.group.as_ref().map(|g| g.1))
             .context("starting the control socket (see [control] in the config)")?;
         tracing::info!(socket = %socket.display(), "control socket listening");
-        let control_task = tokio::spawn(control::serve(listener, shared.clone()));
-        let mut audit_task = audit_task;
-        notify(&format!("READY=1\nSTATUS=enforcing {} policies", report.policies.len()));
-        tracing::info!("egress-guard ready");
+        let task = tokio::spawn(control::serve(listener, shared.clone()));
+        Ok(Control {
+            shared,
+            reloads,
+            socket,
+            task,
+        })
+    }
 
-        let mut current = config;
+    /// The main loop, until SIGTERM or SIGINT: feeds the watchdog, and reloads on SIGHUP or a
+    /// request on the control socket. Fails when the audit trail ends.
+    async fn serve(
+        &mut self,
+        signals: &mut Signals,
+        audit_task: &mut tokio::task::JoinHandle<anyhow::Result<()>>,
+        control: &mut Control,
+    ) -> anyhow::Result<()> {
         let mut watchdog = watchdog_interval();
         loop {
             // A reload comes from SIGHUP or from the control socket (with a reply channel).
@@ -366,77 +525,123 @@ pub fn run(config_path: &Path, config: Config) -> anyhow::Result<()> {
                 // Fed from this loop: a hung reload or a kernel that stopped answering makes
                 // systemd restart the agent (the pins keep enforcing meanwhile).
                 _ = watchdog.tick() => {
-                    match kernel.check_maps() {
+                    match self.kernel.check_maps() {
                         Ok(()) => notify("WATCHDOG=1"),
                         Err(e) => tracing::error!("not feeding the watchdog: {e:#}"),
                     }
                     continue;
                 }
-                _ = hup.recv() => None,
-                Some(reply) = reload_rx.recv() => Some(reply),
-                _ = term.recv() => break,
-                _ = int.recv() => break,
+                _ = signals.hup.recv() => None,
+                Some(reply) = control.reloads.recv() => Some(reply),
+                _ = signals.term.recv() => break,
+                _ = signals.int.recv() => break,
                 // The audit trail must not die unnoticed: stop (systemd restarts the agent).
-                ended = &mut audit_task => {
+                ended = &mut *audit_task => {
                     let why = match ended {
                         Ok(Ok(())) => "it stopped".to_string(),
                         Ok(Err(e)) => format!("{e:#}"),
                         Err(e) => format!("it panicked: {e}"),
                     };
-                    control_task.abort();
-                    let _ = std::fs::remove_file(&socket);
+                    control.task.abort();
+                    let _ = std::fs::remove_file(&control.socket);
                     anyhow::bail!("the audit trail failed ({why}); stopping so that the agent is restarted");
                 }
             };
             notify("RELOADING=1");
-            let outcome = match reload(config_path, &current, &targets, &mut kernel, &mut dns) {
-                Ok((new, new_targets, report)) => {
-                    if let Err(e) = discovery.update(&guarded_dirs(&new_targets), selector_rules(&new, &report)) {
-                        // The kernel keeps the previous matches; new containers fall under
-                        // their guarded cgroup's policy.
-                        tracing::error!("container discovery after the reload: {e:#}");
-                    }
-                    say(Notice::Agent("agent.reload", json!({ "result": "applied" })));
-                    announce(&say, &kernel, &new_targets, &report);
-                    publish(&shared, &new, &new_targets, &report, &kernel);
-                    current = new;
-                    targets = new_targets;
-                    Ok(json!({ "result": "applied", "policies": report.policies, "removed_policies": report.removed_policies }))
-                }
-                Err(reason) => {
-                    say(Notice::Agent("agent.reload", json!({ "result": "refused", "reason": reason })));
-                    Err(reason)
-                }
-            };
+            let outcome = self.apply_reload(&control.shared);
             if let Some(reply) = reply {
                 let _ = reply.send(outcome);
             }
             notify("READY=1");
         }
+        Ok(())
+    }
+
+    /// Re-reads and applies the config (see [`reload`]); once applied, discovery, the audit
+    /// trail and the control socket follow the new policy. The answer for the control socket.
+    fn apply_reload(&mut self, shared: &Shared) -> Result<Value, String> {
+        match reload(
+            self.config_path,
+            &self.config,
+            &self.targets,
+            &mut self.kernel,
+            &mut self.dns,
+        ) {
+            Ok((new, new_targets, report)) => {
+                if let Err(e) = self
+                    .discovery
+                    .update(&guarded_dirs(&new_targets), selector_rules(&new, &report))
+                {
+                    // The kernel keeps the previous matches; new containers fall under
+                    // their guarded cgroup's policy.
+                    tracing::error!("container discovery after the reload: {e:#}");
+                }
+                self.say(Notice::Agent(
+                    "agent.reload",
+                    json!({ "result": "applied" }),
+                ));
+                announce(&|n| self.say(n), &self.kernel, &new_targets, &report);
+                publish(shared, &new, &new_targets, &report, &self.kernel);
+                self.config = new;
+                self.targets = new_targets;
+                Ok(
+                    json!({ "result": "applied", "policies": report.policies, "removed_policies": report.removed_policies }),
+                )
+            }
+            Err(reason) => {
+                self.say(Notice::Agent(
+                    "agent.reload",
+                    json!({ "result": "refused", "reason": reason }),
+                ));
+                Err(reason)
+            }
+        }
+    }
+
+    /// Stops serving; the policy stays enforced by the pins. The audit trail writes what is
+    /// left (the stop record too) and the CloudWatch sink gets a moment to deliver it.
+    async fn stop(
+        self,
+        control: Control,
+        audit_task: tokio::task::JoinHandle<anyhow::Result<()>>,
+        cloudwatch: Option<CloudWatch>,
+    ) -> anyhow::Result<()> {
         tracing::info!(
             "stopping; the policy stays enforced by the pinned programs in {} (run `egress-guard uninstall` to remove it)",
-            kernel::pin_root(&current.pin_dir).display()
+            kernel::pin_root(&self.config.pin_dir).display()
         );
         notify("STOPPING=1");
+        let Agent { mut dns, tx, .. } = self;
         dns.stop();
         drop(dns);
-        control_task.abort();
-        let _ = std::fs::remove_file(&socket);
-        say(Notice::Agent("agent.stop", json!({ "enforcement": "stays in force (pinned)" })));
+        control.task.abort();
+        let _ = std::fs::remove_file(&control.socket);
+        let _ = tx.send(Notice::Agent(
+            "agent.stop",
+            json!({ "enforcement": "stays in force (pinned)" }),
+        ));
         drop(tx);
-        let audited = audit_task.await.context("the audit task panicked")?.context("audit trail");
+        let audited = audit_task
+            .await
+            .context("the audit task panicked")?
+            .context("audit trail");
         // The sink gets a moment to deliver the rest (the stop record too); what it cannot
         // stays in the spool for the next start.
-        if let (Some(mut t), Some((stop, wake))) = (sink_task, sink_stop) {
-            let _ = stop.send(true);
-            wake.notify_one();
-            if tokio::time::timeout(SINK_GRACE, &mut t).await.is_err() {
+        if let Some(mut cw) = cloudwatch {
+            let _ = cw.stop.send(true);
+            cw.wake.notify_one();
+            if tokio::time::timeout(SINK_GRACE, &mut cw.done)
+                .await
+                .is_err()
+            {
                 // Its thread ends with the process.
-                tracing::warn!("CloudWatch: undelivered records stay in the spool for the next start");
+                tracing::warn!(
+                    "CloudWatch: undelivered records stay in the spool for the next start"
+                );
             }
         }
         audited
-    })
+    }
 }
 
 /// Every guarded cgroup: discovery watches them for containers.

@@ -3,6 +3,7 @@
 /// 16 random bits from the kernel's CSPRNG.
 pub fn random_u16() -> u16 {
     let mut b = [0u8; 2];
+    // Raw libc: nix has no getrandom(2).
     // SAFETY: a valid buffer of its length.
     let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
     if n != 2 {

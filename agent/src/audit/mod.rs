@@ -33,6 +33,7 @@ use record::Enricher;
 
 /// A record of type `T` from ring bytes, if they are long enough.
 fn read<T: aya::Pod>(bytes: &[u8]) -> Option<T> {
+    // Not a system call: ring bytes read as a plain-data record.
     // SAFETY: T is plain data and the slice holds at least size_of::<T>() bytes; unaligned
     // because ring records are only 8-byte aligned by contract.
     (bytes.len() >= std::mem::size_of::<T>())
@@ -373,6 +374,7 @@ impl Audit {
         mut notices: mpsc::UnboundedReceiver<Notice>,
         mut dns: DnsRecordQueue,
     ) -> anyhow::Result<()> {
+        // Not a system call: tokio makes the caller vouch for the fd's lifetime.
         // SAFETY: the ring buffer owns its fd for as long as it lives, and the AsyncFd owns it.
         let mut ring =
             unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }

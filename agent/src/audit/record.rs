@@ -12,6 +12,10 @@ use agent_common::event::{
     ARGS_LEN, EventHeader, ExecEvent, ExitEvent, FILENAME_LEN, NetEvent, VERDICT_ALLOW,
     VERDICT_DENY, kind, reason,
 };
+use nix::{
+    time::{ClockId, clock_gettime},
+    unistd::gethostname,
+};
 use serde_json::{Map, Value};
 
 /// Version of the record schema (docs/events.md).
@@ -43,24 +47,18 @@ pub struct Enricher {
     pub known: Option<std::sync::Arc<crate::containers::KnownCgroups>>,
 }
 
-fn clock_ns(clock: libc::clockid_t) -> i128 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid pointer; the clocks used here always exist on Linux.
-    unsafe { libc::clock_gettime(clock, &mut ts) };
-    i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
+fn clock_ns(clock: ClockId) -> i128 {
+    // The clocks used here always exist on Linux.
+    clock_gettime(clock).map_or(0, |ts| {
+        i128::from(ts.tv_sec()) * 1_000_000_000 + i128::from(ts.tv_nsec())
+    })
 }
 
 pub fn hostname() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: the buffer is valid for its length.
-    if unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } != 0 {
-        return "unknown".into();
+    match gethostname() {
+        Ok(name) => name.to_string_lossy().into_owned(),
+        Err(_) => "unknown".into(),
     }
-    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-    String::from_utf8_lossy(&buf[..end]).into_owned()
 }
 
 impl Enricher {
@@ -70,7 +68,7 @@ impl Enricher {
             instance: ec2_instance_id(),
             docker_root: PathBuf::from(crate::config::DEFAULT_DOCKER_ROOT),
             container_names: HashMap::new(),
-            boot_to_wall_ns: clock_ns(libc::CLOCK_REALTIME) - clock_ns(libc::CLOCK_BOOTTIME),
+            boot_to_wall_ns: clock_ns(ClockId::CLOCK_REALTIME) - clock_ns(ClockId::CLOCK_BOOTTIME),
             policies: Vec::new(),
             cgroup_root,
             guarded: Vec::new(),
@@ -93,7 +91,8 @@ impl Enricher {
 
     /// Re-reads the wall-clock offset: the clock may have been stepped (NTP) since start.
     pub fn refresh_clock(&mut self) {
-        self.boot_to_wall_ns = clock_ns(libc::CLOCK_REALTIME) - clock_ns(libc::CLOCK_BOOTTIME);
+        self.boot_to_wall_ns =
+            clock_ns(ClockId::CLOCK_REALTIME) - clock_ns(ClockId::CLOCK_BOOTTIME);
     }
 
     /// After a (re)load: policy names by slot, and the guarded cgroups.
@@ -339,7 +338,7 @@ impl Enricher {
         // happened, so a scan started now finds it (a container's first connect), while a storm
         // of records from one drained batch walks the tree once.
         if self.last_scan_ns.is_none_or(|t| event_ns > t) {
-            self.last_scan_ns = Some(clock_ns(libc::CLOCK_BOOTTIME) as u64);
+            self.last_scan_ns = Some(clock_ns(ClockId::CLOCK_BOOTTIME) as u64);
             for g in self.guarded.clone() {
                 self.scan(&g, 0);
             }

@@ -14,12 +14,18 @@
 //! 8 bytes.
 
 use std::{
-    os::fd::{AsFd as _, AsRawFd, RawFd},
+    num::NonZeroUsize,
+    os::fd::{AsFd as _, AsRawFd, BorrowedFd, RawFd},
+    ptr::NonNull,
     sync::atomic::{AtomicU32, AtomicUsize, Ordering, fence},
 };
 
 use anyhow::{Context as _, bail};
 use aya::maps::MapData;
+use nix::{
+    sys::mman::{MapFlags, ProtFlags, mmap, munmap},
+    unistd::{SysconfVar, sysconf},
+};
 
 const BUSY_BIT: u32 = 1 << 31;
 const DISCARD_BIT: u32 = 1 << 30;
@@ -27,27 +33,28 @@ const HEADER: usize = 8;
 
 /// One `mmap` of the ring's fd, unmapped on drop.
 struct Mapping {
-    ptr: *mut u8,
+    ptr: NonNull<u8>,
     len: usize,
 }
 
 impl Mapping {
-    fn new(fd: RawFd, len: usize, prot: i32, offset: usize) -> anyhow::Result<Self> {
+    fn new(fd: BorrowedFd, len: usize, prot: ProtFlags, offset: usize) -> anyhow::Result<Self> {
+        let length = NonZeroUsize::new(len).context("mapping an empty audit ring buffer")?;
+        // Unsafe also in nix: the mapping is shared memory the kernel writes.
         // SAFETY: a fresh shared mapping of a BPF ring buffer fd; the kernel checks the
         // offsets and protections it allows.
         let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
+            mmap(
+                None,
+                length,
                 prot,
-                libc::MAP_SHARED,
+                MapFlags::MAP_SHARED,
                 fd,
-                offset as libc::off_t,
+                offset.try_into()?,
             )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error()).context("mapping the audit ring buffer");
         }
+        .map_err(std::io::Error::from)
+        .context("mapping the audit ring buffer")?;
         Ok(Self {
             ptr: ptr.cast(),
             len,
@@ -57,8 +64,9 @@ impl Mapping {
 
 impl Drop for Mapping {
     fn drop(&mut self) {
+        // Unsafe also in nix: nothing may use the region afterwards.
         // SAFETY: exactly the region mmap returned.
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+        let _ = unsafe { munmap(self.ptr.cast(), self.len) };
     }
 }
 
@@ -75,6 +83,7 @@ pub struct Ring {
     producer_pos: usize,
 }
 
+// Raw pointers to shared memory are not Send by themselves.
 // SAFETY: the mappings are owned by the Ring and only touched through &mut self (the shared
 // positions through atomics), so moving it to another thread is sound.
 unsafe impl Send for Ring {}
@@ -82,14 +91,13 @@ unsafe impl Send for Ring {}
 impl Ring {
     pub fn new(map: MapData) -> anyhow::Result<Self> {
         let size = map.info()?.max_entries() as usize;
-        // SAFETY: plain syscall.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+        let page = sysconf(SysconfVar::PAGE_SIZE)?.context("no page size")? as usize;
         if !size.is_power_of_two() || !size.is_multiple_of(page) {
             bail!("the audit ring buffer has an unexpected size of {size} bytes");
         }
-        let fd = map.fd().as_fd().as_raw_fd();
-        let consumer = Mapping::new(fd, page, libc::PROT_READ | libc::PROT_WRITE, 0)?;
-        let producer = Mapping::new(fd, page + 2 * size, libc::PROT_READ, page)?;
+        let fd = map.fd().as_fd();
+        let consumer = Mapping::new(fd, page, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE, 0)?;
+        let producer = Mapping::new(fd, page + 2 * size, ProtFlags::PROT_READ, page)?;
         let mut ring = Self {
             map,
             consumer,
@@ -106,14 +114,16 @@ impl Ring {
     }
 
     fn consumer_pos(&self) -> &AtomicUsize {
+        // Raw pointer: shared memory the kernel reads.
         // SAFETY: the first word of the consumer page, aligned, alive as long as self.
-        unsafe { &*self.consumer.ptr.cast::<AtomicUsize>() }
+        unsafe { &*self.consumer.ptr.as_ptr().cast::<AtomicUsize>() }
     }
 
     fn load_producer_pos(&self) -> usize {
+        // Raw pointer: shared memory written by the kernel.
         // SAFETY: the first word of the producer page, aligned, alive as long as self. The
         // kernel writes it with release semantics after the record headers.
-        unsafe { &*self.producer.ptr.cast::<AtomicUsize>() }.load(Ordering::Acquire)
+        unsafe { &*self.producer.ptr.as_ptr().cast::<AtomicUsize>() }.load(Ordering::Acquire)
     }
 
     /// The next committed record after those read so far, or None if there is none yet (or the
@@ -128,12 +138,14 @@ impl Ring {
                 }
             }
             let offset = self.read_pos & (self.size - 1);
+            // Raw pointer: shared memory written by the kernel.
             // SAFETY: offset < size, and the data pages are mapped twice, so a record's header
             // and data (at most size bytes) lie within the mapping.
             let header = unsafe {
                 &*self
                     .producer
                     .ptr
+                    .as_ptr()
                     .add(self.page + offset)
                     .cast::<AtomicU32>()
             }
@@ -147,12 +159,14 @@ impl Ring {
             if header & DISCARD_BIT != 0 || len > self.size {
                 continue;
             }
+            // Raw pointer: shared memory written by the kernel.
             // SAFETY: as above; the kernel wrote these bytes before it cleared the busy bit,
             // and does not reuse them until the consumer position passes them.
             let data = unsafe {
                 std::slice::from_raw_parts(
                     self.producer
                         .ptr
+                        .as_ptr()
                         .add(self.page + (start & (self.size - 1)) + HEADER),
                     len,
                 )

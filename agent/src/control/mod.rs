@@ -18,6 +18,10 @@ use hyper::{
     Method, Request, Response, StatusCode, body::Frame, server::conn::http1, service::service_fn,
 };
 use hyper_util::rt::TokioIo;
+use nix::{
+    sys::stat::{Mode, umask},
+    unistd::Group,
+};
 use serde_json::{Value, json};
 use tokio::{
     net::UnixListener,
@@ -126,11 +130,11 @@ pub fn bind(path: &Path, gid: Option<u32>) -> anyhow::Result<UnixListener> {
         std::fs::remove_file(path)
             .with_context(|| format!("removing the stale socket {}", path.display()))?;
     }
-    // No moment with looser permissions: the socket is created 0660 under this umask.
-    // SAFETY: umask is process-wide but only changed around this bind, at start-up.
-    let old = unsafe { libc::umask(0o117) };
+    // No moment with looser permissions: the socket is created 0660 under this umask
+    // (process-wide, but only changed around this bind, at start-up).
+    let old = umask(Mode::from_bits_truncate(0o117));
     let bound = UnixListener::bind(path);
-    unsafe { libc::umask(old) };
+    umask(old);
     let listener =
         bound.with_context(|| format!("binding the control socket {}", path.display()))?;
     if let Some(gid) = gid {
@@ -166,6 +170,7 @@ fn peer_groups(stream: &tokio::net::UnixStream) -> Vec<u32> {
     use std::os::fd::AsRawFd as _;
     let mut groups = vec![0 as libc::gid_t; 256];
     let mut len = (groups.len() * std::mem::size_of::<libc::gid_t>()) as libc::socklen_t;
+    // Raw libc: nix has no SO_PEERGROUPS socket option.
     // SAFETY: the buffer and its length are valid; the kernel writes at most `len` bytes.
     let rc = unsafe {
         libc::getsockopt(
@@ -185,25 +190,7 @@ fn peer_groups(stream: &tokio::net::UnixStream) -> Vec<u32> {
 
 /// The gid of group `name`, if it exists.
 pub fn group_id(name: &str) -> Option<u32> {
-    let cname = std::ffi::CString::new(name).ok()?;
-    // SAFETY: getgrnam_r with buffers we own.
-    unsafe {
-        let mut grp: libc::group = std::mem::zeroed();
-        let mut buf = vec![0 as libc::c_char; 4096];
-        let mut out: *mut libc::group = std::ptr::null_mut();
-        if libc::getgrnam_r(
-            cname.as_ptr(),
-            &mut grp,
-            buf.as_mut_ptr(),
-            buf.len(),
-            &mut out,
-        ) != 0
-            || out.is_null()
-        {
-            return None;
-        }
-        Some(grp.gr_gid)
-    }
+    Some(Group::from_name(name).ok()??.gid.as_raw())
 }
 
 type Body = BoxBody<Bytes, Infallible>;

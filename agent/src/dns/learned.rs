@@ -21,6 +21,7 @@ use std::{
 
 use agent_common::{AllowValue, MAX_PORT_RULES, PortRule};
 use ipnet::IpNet;
+use nix::time::{ClockId, clock_gettime};
 
 use super::{
     limits::{Charge, Counters, NameBudget, Owner, host_addresses, is_private},
@@ -76,13 +77,8 @@ fn restrict(adopted: &Adopted, names: &PolicyNames, max_ttl: Duration) -> Adopte
 
 /// CLOCK_BOOTTIME in whole seconds (the clock of `AllowValue::learned_until`).
 fn boottime_secs() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid pointer; CLOCK_BOOTTIME exists on every kernel this runs on.
-    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
-    ts.tv_sec as u64
+    // CLOCK_BOOTTIME exists on every kernel this runs on.
+    clock_gettime(ClockId::CLOCK_BOOTTIME).map_or(0, |ts| ts.tv_sec() as u64)
 }
 
 /// `until` as CLOCK_BOOTTIME seconds (rounded up, at least 1: 0 means "not learned").

@@ -16,6 +16,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use nix::{ifaddrs::getifaddrs, net::if_::InterfaceFlags};
+
 /// The window of [`NameBudget`].
 pub const BUDGET_WINDOW: Duration = Duration::from_secs(60);
 
@@ -159,33 +161,16 @@ impl NameBudget {
 /// and any other address an interface holds now.
 pub fn host_addresses() -> std::io::Result<HashSet<IpAddr>> {
     let mut out = HashSet::new();
-    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills `head` with a list it allocated; it is only read while alive
-    // and freed exactly once below.
-    unsafe {
-        if libc::getifaddrs(&mut head) != 0 {
-            return Err(std::io::Error::last_os_error());
+    for ifa in getifaddrs()? {
+        if ifa.flags.contains(InterfaceFlags::IFF_LOOPBACK) {
+            continue;
         }
-        let mut cur = head;
-        while !cur.is_null() {
-            let ifa = &*cur;
-            cur = ifa.ifa_next;
-            if ifa.ifa_addr.is_null() || ifa.ifa_flags & libc::IFF_LOOPBACK as libc::c_uint != 0 {
-                continue;
-            }
-            match i32::from((*ifa.ifa_addr).sa_family) {
-                libc::AF_INET => {
-                    let sa = &*(ifa.ifa_addr as *const libc::sockaddr_in);
-                    out.insert(IpAddr::from(sa.sin_addr.s_addr.to_ne_bytes()));
-                }
-                libc::AF_INET6 => {
-                    let sa = &*(ifa.ifa_addr as *const libc::sockaddr_in6);
-                    out.insert(IpAddr::from(sa.sin6_addr.s6_addr));
-                }
-                _ => {}
-            }
+        let Some(addr) = ifa.address else { continue };
+        if let Some(sa) = addr.as_sockaddr_in() {
+            out.insert(IpAddr::from(sa.ip()));
+        } else if let Some(sa) = addr.as_sockaddr_in6() {
+            out.insert(IpAddr::from(sa.ip()));
         }
-        libc::freeifaddrs(head);
     }
     Ok(out)
 }

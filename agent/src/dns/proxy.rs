@@ -144,74 +144,37 @@ impl Proxy {
 /// container runs unguarded), when Docker's bridge address does not exist yet. Until it does,
 /// the kernel does not redirect to it (see `dns::Redirects`) and queries are refused.
 fn bind(addr: SocketAddrV4) -> std::io::Result<(UdpSocket, TcpListener)> {
-    use std::os::fd::{FromRawFd as _, OwnedFd};
+    use nix::sys::socket::{
+        self, AddressFamily, Backlog, SockFlag, SockType, SockaddrIn, setsockopt, sockopt,
+    };
+    use std::os::fd::{AsRawFd as _, OwnedFd};
     if std::net::UdpSocket::bind((*addr.ip(), 0)).is_err() {
         tracing::warn!(
             "the DNS proxy address {} is not (yet) an address of this host: DNS of guarded processes is not redirected (their queries are refused) until it is (Docker creates its bridge when it starts)",
             addr.ip()
         );
     }
-    let socket = |ty: libc::c_int| -> std::io::Result<OwnedFd> {
-        // SAFETY: plain syscalls on a socket this function owns; the sockaddr is fully
-        // initialised and its size is passed.
-        unsafe {
-            let fd = libc::socket(
-                libc::AF_INET,
-                ty | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-                0,
-            );
-            if fd < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            let fd = OwnedFd::from_raw_fd(fd);
-            let one: libc::c_int = 1;
-            // SO_REUSEADDR for TCP only (a restart rebinds at once); on UDP it would let
-            // another socket share the port and take the queries.
-            let opts: &[(libc::c_int, libc::c_int)] = if ty == libc::SOCK_STREAM {
-                &[
-                    (libc::IPPROTO_IP, libc::IP_FREEBIND),
-                    (libc::SOL_SOCKET, libc::SO_REUSEADDR),
-                ]
-            } else {
-                &[(libc::IPPROTO_IP, libc::IP_FREEBIND)]
-            };
-            for &(level, opt) in opts {
-                let r = libc::setsockopt(
-                    std::os::fd::AsRawFd::as_raw_fd(&fd),
-                    level,
-                    opt,
-                    (&one as *const libc::c_int).cast(),
-                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                );
-                if r != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            let sa = libc::sockaddr_in {
-                sin_family: libc::AF_INET as libc::sa_family_t,
-                sin_port: addr.port().to_be(),
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from_ne_bytes(addr.ip().octets()),
-                },
-                sin_zero: [0; 8],
-            };
-            let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
-            if libc::bind(
-                raw,
-                (&sa as *const libc::sockaddr_in).cast(),
-                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-            ) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            if ty == libc::SOCK_STREAM && libc::listen(raw, 1024) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(fd)
+    let open = |ty: SockType| -> std::io::Result<OwnedFd> {
+        let fd = socket::socket(
+            AddressFamily::Inet,
+            ty,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            None,
+        )?;
+        setsockopt(&fd, sockopt::IpFreebind, &true)?;
+        // SO_REUSEADDR for TCP only (a restart rebinds at once); on UDP it would let
+        // another socket share the port and take the queries.
+        if ty == SockType::Stream {
+            setsockopt(&fd, sockopt::ReuseAddr, &true)?;
         }
+        socket::bind(fd.as_raw_fd(), &SockaddrIn::from(addr))?;
+        if ty == SockType::Stream {
+            socket::listen(&fd, Backlog::new(1024)?)?;
+        }
+        Ok(fd)
     };
-    let udp = std::net::UdpSocket::from(socket(libc::SOCK_DGRAM)?);
-    let tcp = std::net::TcpListener::from(socket(libc::SOCK_STREAM)?);
+    let udp = std::net::UdpSocket::from(open(SockType::Datagram)?);
+    let tcp = std::net::TcpListener::from(open(SockType::Stream)?);
     Ok((UdpSocket::from_std(udp)?, TcpListener::from_std(tcp)?))
 }
 

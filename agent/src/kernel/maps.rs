@@ -11,6 +11,7 @@ use aya::{
     Ebpf,
     maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key},
 };
+use nix::errno::Errno;
 
 use crate::policy::Compiled;
 
@@ -299,7 +300,7 @@ impl LearnMaps {
             Ok(()) => Ok(()),
             Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             Err(aya::maps::MapError::SyscallError(e))
-                if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+                if e.io_error.raw_os_error() == Some(Errno::ENOENT as i32) =>
             {
                 Ok(())
             }

@@ -12,6 +12,7 @@
 //! attach what is missing, then detach what is no longer wanted (new before old, so there is
 //! never a moment without a guard).
 
+mod apply;
 pub mod btf;
 pub mod maps;
 pub mod mounts;
@@ -20,20 +21,18 @@ pub mod programs;
 use std::{
     collections::{HashMap, HashSet},
     fs::File,
-    os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
 };
 
 use agent_common::{
-    LAYOUT_VERSION, MAX_POLICIES, POLICY_NAME_LEN, PolicyState, STATE_ACTIVE, STATE_AUDIT,
-    STATE_CONTAINERS, map_names, ruleset_ids,
+    LAYOUT_VERSION, MAX_POLICIES, PolicyState, STATE_ACTIVE, STATE_AUDIT, map_names,
 };
 use anyhow::{Context as _, bail};
-use aya::{Ebpf, programs::links::PinnedLink};
+use aya::programs::links::PinnedLink;
 
 use crate::{config::Mode, policy::Compiled};
 pub use maps::{Maps, state_name};
-use programs::{Hook, LSM_PROGRAM, SOCKET_TRACEPOINT_PROGRAM};
+use programs::{LSM_PROGRAM, SOCKET_TRACEPOINT_PROGRAM};
 
 /// One policy as the kernel should enforce it.
 pub struct Target {
@@ -77,7 +76,7 @@ pub struct AppliedPolicy {
 
 pub struct Kernel {
     /// Held for the agent's lifetime (see [`lock_pin_dir`]).
-    _lock: File,
+    _lock: nix::fcntl::Flock<File>,
     root: PathBuf,
     maps: Maps,
     params: programs::LoadParams,
@@ -118,10 +117,6 @@ impl SocketGuard {
         }
     }
 }
-
-/// How long old rulesets stay after a flip. A program decides in microseconds; this is
-/// far longer than any decision in flight.
-const FLIP_GRACE: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// `<pin_dir>/v<LAYOUT_VERSION>`.
 pub fn pin_root(pin_dir: &Path) -> PathBuf {
@@ -249,233 +244,6 @@ impl Kernel {
         assign_slots(targets, &self.maps.states()?, &self.link_pins()?)
     }
 
-    /// Makes the kernel enforce exactly `targets`.
-    pub fn apply(&mut self, targets: &[Target]) -> anyhow::Result<ApplyReport> {
-        let mut report = ApplyReport::default();
-        let states = self.maps.states()?;
-        let existing = self.link_pins()?;
-        let slots = assign_slots(targets, &states, &existing)?;
-        // Any policy's selectors may take a container below any guarded cgroup.
-        let containers = if targets.iter().any(|t| t.selectors) {
-            STATE_CONTAINERS
-        } else {
-            0
-        };
-
-        // 1. Rulesets: write the new one and flip to it; drop the old ones after a grace
-        // period, so a program that read the old id just before the flip still finds it.
-        let mut retired = Vec::new();
-        for (t, &slot) in targets.iter().zip(&slots) {
-            let st = states[slot as usize];
-            let [a, b] = ruleset_ids(slot);
-            let active = st.flags & STATE_ACTIVE != 0;
-            let (new, old) = if active && st.ruleset == a {
-                (b, a)
-            } else {
-                (a, b)
-            };
-            self.maps.clear_ruleset(new)?;
-            self.maps.write_ruleset(new, &t.compiled)?;
-            for (ip, value) in &t.learned {
-                self.maps.write_exact(new, *ip, value)?;
-            }
-            // Before the flip and before any attach: a guarded process's DNS never goes
-            // anywhere but the proxy.
-            self.maps.set_dns_proxy(slot, t.dns_proxy)?;
-            let mut name = [0u8; POLICY_NAME_LEN];
-            name[..t.name.len()].copy_from_slice(t.name.as_bytes());
-            let flags = STATE_ACTIVE
-                | containers
-                | if t.mode == Mode::Audit {
-                    STATE_AUDIT
-                } else {
-                    0
-                };
-            self.maps.set_state(
-                slot,
-                &PolicyState {
-                    ruleset: new,
-                    flags,
-                    name,
-                    hostnames: t.hostnames,
-                },
-            )?;
-            retired.push(old);
-            report.policies.push(AppliedPolicy {
-                name: t.name.clone(),
-                slot,
-                ruleset: new,
-                mode: t.mode,
-                entries: t.compiled.len(),
-                cgroups: t.cgroups.len(),
-            });
-        }
-
-        if !retired.is_empty() {
-            std::thread::sleep(FLIP_GRACE);
-        }
-        for old in retired {
-            self.maps.clear_ruleset(old)?;
-        }
-
-        // 2. Which cgroups are guarded, for the LSM hook.
-        let mut guarded = HashMap::new();
-        let mut cgroup_ids = Vec::new();
-        for (t, &slot) in targets.iter().zip(&slots) {
-            for cg in &t.cgroups {
-                let id = std::fs::metadata(cg)
-                    .with_context(|| format!("reading cgroup {}", cg.display()))?
-                    .ino();
-                guarded.insert(id, slot);
-                cgroup_ids.push((slot, cg, id));
-            }
-        }
-        self.maps.set_guarded(&guarded)?;
-
-        // 3. Attach what is missing (new before old).
-        let mut wanted = HashSet::new();
-        let mut loaded: HashMap<u32, Ebpf> = HashMap::new();
-        for &(slot, cg, id) in &cgroup_ids {
-            let cgroup =
-                File::open(cg).with_context(|| format!("opening cgroup {}", cg.display()))?;
-            for hook in Hook::ALL {
-                let pin = format!("{}-{slot}-{id}-{}", hook.program(), self.object_id);
-                if existing.contains(&pin) {
-                    report.adopted += 1;
-                } else {
-                    let ebpf = match loaded.entry(slot) {
-                        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                        std::collections::hash_map::Entry::Vacant(v) => v.insert(
-                            programs::load_object(&self.root.join("maps"), slot, &self.params)?,
-                        ),
-                    };
-                    let link = programs::attach(ebpf, hook, &cgroup).with_context(|| {
-                        format!("attaching {} to {}", hook.program(), cg.display())
-                    })?;
-                    link.pin(self.links_dir().join(&pin))
-                        .with_context(|| format!("pinning link {pin}"))?;
-                    report.attached += 1;
-                }
-                wanted.insert(pin);
-            }
-        }
-        // The global AF_PACKET guard: BPF LSM where active, else the tracepoint fallback.
-        let guards = [SocketGuard::Lsm, SocketGuard::Tracepoint];
-        let pin_of = |g: SocketGuard| format!("{}-{}", g.pin_program(), self.object_id);
-        if let Some(g) = guards.into_iter().find(|g| existing.contains(&pin_of(*g))) {
-            report.adopted += 1;
-            wanted.insert(pin_of(g));
-            self.socket_guard = g;
-        } else {
-            self.socket_guard = SocketGuard::None;
-            for g in guards {
-                if g == SocketGuard::Lsm && !self.lsm_listed {
-                    continue;
-                }
-                let pin = pin_of(g);
-                let attached =
-                    programs::load_object(&self.root.join("maps"), u32::MAX, &self.params)
-                        .and_then(|mut ebpf| match g {
-                            SocketGuard::Lsm => programs::attach_lsm(&mut ebpf),
-                            _ => programs::attach_socket_tracepoint(&mut ebpf),
-                        })
-                        .and_then(|link| Ok(link.pin(self.links_dir().join(&pin))?));
-                match attached {
-                    Ok(_) => {
-                        report.attached += 1;
-                        wanted.insert(pin);
-                        self.socket_guard = g;
-                        break;
-                    }
-                    Err(e) => tracing::warn!("AF_PACKET guard {g:?} could not be attached: {e:#}"),
-                }
-            }
-        }
-
-        if self.socket_guard == SocketGuard::None {
-            // Keep whatever guard an earlier run attached rather than end up with none.
-            for g in guards {
-                if let Some(old) = existing
-                    .iter()
-                    .find(|p| p.starts_with(&format!("{}-", g.pin_program())))
-                {
-                    tracing::warn!("keeping the earlier AF_PACKET guard {old}");
-                    wanted.insert(old.clone());
-                    self.socket_guard = g;
-                    break;
-                }
-            }
-        }
-
-        // Process records (global tracepoints).
-        self.process_events = true;
-        for (program, event) in programs::PROCESS_TRACEPOINTS {
-            let pin = format!("{program}-{}", self.object_id);
-            if existing.contains(&pin) {
-                report.adopted += 1;
-                wanted.insert(pin);
-                continue;
-            }
-            let attached = programs::load_object(&self.root.join("maps"), u32::MAX, &self.params)
-                .and_then(|mut ebpf| programs::attach_process_tracepoint(&mut ebpf, program, event))
-                .and_then(|link| Ok(link.pin(self.links_dir().join(&pin))?));
-            match attached {
-                Ok(_) => {
-                    report.attached += 1;
-                    wanted.insert(pin);
-                }
-                Err(e) => {
-                    tracing::error!("process records ({event}) unavailable: {e:#}");
-                    self.process_events = false;
-                    // Keep an older attachment rather than none.
-                    if let Some(old) = existing
-                        .iter()
-                        .find(|p| p.starts_with(&format!("{program}-")))
-                    {
-                        wanted.insert(old.clone());
-                    }
-                }
-            }
-        }
-
-        // 4. Detach what is no longer wanted, including everything pinned under an older
-        // layout version (its programs use maps this agent no longer writes).
-
-        for pin in existing.difference(&wanted) {
-            detach_pin(&self.links_dir().join(pin))?;
-            report.detached += 1;
-        }
-        if let Some(pin_dir) = self.root.parent() {
-            for dir in version_dirs(pin_dir)? {
-                if dir != self.root {
-                    let (links, _) = remove_version_dir(&dir)?;
-                    tracing::info!(
-                        "removed pins of an older layout: {} ({links} attachments)",
-                        dir.display()
-                    );
-                    report.detached += links;
-                }
-            }
-        }
-
-        // 5. Retire policies that are gone (their links are detached now).
-        let kept: HashSet<u32> = slots.iter().copied().collect();
-        for (slot, st) in states.iter().enumerate() {
-            let slot = slot as u32;
-            if st.flags & STATE_ACTIVE != 0 && !kept.contains(&slot) {
-                self.maps.set_state(slot, &PolicyState::default())?;
-                self.maps.set_dns_proxy(slot, None)?;
-                self.maps.forget_open_connections(slot)?;
-                self.maps.forget_containers(slot)?;
-                for r in ruleset_ids(slot) {
-                    self.maps.clear_ruleset(r)?;
-                }
-                report.removed_policies.push(state_name(st));
-            }
-        }
-        Ok(report)
-    }
-
     /// Names of the link pins.
     fn link_pins(&self) -> anyhow::Result<HashSet<String>> {
         let dir = self.links_dir();
@@ -597,7 +365,10 @@ pub fn uninstall(pin_dir: &Path) -> anyhow::Result<(usize, usize)> {
 pub fn pin_dir_holder(pin_dir: &Path) -> Option<i32> {
     use std::os::unix::fs::MetadataExt as _;
     let meta = std::fs::metadata(pin_dir).ok()?;
-    let (major, minor) = (libc::major(meta.dev()), libc::minor(meta.dev()));
+    let (major, minor) = (
+        nix::sys::stat::major(meta.dev()),
+        nix::sys::stat::minor(meta.dev()),
+    );
     let file = format!("{major:02x}:{minor:02x}:{}", meta.ino());
     let locks = std::fs::read_to_string("/proc/locks").ok()?;
     locks.lines().find_map(|line| {
@@ -616,11 +387,10 @@ pub fn stop_agent_on(pin_dir: &Path, wait: std::time::Duration) -> anyhow::Resul
     let Some(pid) = pin_dir_holder(pin_dir) else {
         return Ok(None);
     };
-    // SAFETY: plain syscall.
-    if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("stopping the agent (pid {pid}) on {}", pin_dir.display()));
-    }
+    use nix::sys::signal::{Signal, kill};
+    kill(nix::unistd::Pid::from_raw(pid), Signal::SIGTERM)
+        .map_err(std::io::Error::from)
+        .with_context(|| format!("stopping the agent (pid {pid}) on {}", pin_dir.display()))?;
     let end = std::time::Instant::now() + wait;
     while pin_dir_holder(pin_dir) == Some(pid) {
         if std::time::Instant::now() > end {
@@ -636,21 +406,22 @@ pub fn stop_agent_on(pin_dir: &Path, wait: std::time::Duration) -> anyhow::Resul
 
 /// An exclusive lock on the pin directory, held for as long as the returned file lives: two
 /// agents on one pin_dir would undo each other's work.
-pub fn lock_pin_dir(pin_dir: &Path) -> anyhow::Result<File> {
-    use std::os::fd::AsRawFd as _;
+pub fn lock_pin_dir(pin_dir: &Path) -> anyhow::Result<nix::fcntl::Flock<File>> {
+    use nix::{
+        errno::Errno,
+        fcntl::{Flock, FlockArg},
+    };
     let dir = File::open(pin_dir).with_context(|| format!("opening {}", pin_dir.display()))?;
-    // SAFETY: plain syscall on an fd we own.
-    if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            bail!(
-                "another egress-guard agent is using {} (stop it first: systemctl stop egress-guard)",
-                pin_dir.display()
-            );
+    match Flock::lock(dir, FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(lock),
+        Err((_, Errno::EWOULDBLOCK)) => bail!(
+            "another egress-guard agent is using {} (stop it first: systemctl stop egress-guard)",
+            pin_dir.display()
+        ),
+        Err((_, e)) => {
+            Err(std::io::Error::from(e)).with_context(|| format!("locking {}", pin_dir.display()))
         }
-        return Err(e).with_context(|| format!("locking {}", pin_dir.display()));
     }
-    Ok(dir)
 }
 
 /// The per-policy decision counters from the pins in `pin_dir`, as JSON:
@@ -695,15 +466,8 @@ pub fn counters_json(pin_dir: &Path) -> anyhow::Result<serde_json::Value> {
 
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK.
 fn raise_memlock_limit() {
-    let rlim = libc::rlimit {
-        rlim_cur: libc::RLIM_INFINITY,
-        rlim_max: libc::RLIM_INFINITY,
-    };
-    // SAFETY: plain syscall with a valid pointer.
-    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
-        tracing::debug!(
-            "could not raise RLIMIT_MEMLOCK: {}",
-            std::io::Error::last_os_error()
-        );
+    use nix::sys::resource::{RLIM_INFINITY, Resource, setrlimit};
+    if let Err(e) = setrlimit(Resource::RLIMIT_MEMLOCK, RLIM_INFINITY, RLIM_INFINITY) {
+        tracing::debug!("could not raise RLIMIT_MEMLOCK: {e}");
     }
 }

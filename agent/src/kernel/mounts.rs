@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail};
+use nix::mount::MsFlags;
 
 /// Mount points of `fstype` from /proc/self/mountinfo.
 fn mounts_of(fstype: &str) -> anyhow::Result<Vec<PathBuf>> {
@@ -80,17 +81,15 @@ pub fn ensure_bpffs(dir: &Path) -> anyhow::Result<()> {
 }
 
 fn mount(source: &str, target: &Path, fstype: &str) -> anyhow::Result<()> {
-    use std::ffi::CString;
-    use std::os::unix::ffi::OsStrExt as _;
     std::fs::create_dir_all(target).with_context(|| format!("creating {}", target.display()))?;
-    let src = CString::new(source)?;
-    let tgt = CString::new(target.as_os_str().as_bytes())?;
-    let ty = CString::new(fstype)?;
-    // SAFETY: valid NUL-terminated strings; no data argument.
-    let rc = unsafe { libc::mount(src.as_ptr(), tgt.as_ptr(), ty.as_ptr(), 0, std::ptr::null()) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error().into());
-    }
+    nix::mount::mount(
+        Some(source),
+        target,
+        Some(fstype),
+        MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(std::io::Error::from)?;
     Ok(())
 }
 
