@@ -359,7 +359,7 @@ struct Agent<'a> {
 
 /// The CloudWatch sink's thread: its health, and how to stop it.
 struct CloudWatch {
-    health: Arc<Mutex<crate::cloudwatch::sink::Health>>,
+    health: Arc<Mutex<crate::cloudwatch::health::Health>>,
     stop: tokio::sync::watch::Sender<bool>,
     wake: Arc<tokio::sync::Notify>,
     /// Says when the sink is done.
@@ -400,7 +400,19 @@ impl Agent<'_> {
         Ok((audit, events))
     }
 
+    /// A build without the `cloudwatch` feature (the fuzz targets' library) cannot ship.
+    #[cfg(not(feature = "cloudwatch"))]
+    fn start_cloudwatch(&self, _audit: &mut Audit) -> anyhow::Result<Option<CloudWatch>> {
+        if self.config.cloudwatch.is_some() {
+            anyhow::bail!(
+                "this egress-guard was built without CloudWatch (cargo feature `cloudwatch`); remove [cloudwatch] from the config"
+            );
+        }
+        Ok(None)
+    }
+
     /// With `[cloudwatch]`: the spool, linked to the audit trail, and the sink on its thread.
+    #[cfg(feature = "cloudwatch")]
     fn start_cloudwatch(&self, audit: &mut Audit) -> anyhow::Result<Option<CloudWatch>> {
         let Some(cw) = &self.config.cloudwatch else {
             return Ok(None);
@@ -855,6 +867,7 @@ fn log_applied(config: &Config, report: &ApplyReport, kernel: &Kernel) {
 /// The CloudWatch sink on a thread and runtime of its own: reading the spool, building
 /// batches and waiting for CloudWatch never delay the audit drain (and so the kernel ring) or
 /// the DNS proxy on the main runtime. The receiver says when it is done.
+#[cfg(feature = "cloudwatch")]
 fn spawn_sink(
     sink: crate::cloudwatch::sink::Sink,
     stop: tokio::sync::watch::Receiver<bool>,
@@ -880,10 +893,12 @@ fn spawn_sink(
 /// The CloudWatch sink's nice value. Its work can wait (the spool holds every record), the
 /// ring drain cannot (a full ring loses records): under a storm on a busy host the kernel
 /// scheduler gives the drain the CPU first. The sink's helper threads inherit it.
+#[cfg(feature = "cloudwatch")]
 const SINK_NICE: i32 = 10;
 
 /// Sets the calling thread's nice value (Linux: nice is per thread). Failure only costs
 /// priority, so it is logged, not fatal.
+#[cfg(feature = "cloudwatch")]
 fn lower_this_threads_priority(nice: i32) {
     // No safe wrapper in nix for setpriority; gettid and setpriority have no preconditions.
     let rc = unsafe {

@@ -51,7 +51,7 @@ pub struct Shared {
     pub dns: Mutex<Value>,
     pub learner: Arc<Mutex<crate::dns::learned::Learner>>,
     /// The CloudWatch sink's delivery state, when `[cloudwatch]` is configured.
-    pub cloudwatch: Option<Arc<Mutex<crate::cloudwatch::sink::Health>>>,
+    pub cloudwatch: Option<Arc<Mutex<crate::cloudwatch::health::Health>>>,
     /// Container discovery: which container a selector gave to which policy.
     pub containers: Arc<crate::containers::Discovery>,
 }
