@@ -4,7 +4,7 @@
 //! `mod.rs`), rule compilation in `policy.rs`, kernel maps and attachments in `kernel/`, the
 //! DNS proxy and learned addresses in `dns/`, the audit trail in `audit/`, CloudWatch in
 //! `cloudwatch/`, the control socket in `control/`, container discovery (policy selectors) in
-//! `containers.rs`, the daemon loop in `daemon.rs`; the per-packet decision itself is in
+//! `containers.rs`, the start-up steps and the main loop in `daemon/`; the per-packet decision itself is in
 //! `agent-ebpf/src/decide.rs`. Modules use only the layers below them (README, Layout;
 //! `xtask/src/layers.rs` checks it).
 //!

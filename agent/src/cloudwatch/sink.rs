@@ -804,7 +804,11 @@ mod tests {
             let e = h.last_error.clone().unwrap_or_default();
             assert!(e.contains("no answer within"), "{e}");
         }
-        wait_until("delivery", || r.spool.lock().unwrap().pending_bytes() == 0);
+        // Acknowledged in the spool first, then counted in health: wait for the count.
+        wait_until("delivery", || {
+            r.health.lock().unwrap().delivered_events == 5
+        });
+        assert_eq!(r.spool.lock().unwrap().pending_bytes(), 0);
         let puts = fake.puts.lock().unwrap().clone();
         assert_eq!(puts.len(), 3);
         assert!(
