@@ -174,7 +174,10 @@ pub fn decide(slot: u32, dest: &Dest, ip_proto: u32, port: u16) -> Decision {
     let st = state(slot);
     let (reason, learned) = match st {
         Some(s) => allowed(slot, s, dest, ip_proto, port),
-        None => (reason::NO_ACTIVE_POLICY, false),
+        None => {
+            crate::klog::fail_closed(slot);
+            (reason::NO_ACTIVE_POLICY, false)
+        }
     };
     Decision {
         verdict: verdict(st, reason == reason::RULE),

@@ -8,6 +8,7 @@
 
 mod decide;
 mod emit;
+mod klog;
 mod maps;
 mod process;
 
@@ -139,7 +140,13 @@ fn judge_sock_addr(ctx: &SockAddrContext, v6: bool, kind: u16, counters: [Counte
         // (and only such ones: tracking costs every connect), under the policy deciding it,
         // which it cannot tell itself (it does not see the task).
         let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
-        let _ = SOCK_SLOTS.insert(cookie, slot, 0);
+        if let Err(e) = SOCK_SLOTS.insert(cookie, slot, 0) {
+            klog::map_write_failed(
+                "SOCK_SLOTS",
+                e,
+                "this connection to a learned address is not followed; the address may expire while it is open",
+            );
+        }
     }
     emit::net(
         kind,
@@ -207,7 +214,13 @@ fn redirect_dns(ctx: &SockAddrContext, v6: bool, dest: &Dest, p: &DnsProxy, slot
         task: emit::header(0, slot, &Origin::Task),
     };
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
-    let _ = DNS_REDIRECTED.insert(cookie, orig, 0);
+    if let Err(e) = DNS_REDIRECTED.insert(cookie, orig, 0) {
+        klog::map_write_failed(
+            "DNS_REDIRECTED",
+            e,
+            "replies to this redirected DNS socket show the proxy's address",
+        );
+    }
     if v6 {
         // A dual-stack socket reaches the IPv4 proxy at its mapped address.
         set_user_ip6(ctx, mapped_words(p.addr));
@@ -414,7 +427,10 @@ pub fn socket_enter(ctx: TracePointContext) -> u32 {
     };
     let (family, sock_type, protocol) = match args {
         (Ok(f), Ok(t), Ok(p)) => (f as u32 as i32, t as u32 as i32, p as u32),
-        _ => return 0,
+        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
+            klog::syscall_args_unreadable(e);
+            return 0;
+        }
     };
     if !family_refused(family, sock_type, false) {
         return 0;
@@ -483,7 +499,26 @@ struct Packet {
 /// fragment here was built by hand on a raw socket; it is judged as denied.
 #[inline(always)]
 fn read_packet(ctx: &SkBuffContext) -> Option<Packet> {
-    read_packet_inner(ctx).unwrap_or(None)
+    match read_packet_inner(ctx) {
+        Ok(Some(p)) => Some(p),
+        Ok(None) => {
+            let (ethertype, len) = packet_kind(ctx);
+            klog::packet_not_plain(ethertype, len);
+            None
+        }
+        Err(e) => {
+            let (ethertype, len) = packet_kind(ctx);
+            klog::packet_unreadable(ethertype, len, e);
+            None
+        }
+    }
+}
+
+/// The packet's ethertype and length, for the kernel's log.
+#[inline(always)]
+fn packet_kind(ctx: &SkBuffContext) -> (u16, u32) {
+    let skb = ctx.skb.skb;
+    unsafe { (u16::from_be((*skb).protocol as u16), (*skb).len) }
 }
 
 /// Headers are read in one helper call each (IPv4 header, IPv6 header, the start of the
@@ -616,7 +651,13 @@ fn note_dns_client(ctx: &SkBuffContext, slot: u32, p: &Packet) {
         proto: p.proto,
         _pad: 0,
     };
-    let _ = DNS_CLIENTS.insert(key, orig.task, 0);
+    if let Err(e) = DNS_CLIENTS.insert(key, orig.task, 0) {
+        klog::map_write_failed(
+            "DNS_CLIENTS",
+            e,
+            "the proxy's dns record of this query cannot name its process",
+        );
+    }
 }
 
 /// Counts and records a packet no rule allowed (or that could not be read: not IP, too
@@ -700,8 +741,14 @@ pub fn tcp_state(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
             let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
-            let _ = INBOUND_SOCKETS.insert(cookie, 1, 0);
-            let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+            if let Err(e) = INBOUND_SOCKETS.insert(cookie, 1, 0) {
+                klog::map_write_failed(
+                    "INBOUND_SOCKETS",
+                    e,
+                    "the packet backstop judges this accepted connection's replies as outgoing",
+                );
+            }
+            follow_state(&ctx);
         }
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
             let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
@@ -735,8 +782,14 @@ pub fn tcp_state(ctx: SockOpsContext) -> u32 {
                 v4: dest.v4 as u32,
                 addr: dest.addr,
             };
-            let _ = OPEN_CONNS.insert(cookie, conn, 0);
-            let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+            if let Err(e) = OPEN_CONNS.insert(cookie, conn, 0) {
+                klog::map_write_failed(
+                    "OPEN_CONNS",
+                    e,
+                    "the learned address may expire while this connection is open",
+                );
+            }
+            follow_state(&ctx);
         }
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == TCP_CLOSE => {
             let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
@@ -747,6 +800,18 @@ pub fn tcp_state(ctx: SockOpsContext) -> u32 {
         _ => {}
     }
     1
+}
+
+/// Asks for this socket's state changes, so `tcp_state` sees it close.
+#[inline(always)]
+fn follow_state(ctx: &SockOpsContext) {
+    if let Err(e) = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32) {
+        klog::map_write_failed(
+            "the socket's callback flags",
+            e,
+            "its entries are not removed when it closes (they age out of their LRU maps)",
+        );
+    }
 }
 
 #[cfg(not(test))]

@@ -46,6 +46,19 @@ fn field<T>(base: u64, offset: u32) -> Option<T> {
     unsafe { bpf_probe_read_kernel((base + u64::from(offset)) as *const T) }.ok()
 }
 
+/// [`field`] of a guarded task's own structures, which should always be readable: a failure
+/// means the offsets from BTF are wrong, and the kernel's log says so.
+#[inline(always)]
+fn own_field<T>(base: u64, offset: u32) -> Option<T> {
+    match unsafe { bpf_probe_read_kernel((base + u64::from(offset)) as *const T) } {
+        Ok(v) => Some(v),
+        Err(e) => {
+            crate::klog::task_field_unreadable(offset, e);
+            None
+        }
+    }
+}
+
 /// `sched_process_exec(struct task_struct *p, pid_t old_pid, struct linux_binprm *bprm)`.
 #[raw_tracepoint(tracepoint = "sched_process_exec")]
 pub fn proc_exec(ctx: RawTracePointContext) -> i32 {
@@ -67,7 +80,7 @@ pub fn proc_exec(ctx: RawTracePointContext) -> i32 {
         (*e).filename_len = 0;
         if off.valid != 0 {
             let bprm: u64 = ctx.arg(2);
-            if let Some(src) = field::<u64>(bprm, off.bprm_filename) {
+            if let Some(src) = own_field::<u64>(bprm, off.bprm_filename) {
                 let n = bpf_probe_read_kernel_str(
                     (*e).filename.as_mut_ptr().cast(),
                     FILENAME_LEN as u32,
@@ -78,10 +91,10 @@ pub fn proc_exec(ctx: RawTracePointContext) -> i32 {
                 }
             }
             let task = bpf_get_current_task();
-            if let Some(parent) = field::<u64>(task, off.task_real_parent) {
+            if let Some(parent) = own_field::<u64>(task, off.task_real_parent) {
                 (*e).ppid = field::<u32>(parent, off.task_tgid).unwrap_or(0);
             }
-            if let Some(mm) = field::<u64>(task, off.task_mm) {
+            if let Some(mm) = own_field::<u64>(task, off.task_mm) {
                 let start = field::<u64>(mm, off.mm_arg_start).unwrap_or(0);
                 let end = field::<u64>(mm, off.mm_arg_end).unwrap_or(0);
                 if end > start {

@@ -156,6 +156,50 @@ fn the_packet_backstop_stops_tcp_connections_opened_before_the_guard() {
 }
 
 #[test]
+fn a_hand_made_fragment_is_dropped_and_the_kernel_says_why() {
+    setup();
+    let cg = TestCgroup::new("fragment");
+    // A raw socket opened before the guard (sock_create refuses them after): the only way a
+    // guarded process builds a non-first fragment where the cgroup hook runs. The backstop
+    // cannot read its ports, so it judges it unreadable, whatever its address.
+    let mut early = RunningProbe::start(&cg.path, &["fragment-presocket", "127.0.0.2"]);
+    let mut agent = Agent::start(&policy(&cg, 1, 2, 3, "enforce"));
+    // A restarted agent adopts the pinned programs and reads their pinned log ring.
+    agent.kill9();
+    agent.spawn();
+    let log = agent.log_text();
+    let restarted = log.lines().rfind(|l| l.contains("enforcing;")).unwrap();
+    assert!(!restarted.contains("adopted=0 "), "{restarted}");
+    early.go();
+    assert_eq!(
+        early.finish().trim(),
+        "EPERM",
+        "the packet backstop did not refuse the fragment"
+    );
+    assert!(agent.counter("sandbox", "packet_denied") >= 1);
+    // The kernel's own words (aya-log), forwarded to the agent's log at debug level.
+    agent.wait_for_log(
+        |l| {
+            l.lines().any(|l| {
+                l.contains("eBPF: a 28-byte packet (ethertype 0x800) is not IP or is a non-first fragment: judged unreadable")
+            })
+        },
+        "the kernel's line about the fragment",
+    );
+    agent.stop();
+    let records = agent.records();
+    let packet = records
+        .iter()
+        .find(|r| r["type"] == "net.packet")
+        .unwrap_or_else(|| panic!("no net.packet record: {records:?}"));
+    assert_eq!(
+        (packet["verdict"].as_str(), packet["reason"].as_str()),
+        (Some("deny"), Some("unreadable_packet")),
+        "{packet}"
+    );
+}
+
+#[test]
 fn replies_to_inbound_tcp_connections_pass() {
     setup();
     let cg = TestCgroup::new("inbound");

@@ -154,7 +154,8 @@ impl Agent {
         let child = Command::new(agent_bin())
             .args(["run", "--config"])
             .arg(&self.config)
-            .env("EGRESS_GUARD_LOG", "info")
+            // The eBPF programs' own lines (aya-log) too: a failing test's log shows them.
+            .env("EGRESS_GUARD_LOG", "info,egress_guard::ebpf=debug")
             // For a [cloudwatch] table pointing at moto_server: static credentials, and never
             // the instance metadata service (no traffic leaves the host).
             .env("AWS_ACCESS_KEY_ID", "testing")

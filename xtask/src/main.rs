@@ -83,6 +83,8 @@ const APT_PACKAGES: &[&str] = &[
     "busybox-static",
     // The real-host test: a Debian image built with debootstrap (qemu comes from backports).
     "debootstrap",
+    // The benchmark's kernel time per program (it reads kernel.bpf_stats through bpftool).
+    "bpftool",
 ];
 
 /// How long `test` fuzzes each DNS target (`cargo xtask fuzz` for longer runs).

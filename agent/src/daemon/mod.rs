@@ -238,6 +238,10 @@ pub fn run(config_path: &Path, config: Config) -> anyhow::Result<()> {
     };
     rt.block_on(async move {
         agent.dns.start();
+        // The programs' own log lines (rare paths), to the agent's log at debug level.
+        if let Some(log) = agent.kernel.take_kernel_log() {
+            log.spawn();
+        }
         // The audit trail and the control socket, before READY: nothing the guarded
         // processes do goes unrecorded, and the CLI answers as soon as systemd says "started".
         let feed = Arc::new(EventFeed::new());

@@ -14,6 +14,7 @@
 
 mod apply;
 pub mod btf;
+pub mod ebpf_log;
 pub mod maps;
 pub mod mounts;
 pub mod programs;
@@ -81,6 +82,8 @@ pub struct Kernel {
     maps: Maps,
     params: programs::LoadParams,
     audit_maps: Option<AuditMaps>,
+    /// The programs' own log lines, until the daemon starts forwarding them.
+    kernel_log: Option<ebpf_log::KernelLog>,
     object_id: String,
     /// Whether the kernel lists the BPF LSM as active.
     lsm_listed: bool,
@@ -167,6 +170,10 @@ impl Kernel {
             .take_map(map_names::LOST_EVENTS)
             .context("the eBPF object has no LOST_EVENTS map")?
             .try_into()?;
+        // Diagnostics only: the agent runs without them.
+        let kernel_log = ebpf_log::KernelLog::take(&mut base)
+            .inspect_err(|e| tracing::warn!("{e:#}; the eBPF programs' own log lines are lost"))
+            .ok();
         let lsm_listed = match mounts::bpf_lsm_active() {
             Ok(a) => a,
             Err(e) => {
@@ -182,6 +189,7 @@ impl Kernel {
             maps,
             params,
             audit_maps: Some(AuditMaps { events, lost }),
+            kernel_log,
             object_id: programs::object_id(),
             lsm_listed,
             socket_guard: SocketGuard::None,
@@ -192,6 +200,11 @@ impl Kernel {
     /// The pinned maps still answer (the watchdog's health check).
     pub fn check_maps(&self) -> anyhow::Result<()> {
         self.maps.states().map(|_| ())
+    }
+
+    /// Hands the programs' log ring to its reader (once).
+    pub fn take_kernel_log(&mut self) -> Option<ebpf_log::KernelLog> {
+        self.kernel_log.take()
     }
 
     /// Hands the audit maps to the audit pipeline (once).

@@ -109,6 +109,8 @@ pub struct LoadParams {
 pub fn load_object(maps_dir: &Path, slot: u32, params: &LoadParams) -> anyhow::Result<Ebpf> {
     EbpfLoader::new()
         .default_map_pin_directory(maps_dir)
+        // aya-log's ring is not declared pinned; pin it so every copy shares one.
+        .map_pin_path(super::ebpf_log::RING, maps_dir.join(super::ebpf_log::RING))
         .map_max_entries(map_names::EVENTS, params.ring_bytes)
         .override_global(TASK_OFFSETS_GLOBAL, &params.offsets, true)
         .override_global(POLICY_SLOT_GLOBAL, &slot, true)

@@ -11,6 +11,8 @@
 //! probe tcp-presocket ADDR:PORT    connect, print `ready`, wait for a line, then write
 //! probe udp-presocket ADDR:PORT    connect a UDP socket, print `ready`, wait for a line on
 //!                                  stdin, then send on it (the socket predates the guard)
+//! probe fragment-presocket ADDR    open a raw IPv4 socket, print `ready`, wait for a line,
+//!                                  then send a hand-made non-first UDP fragment to ADDR
 //! probe serve ADDR:PORT            listen, print `ready`, accept one connection, write `hello`
 //! probe serve-forever ADDR:PORT    listen, print `ready`, then accept connections until killed,
 //!                                  writing `hello` to each (a stand-in for a remote API)
@@ -106,6 +108,45 @@ fn raw_socket(family: i32, ty: i32, proto: i32) -> Outcome {
     }
     unsafe { libc::close(fd) };
     Outcome::Ok
+}
+
+/// Sends, on a raw IPPROTO_RAW socket (the header is ours), a UDP fragment at offset 8
+/// bytes: a non-first fragment, which only a raw socket builds where the cgroup hooks run.
+fn send_fragment(fd: i32, to: std::net::Ipv4Addr) -> std::io::Result<()> {
+    let mut pkt = [0u8; 28];
+    pkt[0] = 0x45; // IPv4, 20-byte header
+    pkt[2..4].copy_from_slice(&28u16.to_be_bytes());
+    pkt[4..6].copy_from_slice(&0x4547u16.to_be_bytes());
+    pkt[6..8].copy_from_slice(&1u16.to_be_bytes()); // fragment offset 1 (8 bytes), no flags
+    pkt[8] = 64;
+    pkt[9] = libc::IPPROTO_UDP as u8;
+    pkt[12..16].copy_from_slice(&[127, 0, 0, 1]);
+    pkt[16..20].copy_from_slice(&to.octets());
+    pkt[20..28].copy_from_slice(b"fragment");
+    let addr = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(to.octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: a valid buffer and address of the sizes given.
+    let n = unsafe {
+        libc::sendto(
+            fd,
+            pkt.as_ptr().cast(),
+            pkt.len(),
+            0,
+            (&raw const addr).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    if n < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 /// Closes with RST (SO_LINGER 0), so a connect loop leaves no TIME_WAIT sockets behind.
@@ -265,6 +306,18 @@ fn main() -> ExitCode {
             let _ = std::io::stdout().flush();
             wait_for_line();
             report(classify(s.send(b"presocket")))
+        }
+        ["fragment-presocket", to] => {
+            let to: std::net::Ipv4Addr = to.parse().expect("an IPv4 address");
+            // SAFETY: plain syscall; the fd is closed when the probe exits.
+            let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+            if fd < 0 {
+                return report(classify::<()>(Err(std::io::Error::last_os_error())));
+            }
+            println!("ready");
+            let _ = std::io::stdout().flush();
+            wait_for_line();
+            report(classify(send_fragment(fd, to)))
         }
         ["serve", on] => {
             let l = match TcpListener::bind(addr(on)) {
