@@ -249,12 +249,14 @@ allow_loopback = true
     #[test]
     fn the_shipped_config_is_valid() {
         let c = cfg(include_str!("../../../packaging/config.toml")).unwrap();
-        assert_eq!(c.policies.len(), 2);
-        // The slice's policy first, then the app taken over by its selector.
+        assert_eq!(c.policies.len(), 3);
+        // The slice's policy first, then the app and the sandboxes taken over by selectors.
         assert_eq!(c.policies[0].cgroups.len(), 1);
         assert!(c.policies[0].hostnames.is_empty());
-        assert_eq!(c.policies[1].containers.len(), 1);
-        assert_eq!(c.policies[1].hostnames.len(), 3);
+        for p in &c.policies[1..] {
+            assert_eq!(p.containers.len(), 1, "{}", p.name);
+            assert_eq!(p.hostnames.len(), 3, "{}", p.name);
+        }
     }
     #[test]
     fn unknown_key_names_its_line() {

@@ -16,7 +16,7 @@ docker import /vmtest/probe-image.tar local/probe >/dev/null
 step "guide §2: install the package ($(deb_version "$deb1")); the shipped unit starts under systemd"
 expect "apt install" "Setting up egress-guard" apt install -y "$deb1"
 check "egress-guard.service is active" systemctl is-active egress-guard
-expect "READY, with its status" '^enforcing 2 policies' systemctl show -p StatusText --value egress-guard
+expect "READY, with its status" '^enforcing 3 policies' systemctl show -p StatusText --value egress-guard
 check "openhands.slice is active" systemctl is-active openhands.slice
 expect "the socket guard is the BPF LSM" 'socket guard: lsm' egress-guard status
 expect "the unit's exposure score" 'Overall exposure level' sh -c 'systemd-analyze security egress-guard --no-pager | tail -n 1'
@@ -45,7 +45,32 @@ wait_for "records name the app: the refused name" 10 \
     has_record ".type == \"dns\" and .verdict == \"refuse\" and .query == \"attacker.example\" and .container_name == \"$app\""
 wd1=$(systemctl show -p WatchdogTimestampMonotonic --value egress-guard)
 
-step "a sandbox the app starts through the Docker socket (default bridge, with NET_RAW)"
+step "an OpenHands sandbox the app starts through the Docker socket: the agent server calls the LLM"
+# OpenHands V1 runs the agent loop in the sandbox (oh-agent-server-<id>): it reaches the LLM by
+# name and the app's webhook on the host gateway, and nothing else.
+check "docker run oh-agent-server-1" docker exec $app docker run -d --name oh-agent-server-1 \
+    --add-host host.docker.internal:host-gateway --cap-add NET_RAW local/probe /bin/sleep 600
+wait_for "egress-guard targets: oh-agent-server-1 has policy openhands-agent-server" 10 \
+    sh -c "egress-guard targets --json | jq -e '.targets[].containers[] | select(.name == \"oh-agent-server-1\" and .policy == \"openhands-agent-server\")'"
+expect "agent server: api.openai.com by name" "^$LLM_ADDR:443 ok" in_ctr oh-agent-server-1 tcp-name api.openai.com:443
+probe serve-forever 172.17.0.1:3000 >/dev/null 2>&1 &  # the app's published port, stood in for
+webhook=$!
+sleep 0.5
+expect "agent server: the app's webhook on the host gateway" '^ok' in_ctr oh-agent-server-1 tcp 172.17.0.1:3000
+kill $webhook
+expect "agent server: another port of the host" '^EPERM' in_ctr oh-agent-server-1 tcp 172.17.0.1:22
+expect "agent server: a site no entry allows, by address" '^EPERM' in_ctr oh-agent-server-1 tcp $OTHER_ADDR:443
+expect "agent server: a name no entry allows" 'err lookup' in_ctr oh-agent-server-1 tcp-name attacker.example:443
+expect "agent server: the instance metadata service" '^EPERM' in_ctr oh-agent-server-1 tcp 169.254.169.254:80
+expect "agent server: the time service" '^EPERM' in_ctr oh-agent-server-1 udp $VPC_NTP:123
+expect "agent server: AF_PACKET" '^EPERM' in_ctr oh-agent-server-1 packet
+wait_for "records name the agent server: the allowed LLM call, with its hostname" 10 \
+    has_record '.type == "net.connect" and .verdict == "allow" and .container_name == "oh-agent-server-1" and .policy == "openhands-agent-server" and (.hostnames | index("api.openai.com"))'
+wait_for "records name the agent server: the refused name" 10 \
+    has_record '.type == "dns" and .verdict == "refuse" and .query == "attacker.example" and .container_name == "oh-agent-server-1"'
+check "docker rm -f oh-agent-server-1" docker exec $app docker rm -f oh-agent-server-1
+
+step "any other container the app starts through the Docker socket (the slice's policy; default bridge, with NET_RAW)"
 app_ip=$(docker inspect -f '{{.NetworkSettings.IPAddress}}' $app)
 sandbox_checks='
 echo "llm: $(/probe tcp '$LLM_ADDR':443)"
