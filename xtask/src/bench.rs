@@ -34,7 +34,11 @@ const PARTS: [(&str, Part); 5] = [
 
 /// Policy sizes (allowed addresses); `EG_BENCH_SIZES=10,1000` picks others.
 const SIZES: [usize; 4] = [10, 1_000, 10_000, 100_000];
-const ROUNDS: usize = 21;
+/// A multiple of 4: each round takes the next row of [`ORDERS`].
+const ROUNDS: usize = 20;
+/// The variants' order in each round: a balanced Latin square (Williams), so every variant
+/// runs right after every other equally often and none inherits another's leftovers more.
+const ORDERS: [[usize; 4]; 4] = [[0, 1, 3, 2], [1, 2, 0, 3], [2, 3, 1, 0], [3, 0, 2, 1]];
 /// The probe runs on this CPU, the listener (this process) on CPU 0, to cut scheduling noise.
 const PROBE_CPU: usize = 1;
 /// How long one sample connects in a loop.
@@ -107,8 +111,44 @@ fn run_quiet(cmd: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One timed loop of connects from inside `cgroup`; ns per connect.
-fn measure(cgroup: &Path, probe: &Path, to: &str) -> anyhow::Result<f64> {
+/// One timed loop of connects from inside a cgroup.
+#[derive(Clone, Copy, serde::Serialize)]
+struct Sample {
+    /// Wall time per connect+close.
+    ns: f64,
+    /// The probe's own CPU time per connect+close (on its CPU; softirq work done in its
+    /// context included).
+    cpu_ns: f64,
+    /// How often CPU 0 (the listener's and the agent's) went idle, per connect.
+    cpu0_idle: f64,
+    /// The agent's CPU time per connect (its threads, on CPU 0), if it runs.
+    agent_cpu_ns: f64,
+}
+
+/// How many times CPU 0 entered an idle state (all states), if the kernel says.
+fn cpu0_idle_entries() -> Option<u64> {
+    let dir = Path::new("/sys/devices/system/cpu/cpu0/cpuidle");
+    let mut n = 0;
+    for e in std::fs::read_dir(dir).ok()? {
+        let usage = std::fs::read_to_string(e.ok()?.path().join("usage")).ok()?;
+        n += usage.trim().parse::<u64>().ok()?;
+    }
+    Some(n)
+}
+
+/// CPU time of every thread of `pid`, in ns (schedstat's first field).
+fn process_cpu_ns(pid: u32) -> Option<u64> {
+    let mut n = 0;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let stat = std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok()?;
+        n += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(n)
+}
+
+fn measure(cgroup: &Path, probe: &Path, to: &str, agent: Option<u32>) -> anyhow::Result<Sample> {
+    let idle_before = cpu0_idle_entries();
+    let agent_before = agent.and_then(process_cpu_ns);
     let out = Command::new("sh")
         .arg("-c")
         .arg(format!(
@@ -118,11 +158,52 @@ fn measure(cgroup: &Path, probe: &Path, to: &str) -> anyhow::Result<f64> {
         .arg(probe)
         .arg(to)
         .output()?;
+    let (idle_after, agent_after) = (cpu0_idle_entries(), agent.and_then(process_cpu_ns));
     let text = String::from_utf8_lossy(&out.stdout);
-    text.trim()
-        .strip_prefix("ns_per_connect=")
-        .and_then(|v| v.parse().ok())
-        .with_context(|| format!("probe in {} said {text:?}", cgroup.display()))
+    let field = |key: &str| {
+        text.split_whitespace()
+            .find_map(|f| f.strip_prefix(key)?.strip_prefix('=')?.parse::<f64>().ok())
+    };
+    let (Some(ns), Some(cpu_ns), Some(n)) = (
+        field("ns_per_connect"),
+        field("cpu_ns_per_connect"),
+        field("connects").filter(|n| *n > 0.0),
+    ) else {
+        bail!("probe in {} said {text:?}", cgroup.display());
+    };
+    let per_connect = |a: Option<u64>, b: Option<u64>| match (a, b) {
+        (Some(a), Some(b)) => b.saturating_sub(a) as f64 / n,
+        _ => f64::NAN,
+    };
+    Ok(Sample {
+        ns,
+        cpu_ns,
+        cpu0_idle: per_connect(idle_before, idle_after),
+        agent_cpu_ns: per_connect(agent_before, agent_after),
+    })
+}
+
+/// Accepts (and drops) the benchmark's connections on CPU 0 without ever sleeping: a
+/// non-blocking accept in a loop, at SCHED_IDLE so anything else on CPU 0 (the agent) runs
+/// first. A sleeping acceptor makes every connect pay for waking CPU 0 (an interrupt, and on
+/// this VM a halt exit), unless something else keeps CPU 0 busy, as the agent does while it
+/// drains records: that made the guarded loop measure faster than the bare one.
+fn spin_acceptor(
+    listener: TcpListener,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> anyhow::Result<std::thread::JoinHandle<()>> {
+    listener.set_nonblocking(true)?;
+    Ok(std::thread::spawn(move || {
+        let idle = libc::sched_param { sched_priority: 0 };
+        // SAFETY: plain syscall on this thread with a valid parameter.
+        unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &idle) };
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            match listener.accept() {
+                Ok((c, _)) => drop(c),
+                Err(_) => std::hint::spin_loop(),
+            }
+        }
+    }))
 }
 
 /// Keeps this process (the listener's accept threads) on CPU 0.
@@ -157,13 +238,22 @@ struct Row {
     min_ns: f64,
     max_ns: f64,
     ratio_to_bare: f64,
-    samples: Vec<f64>,
+    /// Median over rounds of (this variant − bare) in the same round.
+    paired_delta_ns: f64,
+    /// Median CPU time of the probe per connect, and its paired difference to bare.
+    cpu_ns: f64,
+    paired_cpu_delta_ns: f64,
+    /// Median times CPU 0 went idle per connect (each a wake-up to pay for).
+    cpu0_idle_per_connect: f64,
+    /// Median CPU time of the agent per connect (records drained, on CPU 0).
+    agent_cpu_ns_per_connect: f64,
+    samples: Vec<Sample>,
 }
 
 fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
-    s[s.len() / 2]
+    s.get(s.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 pub fn run() -> anyhow::Result<()> {
@@ -210,21 +300,23 @@ pub fn run() -> anyhow::Result<()> {
     pin_to_cpu0();
     let listener = TcpListener::bind("127.0.0.2:0")?;
     let port = listener.local_addr()?.port();
-    // A deep accept queue and two acceptors: an overflowing queue drops SYNs, and one
-    // retransmitted SYN (1 s) would swamp a sample.
+    // A deep accept queue: an overflowing queue drops SYNs, and one retransmitted SYN (1 s)
+    // would swamp a sample.
     {
         use std::os::fd::AsRawFd as _;
         // SAFETY: plain syscall on a listening socket we own.
         unsafe { libc::listen(listener.as_raw_fd(), 4096) };
     }
-    for _ in 0..2 {
-        let l = listener.try_clone()?;
-        std::thread::spawn(move || {
-            for c in l.incoming() {
-                drop(c);
-            }
-        });
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let acceptor = spin_acceptor(listener, stop.clone())?;
+    // The acceptor must stop however the connect part ends.
+    struct StopAcceptor(std::sync::Arc<std::sync::atomic::AtomicBool>);
+    impl Drop for StopAcceptor {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
     }
+    let stop_acceptor = StopAcceptor(stop);
     let to = format!("127.0.0.2:{port}");
     let other = TcpListener::bind("127.0.0.3:0")?;
     let refused = other.local_addr()?.to_string();
@@ -259,48 +351,92 @@ pub fn run() -> anyhow::Result<()> {
                 );
             }
         }
-        let mut samples: Vec<Vec<f64>> = vec![Vec::new(); VARIANTS.len()];
+        let agent = bench.agent.as_ref().map(Child::id);
+        // One unrecorded sample each first (cold caches, first-touch allocations).
+        for cg in &bench.cgroups {
+            measure(cg, &probe, &to, agent)?;
+        }
+        let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); VARIANTS.len()];
         for round in 0..ROUNDS {
-            for k in 0..VARIANTS.len() {
-                let i = (k + round) % VARIANTS.len();
-                samples[i].push(measure(&bench.cgroups[i], &probe, &to)?);
+            for &i in &ORDERS[round % ORDERS.len()] {
+                samples[i].push(measure(&bench.cgroups[i], &probe, &to, agent)?);
             }
         }
         breakdown.push((
             size,
             kernel_time_per_connect(&bench.cgroups[1], &probe, &to)?,
         ));
-        let bare = median(&samples[0]);
+        let of = |s: &[Sample], f: fn(&Sample) -> f64| s.iter().map(f).collect::<Vec<_>>();
+        let bare = &samples[0];
         for (i, v) in VARIANTS.iter().enumerate() {
             let s = &samples[i];
+            let ns = of(s, |x| x.ns);
+            // Paired by round: each sample against the bare one of the same round.
+            let paired = |f: fn(&Sample) -> f64| {
+                median(
+                    &s.iter()
+                        .zip(bare)
+                        .map(|(x, b)| f(x) - f(b))
+                        .collect::<Vec<_>>(),
+                )
+            };
             rows.push(Row {
                 size,
                 variant: v.to_string(),
-                median_ns: median(s),
-                min_ns: s.iter().copied().fold(f64::INFINITY, f64::min),
-                max_ns: s.iter().copied().fold(0.0, f64::max),
-                ratio_to_bare: median(s) / bare,
+                median_ns: median(&ns),
+                min_ns: ns.iter().copied().fold(f64::INFINITY, f64::min),
+                max_ns: ns.iter().copied().fold(0.0, f64::max),
+                ratio_to_bare: median(&ns) / median(&of(bare, |x| x.ns)),
+                paired_delta_ns: paired(|x| x.ns),
+                cpu_ns: median(&of(s, |x| x.cpu_ns)),
+                paired_cpu_delta_ns: paired(|x| x.cpu_ns),
+                cpu0_idle_per_connect: median(&of(s, |x| x.cpu0_idle)),
+                agent_cpu_ns_per_connect: median(&of(s, |x| x.agent_cpu_ns)),
                 samples: s.clone(),
             });
         }
     }
     bench.stop_agent();
+    drop(stop_acceptor);
+    let _ = acceptor.join();
 
     let mut table = String::new();
     writeln!(
         table,
-        "connect()+close to an allowed loopback destination, {SAMPLE_MILLIS} ms per sample, {ROUNDS} interleaved rounds"
+        "connect()+close to an allowed loopback destination, {SAMPLE_MILLIS} ms per sample, {ROUNDS} rounds in balanced orders;\n\
+         wall time, then the probe's own CPU time (CPU 1), CPU 0's idle entries and the agent's CPU time (CPU 0), per connect;\n\
+         \"Δ\": median over rounds of the difference to bare in the same round"
     )?;
     writeln!(
         table,
-        "{:>8} {:<13} {:>10} {:>10} {:>10} {:>8}",
-        "entries", "variant", "median ns", "min ns", "max ns", "x bare"
+        "{:>8} {:<13} {:>10} {:>10} {:>10} {:>8} {:>9} {:>9} {:>9} {:>10} {:>11}",
+        "entries",
+        "variant",
+        "median ns",
+        "min ns",
+        "max ns",
+        "x bare",
+        "Δ ns",
+        "cpu ns",
+        "Δ cpu ns",
+        "cpu0 idle",
+        "agent cpu ns"
     )?;
     for r in &rows {
         writeln!(
             table,
-            "{:>8} {:<13} {:>10.0} {:>10.0} {:>10.0} {:>8.3}",
-            r.size, r.variant, r.median_ns, r.min_ns, r.max_ns, r.ratio_to_bare
+            "{:>8} {:<13} {:>10.0} {:>10.0} {:>10.0} {:>8.3} {:>9.0} {:>9.0} {:>9.0} {:>10.3} {:>11.0}",
+            r.size,
+            r.variant,
+            r.median_ns,
+            r.min_ns,
+            r.max_ns,
+            r.ratio_to_bare,
+            r.paired_delta_ns,
+            r.cpu_ns,
+            r.paired_cpu_delta_ns,
+            r.cpu0_idle_per_connect,
+            r.agent_cpu_ns_per_connect
         )?;
     }
     if breakdown.iter().any(|(_, b)| !b.is_empty()) {
@@ -406,15 +542,16 @@ fn program_stats() -> anyhow::Result<std::collections::HashMap<String, (u64, u64
 
 /// Kernel time per guarded connect, by program: a few extra samples with the kernel's BPF
 /// run-time statistics on (they cost a clock read per run, so the timed rounds run without).
-/// Needs bpftool; without it, nothing.
+/// Needs bpftool (`cargo xtask setup` installs it).
 fn kernel_time_per_connect(
     cgroup: &Path,
     probe: &Path,
     to: &str,
 ) -> anyhow::Result<Vec<ProgramTime>> {
     if Command::new("bpftool").arg("version").output().is_err() {
-        eprintln!("==> no bpftool: skipping the kernel time breakdown");
-        return Ok(Vec::new());
+        bail!(
+            "bpftool is missing (`cargo xtask setup` installs it): the kernel time breakdown needs it"
+        );
     }
     const STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
     let was = std::fs::read_to_string(STATS)?;
@@ -422,7 +559,7 @@ fn kernel_time_per_connect(
     let measured = (|| {
         let before = program_stats()?;
         for _ in 0..3 {
-            measure(cgroup, probe, to)?;
+            measure(cgroup, probe, to, None)?;
         }
         let after = program_stats()?;
         anyhow::Ok((before, after))
@@ -480,8 +617,12 @@ fn setup_size(bench: &mut Bench, size: usize, port: u16) -> anyhow::Result<Durat
     let _ = std::fs::remove_file(&ready);
     let sock = std::os::unix::net::UnixDatagram::bind(&ready)?;
     let started = Instant::now();
+    // On CPU 0, with the listener: the probe has CPU 1 to itself, and the agent's work (the
+    // records it drains) shows as its own column instead of slowing the probe.
     bench.agent = Some(
-        Command::new(&bench.bin)
+        Command::new("taskset")
+            .args(["-c", "0"])
+            .arg(&bench.bin)
             .args(["run", "--config"])
             .arg(&config)
             .env("NOTIFY_SOCKET", &ready)
