@@ -11,6 +11,7 @@ mod dns;
 mod dns_abuse;
 mod enforce;
 mod lifecycle;
+mod openhands;
 mod package;
 
 /// Every test starts here: root check, and removal of what a killed earlier run left.

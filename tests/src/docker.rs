@@ -43,6 +43,14 @@ impl Dockerd {
     /// Starts the daemon with a new test cgroup as its (absolute) cgroup parent, waits until
     /// it answers, and imports [`IMAGE`].
     pub fn start(what: &str) -> Self {
+        let dockerd = Self::start_bare(what);
+        dockerd.import_image();
+        dockerd
+    }
+
+    /// [`Dockerd::start`] without the probe image: for callers that import their own
+    /// ([`Dockerd::import_tree`]).
+    pub fn start_bare(what: &str) -> Self {
         assert!(
             !link_exists("docker0"),
             "docker0 exists: another Docker daemon runs on this machine; the tests need the \
@@ -105,7 +113,6 @@ impl Dockerd {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        dockerd.import_image();
         dockerd
     }
 
@@ -115,7 +122,7 @@ impl Dockerd {
     }
 
     /// The client, talking to this daemon only.
-    fn client(&self) -> Command {
+    pub fn client(&self) -> Command {
         let mut cmd = Command::new(DOCKER);
         cmd.env(
             "DOCKER_HOST",
@@ -258,16 +265,26 @@ impl Dockerd {
                 std::fs::copy(path, &to).unwrap_or_else(|e| panic!("copying {path}: {e}"));
             }
         }
+        self.import_tree(&tree, &[r#"CMD ["/bin/sh"]"#], IMAGE);
+    }
+
+    /// `tar -C tree -c . | docker import -c CHANGE… - image`: an image made without a
+    /// registry from a directory tree.
+    pub fn import_tree(&self, tree: &Path, changes: &[&str], image: &str) {
         let mut tar = Command::new("tar")
             .arg("-C")
-            .arg(&tree)
-            .args(["-c", "."])
+            .arg(tree)
+            .args(["--numeric-owner", "-c", "."])
             .stdout(Stdio::piped())
             .spawn()
             .expect("tar");
-        let out = self
-            .client()
-            .args(["import", "-c", r#"CMD ["/bin/sh"]"#, "-", IMAGE])
+        let mut import = self.client();
+        import.arg("import");
+        for c in changes {
+            import.args(["-c", c]);
+        }
+        let out = import
+            .args(["-", image])
             .stdin(Stdio::from(tar.stdout.take().unwrap()))
             .output()
             .unwrap();

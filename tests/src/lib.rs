@@ -9,7 +9,8 @@
 //! `egress_guard_e2e::Name`: `cgroups` (test cgroups, clean-up), `agent` (the agent
 //! process), `probes` (the probe binary), `net` (loopback listeners, free ports),
 //! `dns_upstream` (dnsmasq), `moto` (moto_server and the fault proxy), `audit` (the
-//! record schema), `bpf` (pinned maps), [`docker`] (a private dockerd).
+//! record schema), `bpf` (pinned maps), [`docker`] (a private dockerd), [`openhands`] (the real
+//! OpenHands agent server under the guard: its image and the scripted-LLM scenario).
 
 mod agent;
 mod audit;
@@ -19,6 +20,7 @@ mod dns_upstream;
 pub mod docker;
 mod moto;
 mod net;
+pub mod openhands;
 mod probes;
 
 pub use agent::{Agent, agent_bin};
@@ -30,4 +32,5 @@ pub use cgroups::{
 pub use dns_upstream::Dnsmasq;
 pub use moto::{Fault, FaultProxy, Moto, SentBatch};
 pub use net::{free_port_range, received, tcp_listener, udp_receiver};
+pub use openhands::{Outcome, build_rootfs, run_scenario};
 pub use probes::{ProbeResult, RunningProbe, probe_bin, probe_in, probe_outside};

@@ -2,7 +2,7 @@
 //!
 //! `setup` makes a fresh machine able to build and test (idempotent; `test` and `demo` run it
 //! first). `test` is the whole check CI runs. `demo` shows the agent at work in a throwaway
-//! cgroup on loopback.
+//! cgroup on loopback; `demo openhands` guards the real OpenHands agent server.
 
 mod bench;
 mod bench_audit;
@@ -11,6 +11,7 @@ mod bench_dns;
 mod bench_lifecycle;
 mod bench_throughput;
 mod demo;
+mod demo_openhands;
 mod fuzz;
 mod layers;
 mod package;
@@ -41,7 +42,14 @@ enum Task {
     /// privileged end-to-end tests (root; loopback only).
     Test,
     /// Set up, build, and show an allowed and a refused connection from a guarded cgroup (root).
-    Demo,
+    /// `demo openhands`: the real OpenHands agent server (PyPI) in a guarded sandbox under a
+    /// private Docker engine, driven by a scripted LLM that tries to get out; builds its image
+    /// (Debian trixie + pinned wheels, no registry) the first time, ~4 minutes, cached in
+    /// target/openhands.
+    Demo {
+        #[arg(value_enum)]
+        which: Option<DemoWhich>,
+    },
     /// connect() cost from a guarded cgroup vs bare, iptables and nftables, at 10 to 100,000
     /// allowed addresses, then the audit pipeline under connect and exec storms (root;
     /// loopback only), throughput (bulk TCP, UDP sends), the lifecycle (time to enforcing, restart
@@ -68,6 +76,12 @@ enum Task {
         #[arg(default_value_t = 60)]
         seconds: u64,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum DemoWhich {
+    /// The real OpenHands agent server under the guard.
+    Openhands,
 }
 
 /// Debian packages the tests, demo and benchmarks need (checked with dpkg, installed with
@@ -101,9 +115,15 @@ fn main() -> anyhow::Result<()> {
             fuzz::run_all(seconds)
         }
         Task::Test => test(),
-        Task::Demo => {
+        Task::Demo { which: None } => {
             setup()?;
             demo::run()
+        }
+        Task::Demo {
+            which: Some(DemoWhich::Openhands),
+        } => {
+            setup()?;
+            demo_openhands::run()
         }
         Task::Bench => {
             setup()?;
