@@ -103,7 +103,7 @@ fn bench_addr(i: usize) -> String {
     std::net::Ipv4Addr::from(n).to_string()
 }
 
-fn run_quiet(cmd: &mut Command) -> anyhow::Result<()> {
+pub(crate) fn run_quiet(cmd: &mut Command) -> anyhow::Result<()> {
     let out = cmd.output().with_context(|| format!("starting {cmd:?}"))?;
     if !out.status.success() {
         bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
@@ -137,7 +137,7 @@ fn cpu0_idle_entries() -> Option<u64> {
 }
 
 /// CPU time of every thread of `pid`, in ns (schedstat's first field).
-fn process_cpu_ns(pid: u32) -> Option<u64> {
+pub(crate) fn process_cpu_ns(pid: u32) -> Option<u64> {
     let mut n = 0;
     for t in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
         let stat = std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok()?;

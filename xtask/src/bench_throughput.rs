@@ -3,6 +3,9 @@
 //! unconnected socket each passes the sendmsg hook and the backstop and is recorded (the
 //! audit trail aggregates them); on a connected socket (judged once, at connect()) each
 //! passes the backstop only.
+//!
+//! Placement as in the connect part: the probe alone on CPU 1, the agent on CPU 0, whose CPU
+//! time during the guarded samples is reported (the records it turns into the audit trail).
 
 use std::{
     fmt::Write as _,
@@ -10,6 +13,8 @@ use std::{
     net::{TcpListener, UdpSocket},
     path::Path,
 };
+
+use std::process::Command;
 
 use serde_json::json;
 
@@ -37,7 +42,14 @@ pub fn run(bin: &Path, probe: &Path) -> anyhow::Result<String> {
     let udp = UdpSocket::bind("127.0.0.2:0")?;
     let udp_to = udp.local_addr()?.to_string();
     let config = setup.write_config("", &[&tcp_to, &format!("udp/{udp_to}")])?;
-    setup.start_agent(&config, &[])?;
+    let agent = setup.start_agent(&config, &[])?;
+    crate::bench::run_quiet(Command::new("taskset").args([
+        "-a",
+        "-p",
+        "-c",
+        "0",
+        &agent.to_string(),
+    ]))?;
     let cgroups = [
         ("bare", bare.0.clone()),
         ("egress-guard", setup.cgroup.clone()),
@@ -68,11 +80,23 @@ pub fn run(bin: &Path, probe: &Path) -> anyhow::Result<String> {
     let mut rows = Vec::new();
     for (label, key, args) in &tests {
         let mut samples = [Vec::new(), Vec::new()];
+        // The agent's CPU time during each guarded sample, as a share of one core.
+        let mut agent_cpu = Vec::new();
         for round in 0..ROUNDS {
             for k in 0..2 {
                 let i = (k + round) % 2;
+                let before = (
+                    crate::bench::process_cpu_ns(agent),
+                    std::time::Instant::now(),
+                );
                 let out = probe_in(&cgroups[i].1, probe, Some(1), args)?;
                 samples[i].push(field(&out, key)?);
+                if i == 1
+                    && let (Some(a), Some(b)) = (before.0, crate::bench::process_cpu_ns(agent))
+                {
+                    agent_cpu
+                        .push(b.saturating_sub(a) as f64 / before.1.elapsed().as_nanos() as f64);
+                }
             }
         }
         let (b, g) = (median(&samples[0]), median(&samples[1]));
@@ -86,20 +110,34 @@ pub fn run(bin: &Path, probe: &Path) -> anyhow::Result<String> {
         let (gmin, gmax) = spread(&samples[1]);
         writeln!(
             report,
-            "{label}: bare {b:.4e} ({bmin:.3e}..{bmax:.3e}), egress-guard {g:.4e} ({gmin:.3e}..{gmax:.3e}): {:.1} % of bare",
-            g / b * 100.0
+            "{label}: bare {b:.4e} ({bmin:.3e}..{bmax:.3e}), egress-guard {g:.4e} ({gmin:.3e}..{gmax:.3e}): {:.1} % of bare; agent {:.0} % of CPU 0",
+            g / b * 100.0,
+            median(&agent_cpu) * 100.0
         )?;
         rows.push(
             json!({ "measure": label, "bare_median": b, "guarded_median": g, "ratio_to_bare": g / b,
+                          "agent_cpu_share_median": median(&agent_cpu),
                           "bare_samples": samples[0], "guarded_samples": samples[1] }),
         );
     }
+    // Nothing may be lost on the way: the records the kernel could not write to its ring.
+    let stats = Command::new(bin)
+        .args(["stats", "--json", "--pin-dir"])
+        .arg(&setup.pin_dir)
+        .output()?;
+    let stats: serde_json::Value = serde_json::from_slice(&stats.stdout)?;
+    let lost = stats["audit_records_lost"].as_u64();
+    writeln!(
+        report,
+        "audit records the kernel could not write (ring full) during the run: {}",
+        lost.map_or("unknown".to_string(), |n| n.to_string())
+    )?;
     let out = crate::workspace_root().join("docs/benchmarks");
     std::fs::create_dir_all(&out)?;
     std::fs::write(
         out.join("throughput.json"),
         serde_json::to_string_pretty(&json!({ "benchmark": "throughput", "rounds": ROUNDS,
-            "sample_millis": SAMPLE_MILLIS, "rows": rows, "machine": crate::bench::machine() }))?,
+            "sample_millis": SAMPLE_MILLIS, "rows": rows, "audit_records_lost": lost, "machine": crate::bench::machine() }))?,
     )?;
     std::fs::write(out.join("throughput.txt"), &report)?;
     Ok(report)

@@ -208,7 +208,7 @@ pub fn field(text: &str, key: &str) -> anyhow::Result<f64> {
 pub fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
-    s[s.len() / 2]
+    s.get(s.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 /// A cgroup of its own (a bare comparison), removed on drop.
