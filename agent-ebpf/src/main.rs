@@ -26,9 +26,10 @@ use aya_ebpf::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_socket_cookie,
         bpf_send_signal, bpf_sk_fullsock, generated::bpf_skb_cgroup_id,
     },
-    macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, lsm, sock_ops, tracepoint},
+    macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, fentry, lsm, sock_ops, tracepoint},
     programs::{
-        LsmContext, SkBuffContext, SockAddrContext, SockContext, SockOpsContext, TracePointContext,
+        FEntryContext, LsmContext, SkBuffContext, SockAddrContext, SockContext, SockOpsContext,
+        TracePointContext,
     },
 };
 use decide::{Dest, Verdict, count, count_verdict, decide};
@@ -405,11 +406,42 @@ fn refuse_socket(slot: u32, args: [u32; 3]) -> Verdict {
     v
 }
 
-/// Fallback where the BPF LSM is not available (most distributions leave it out of `lsm=`):
-/// the `syscalls:sys_enter_socket` tracepoint cannot fail the call, so a guarded task asking
-/// for a refused socket family is killed with SIGKILL. Best effort: it does not see 32-bit
-/// (ia32) syscalls or io_uring, and a process sharing the caller's file table but not its
-/// thread group survives; the BPF LSM has none of these gaps.
+/// First fallback, where the BPF LSM is not available (most distributions leave it out of
+/// `lsm=`): an fentry program on `__sock_create`, the function every socket creation goes
+/// through (socket(), socketpair(), 32-bit syscalls, io_uring's IORING_OP_SOCKET). It cannot
+/// fail the call, so a guarded task asking for a refused socket family is killed with SIGKILL
+/// before it returns to user space. Unlike a syscall tracepoint it costs nothing to other
+/// system calls, and unlike a kprobe it needs no perf_event_open (which Debian's
+/// `perf_event_paranoid = 3` refuses without CAP_SYS_ADMIN). Best effort: a process sharing
+/// the caller's file table but not its thread group survives; the BPF LSM has no such gap.
+#[fentry(function = "__sock_create")]
+pub fn socket_fentry(ctx: FEntryContext) -> u32 {
+    // __sock_create(struct net *net, int family, int type, int protocol,
+    //               struct socket **res, int kern)
+    let family: i32 = ctx.arg(1);
+    let sock_type: i32 = ctx.arg(2);
+    let protocol: i32 = ctx.arg(3);
+    let kern: i32 = ctx.arg(5);
+    // Raw INET sockets are left to the cgroup `sock_create` hook, which refuses them with
+    // EPERM (it runs later in the same call).
+    if kern != 0 || !family_refused(family, sock_type, false) {
+        return 0;
+    }
+    let Some(slot) = guarded_slot_of_current_task() else {
+        return 0;
+    };
+    if !refuse_socket(slot, [family as u32, sock_type as u32, protocol as u32]).passes() {
+        const SIGKILL: u32 = 9;
+        unsafe { bpf_send_signal(SIGKILL) };
+    }
+    0
+}
+
+/// Last fallback, for kernels with neither the BPF LSM nor BPF trampolines (fentry): the
+/// `syscalls:sys_enter_socket` tracepoint, which cannot fail the call either, so a guarded
+/// task asking for a refused socket family is killed with SIGKILL. It does not see 32-bit
+/// (ia32) syscalls or io_uring, and while it is attached every system call of every process
+/// on the host takes the kernel's slower syscall-tracing path.
 #[tracepoint]
 pub fn socket_enter(ctx: TracePointContext) -> u32 {
     // struct trace_event_raw_sys_enter: 8 bytes common header, syscall nr, then args[6] as

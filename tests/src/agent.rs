@@ -22,6 +22,19 @@ pub fn agent_bin() -> PathBuf {
     p
 }
 
+/// Mounts a `fstype` file system at `path` unless something is mounted there.
+fn ensure_mounted(fstype: &str, path: &Path) {
+    let mounted = Command::new("mountpoint").arg("-q").arg(path).status();
+    if !mounted.is_ok_and(|s| s.success()) {
+        let status = Command::new("mount")
+            .args(["-t", fstype, fstype])
+            .arg(path)
+            .status()
+            .unwrap();
+        assert!(status.success(), "mounting {fstype} at {}", path.display());
+    }
+}
+
 /// The real agent, started with a config, stopped and uninstalled on drop.
 pub struct Agent {
     pub pin_dir: PathBuf,
@@ -29,6 +42,8 @@ pub struct Agent {
     pub log: PathBuf,
     child: Option<Child>,
     dir: PathBuf,
+    /// Runs in a mount namespace whose /sys/kernel/security/lsm does not list `bpf`.
+    hide_bpf_lsm: bool,
 }
 
 impl Agent {
@@ -138,6 +153,30 @@ impl Agent {
             config,
             child: None,
             dir,
+            hide_bpf_lsm: false,
+        };
+        agent.spawn();
+        agent
+    }
+
+    /// Starts the agent as on a kernel without an active BPF LSM (most distributions' default),
+    /// so that it falls back to its fentry (or tracepoint) socket guard: it runs in a mount namespace of its
+    /// own where a copy of /sys/kernel/security/lsm without `bpf` is mounted over the real one.
+    pub fn start_without_bpf_lsm(body: &str) -> Self {
+        let (dir, config, pin_dir) = Self::config_file(body);
+        // The agent's own bpffs mount would stay in its namespace: mount it here first.
+        ensure_mounted("bpf", Path::new("/sys/fs/bpf"));
+        ensure_mounted("securityfs", Path::new("/sys/kernel/security"));
+        let lsm = std::fs::read_to_string("/sys/kernel/security/lsm").unwrap();
+        let without: Vec<&str> = lsm.trim().split(',').filter(|l| *l != "bpf").collect();
+        std::fs::write(dir.join("lsm"), without.join(",")).unwrap();
+        let mut agent = Agent {
+            pin_dir,
+            log: dir.join("agent.log"),
+            config,
+            child: None,
+            dir,
+            hide_bpf_lsm: true,
         };
         agent.spawn();
         agent
@@ -151,7 +190,18 @@ impl Agent {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let child = Command::new(agent_bin())
+        let mut cmd = if self.hide_bpf_lsm {
+            // unshare and sh exec in place: the child's pid stays the agent's.
+            let mut c = Command::new("unshare");
+            c.args(["--mount", "--propagation", "slave", "sh", "-c"])
+                .arg("mount --bind \"$0\" /sys/kernel/security/lsm && exec \"$@\"")
+                .arg(self.dir.join("lsm"))
+                .arg(agent_bin());
+            c
+        } else {
+            Command::new(agent_bin())
+        };
+        let child = cmd
             .args(["run", "--config"])
             .arg(&self.config)
             // The eBPF programs' own lines (aya-log) too: a failing test's log shows them.

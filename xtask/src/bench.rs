@@ -24,12 +24,14 @@ use crate::{is_root, workspace_root};
 
 /// The parts after the connect comparison, by their `EG_BENCH` name.
 type Part = fn(&Path, &Path) -> anyhow::Result<String>;
-const PARTS: [(&str, Part); 5] = [
+const PARTS: [(&str, Part); 7] = [
     ("throughput", crate::bench_throughput::run),
+    ("host", crate::bench_host::run),
     ("lifecycle", crate::bench_lifecycle::run),
     ("audit", crate::bench_audit::run),
     ("dns", crate::bench_dns::run),
     ("cloudwatch", crate::bench_cloudwatch::run),
+    ("peers", crate::bench_peers::run),
 ];
 
 /// Policy sizes (allowed addresses); `EG_BENCH_SIZES=10,1000` picks others.
@@ -517,7 +519,7 @@ const PROGRAMS: [&str; 9] = [
     "sock_create",
     "egress",
     "tcp_state",
-    "socket_enter",
+    "socket_fentry",
     "lsm_socket_crea",
 ];
 

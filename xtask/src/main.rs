@@ -8,7 +8,9 @@ mod bench;
 mod bench_audit;
 mod bench_cloudwatch;
 mod bench_dns;
+mod bench_host;
 mod bench_lifecycle;
+mod bench_peers;
 mod bench_throughput;
 mod demo;
 mod demo_openhands;
@@ -53,9 +55,11 @@ enum Task {
     /// connect() cost from a guarded cgroup vs bare, iptables and nftables, at 10 to 100,000
     /// allowed addresses, then the audit pipeline under connect and exec storms (root;
     /// loopback only), throughput (bulk TCP, UDP sends), the lifecycle (time to enforcing, restart
-    /// and upgrade gaps), the DNS proxy's added latency and CloudWatch delivery latency. Writes
-    /// docs/benchmarks/*. EG_BENCH=connect, throughput, lifecycle, audit, dns or cloudwatch runs
-    /// one part; EG_BENCH_SIZES=10,1000 picks policy sizes.
+    /// and upgrade gaps), the DNS proxy's added latency, CloudWatch delivery latency, the peer
+    /// comparison (HTTPS through egress-guard vs an allowlisting squid proxy vs bare), and what
+    /// the agent costs processes it does not guard. Writes docs/benchmarks/*. EG_BENCH=connect,
+    /// throughput, host, lifecycle, audit, dns, cloudwatch or peers runs one part;
+    /// EG_BENCH_SIZES=10,1000 picks policy sizes.
     Bench,
     /// Build the release binary and write shell completions and the man page to target/dist.
     Dist,
@@ -99,6 +103,9 @@ const APT_PACKAGES: &[&str] = &[
     "debootstrap",
     // The benchmark's kernel time per program (it reads kernel.bpf_stats through bpftool).
     "bpftool",
+    // The peer comparison: curl as the client, squid as the allowlisting proxy.
+    "curl",
+    "squid",
 ];
 
 /// How long `test` fuzzes each DNS target (`cargo xtask fuzz` for longer runs).
@@ -406,7 +413,12 @@ fn ensure_apt_packages() -> anyhow::Result<()> {
     run(Command::new("apt-get")
         .args(["install", "-y", "-q"])
         .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive"))
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    // The package starts a proxy on port 3128 where it can; the bench runs its own instance.
+    if missing.contains(&"squid") {
+        bench_peers::stop_distro_squid();
+    }
+    Ok(())
 }
 
 // ------------------------------------------------------------------------------------------

@@ -72,16 +72,62 @@ impl Scratch {
     /// Starts `egress-guard run --config CONFIG` with `env`, and waits for its READY=1
     /// (sd_notify on a socket in the scratch directory). Returns the agent's pid.
     pub fn start_agent(&mut self, config: &Path, env: &[(&str, &str)]) -> anyhow::Result<u32> {
+        let mut cmd = Command::new(&self.bin);
+        cmd.envs(env.iter().copied());
+        self.spawn_agent(cmd, config)
+    }
+
+    /// Starts the agent as on a kernel without an active BPF LSM (most distributions), so that
+    /// it uses its fallback socket guard: in a mount namespace of its own, with a copy of
+    /// /sys/kernel/security/lsm that does not list `bpf` mounted over the real one. bpffs is
+    /// mounted here first (a mount made in that namespace would not be seen outside it).
+    pub fn start_agent_without_bpf_lsm(&mut self, config: &Path) -> anyhow::Result<u32> {
+        if !Command::new("mountpoint")
+            .args(["-q", "/sys/fs/bpf"])
+            .status()?
+            .success()
+        {
+            crate::run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
+        }
+        let lsm = std::fs::read_to_string("/sys/kernel/security/lsm")
+            .context("reading /sys/kernel/security/lsm")?;
+        let without: Vec<&str> = lsm.trim().split(',').filter(|m| *m != "bpf").collect();
+        let copy = self.dir.join("lsm");
+        std::fs::write(&copy, without.join(","))?;
+        let mut cmd = Command::new("unshare");
+        // unshare and sh exec in place: the pid is the agent's.
+        cmd.args(["--mount", "--propagation", "slave", "sh", "-c"])
+            .arg("mount --bind \"$0\" /sys/kernel/security/lsm && exec \"$@\"")
+            .arg(&copy)
+            .arg(&self.bin);
+        self.spawn_agent(cmd, config)
+    }
+
+    /// Stops the agent (SIGTERM) and removes its pins: nothing of it stays attached.
+    pub fn stop_and_uninstall(&mut self) {
+        if let Some(mut a) = self.agent.take() {
+            // SAFETY: plain kill(2) of our child.
+            unsafe { libc::kill(a.id() as i32, libc::SIGTERM) };
+            let _ = a.wait();
+        }
+        let _ = Command::new(&self.bin)
+            .args(["uninstall", "--pin-dir"])
+            .arg(&self.pin_dir)
+            .output();
+    }
+
+    /// Runs `CMD run --config CONFIG` and waits for its READY=1 (sd_notify on a socket in the
+    /// scratch directory).
+    fn spawn_agent(&mut self, mut cmd: Command, config: &Path) -> anyhow::Result<u32> {
         let ready = self.dir.join("ready.sock");
         // A socket file left by an earlier start here.
         let _ = std::fs::remove_file(&ready);
         let sock = UnixDatagram::bind(&ready)?;
         sock.set_read_timeout(Some(Duration::from_secs(60)))?;
-        let agent = Command::new(&self.bin)
+        let agent = cmd
             .args(["run", "--config"])
             .arg(config)
             .env("NOTIFY_SOCKET", &ready)
-            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .spawn()?;
         let pid = agent.id();

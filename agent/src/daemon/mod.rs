@@ -398,8 +398,11 @@ fn log_applied(config: &Config, report: &ApplyReport, kernel: &Kernel) {
         SocketGuard::Lsm => {
             tracing::info!("AF_PACKET guard: BPF LSM socket_create (the call fails with EPERM)")
         }
+        SocketGuard::Fentry => tracing::warn!(
+            "AF_PACKET guard: BPF LSM not available, using fentry on __sock_create: a guarded process that opens an AF_PACKET socket is killed (SIGKILL); add 'bpf' to the kernel's lsm= boot parameter to refuse with EPERM instead"
+        ),
         SocketGuard::Tracepoint => tracing::warn!(
-            "AF_PACKET guard: BPF LSM not available, using the sys_enter_socket tracepoint: a guarded process that opens an AF_PACKET socket is killed (SIGKILL); add 'bpf' to the kernel's lsm= boot parameter to refuse with EPERM instead"
+            "AF_PACKET guard: neither the BPF LSM nor BPF trampolines (fentry) available, using the sys_enter_socket tracepoint: a guarded process that opens an AF_PACKET socket through socket() is killed (SIGKILL), io_uring and 32-bit calls are not seen, and every system call on the host is slower while it is attached; add 'bpf' to the kernel's lsm= boot parameter"
         ),
         SocketGuard::None => tracing::error!(
             "AF_PACKET guard: NONE could be attached; guarded processes with CAP_NET_RAW can send raw frames past the policy (drop CAP_NET_RAW from the containers)"

@@ -27,7 +27,11 @@ use crate::config::Mode;
 const FLIP_GRACE: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// The AF_PACKET guards, in order of preference.
-const SOCKET_GUARDS: [SocketGuard; 2] = [SocketGuard::Lsm, SocketGuard::Tracepoint];
+const SOCKET_GUARDS: [SocketGuard; 3] = [
+    SocketGuard::Lsm,
+    SocketGuard::Fentry,
+    SocketGuard::Tracepoint,
+];
 
 /// What the steps of one [`Kernel::apply`] share.
 struct Pass<'t> {
@@ -62,7 +66,7 @@ impl Kernel {
         // 3. Attach what is missing (new before old). An attachment pinned already (this build,
         // same program, slot and cgroup) is adopted as it is: a restart re-attaches nothing.
         self.attach_cgroup_hooks(&mut pass, &cgroups)?;
-        // The global AF_PACKET guard: BPF LSM where active, else the tracepoint fallback.
+        // The global AF_PACKET guard: BPF LSM where active, else fentry, else a tracepoint.
         self.attach_socket_guard(&mut pass);
         if self.socket_guard == SocketGuard::None {
             // Keep whatever guard an earlier run attached rather than end up with none.
@@ -245,6 +249,7 @@ impl Kernel {
                     programs::load_object(&self.root.join("maps"), u32::MAX, &self.params)
                         .and_then(|mut ebpf| match g {
                             SocketGuard::Lsm => programs::attach_lsm(&mut ebpf),
+                            SocketGuard::Fentry => programs::attach_socket_fentry(&mut ebpf),
                             _ => programs::attach_socket_tracepoint(&mut ebpf),
                         })
                         .and_then(|link| Ok(link.pin(self.links_dir().join(&pin))?));

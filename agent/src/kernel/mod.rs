@@ -4,8 +4,9 @@
 //! - `maps/<NAME>`: the maps (see agent-common);
 //! - `links/<program>-<slot>-<cgroup id>-<object id>`: one cgroup attachment (bpffs refuses
 //!   dots in names);
-//! - `links/lsm_socket_create-<object id>` or `links/socket_enter-<object id>`: the global
-//!   AF_PACKET guard (BPF LSM, or the tracepoint fallback).
+//! - `links/lsm_socket_create-<object id>`, `links/socket_fentry-<object id>` or
+//!   `links/socket_enter-<object id>`: the global AF_PACKET guard (BPF LSM, else the fentry,
+//!   else the tracepoint fallback).
 //!
 //! The pins keep enforcement in force when the agent dies. [`Kernel::apply`] is the same on
 //! first start, restart and reload: write the new rulesets and flip each policy to its new one,
@@ -33,7 +34,7 @@ use aya::programs::links::PinnedLink;
 
 use crate::{config::Mode, policy::Compiled};
 pub use maps::{Maps, state_name};
-use programs::{LSM_PROGRAM, SOCKET_TRACEPOINT_PROGRAM};
+use programs::{LSM_PROGRAM, SOCKET_FENTRY_PROGRAM, SOCKET_TRACEPOINT_PROGRAM};
 
 /// One policy as the kernel should enforce it.
 pub struct Target {
@@ -106,7 +107,10 @@ pub struct AuditMaps {
 pub enum SocketGuard {
     /// BPF LSM `socket_create`: the call fails with EPERM.
     Lsm,
-    /// `syscalls:sys_enter_socket` tracepoint: the task is killed with SIGKILL.
+    /// An fentry program on `__sock_create`: the task is killed with SIGKILL.
+    Fentry,
+    /// `syscalls:sys_enter_socket` tracepoint, where the kernel has no BPF trampolines either:
+    /// the task is killed with SIGKILL; io_uring and 32-bit calls are not seen.
     Tracepoint,
     /// Neither could be attached: AF_PACKET sockets are not stopped.
     None,
@@ -116,6 +120,7 @@ impl SocketGuard {
     fn pin_program(self) -> &'static str {
         match self {
             SocketGuard::Lsm => LSM_PROGRAM,
+            SocketGuard::Fentry => SOCKET_FENTRY_PROGRAM,
             SocketGuard::Tracepoint | SocketGuard::None => SOCKET_TRACEPOINT_PROGRAM,
         }
     }

@@ -11,7 +11,7 @@ use anyhow::{Context as _, anyhow};
 use aya::{
     Btf, Ebpf, EbpfLoader,
     programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, Lsm,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, FEntry, Lsm,
         RawTracePoint, SockOps, TracePoint, links::FdLink,
     },
 };
@@ -93,6 +93,7 @@ impl Hook {
 }
 
 pub const LSM_PROGRAM: &str = "lsm_socket_create";
+pub const SOCKET_FENTRY_PROGRAM: &str = "socket_fentry";
 pub const SOCKET_TRACEPOINT_PROGRAM: &str = "socket_enter";
 
 /// What every load of the object needs besides the policy slot.
@@ -231,8 +232,31 @@ pub fn task_offsets() -> TaskOffsets {
     })
 }
 
+/// The kernel function every socket creation passes through (socket(), socketpair(), 32-bit
+/// syscalls, io_uring); exported, so it is never inlined away.
+const SOCKET_CREATE_FUNCTION: &str = "__sock_create";
+
+/// Loads and attaches the `__sock_create` fentry fallback (kills guarded tasks that ask for
+/// AF_PACKET sockets) for kernels without an active BPF LSM. Preferred to the
+/// `sys_enter_socket` tracepoint: enabling any syscall tracepoint sends every system call of
+/// every process on the host through the slow path, and attaching one (like a kprobe) takes
+/// perf_event_open, which Debian's `kernel.perf_event_paranoid = 3` refuses without
+/// CAP_SYS_ADMIN. Needs BPF trampolines (x86_64, arm64 from 6.0).
+pub fn attach_socket_fentry(ebpf: &mut Ebpf) -> anyhow::Result<FdLink> {
+    let btf = Btf::from_sys_fs().context("reading kernel BTF (/sys/kernel/btf/vmlinux)")?;
+    let prog = ebpf
+        .program_mut(SOCKET_FENTRY_PROGRAM)
+        .ok_or_else(|| anyhow!("the eBPF object has no program {SOCKET_FENTRY_PROGRAM}"))?;
+    let p: &mut FEntry = prog.try_into()?;
+    p.load(SOCKET_CREATE_FUNCTION, &btf)
+        .with_context(|| format!("loading the fentry program for {SOCKET_CREATE_FUNCTION}"))?;
+    let id = p.attach()?;
+    Ok(p.take_link(id)?.into())
+}
+
 /// Loads and attaches the `syscalls:sys_enter_socket` fallback (kills guarded tasks that ask
-/// for AF_PACKET sockets) for kernels without an active BPF LSM.
+/// for AF_PACKET sockets) for kernels with neither an active BPF LSM nor BPF trampolines.
+/// Needs perf_event_open (see [`attach_socket_fentry`]).
 pub fn attach_socket_tracepoint(ebpf: &mut Ebpf) -> anyhow::Result<FdLink> {
     super::mounts::ensure_tracefs()?;
     let prog = ebpf

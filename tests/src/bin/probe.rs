@@ -7,6 +7,7 @@
 //! probe udp ADDR:PORT [N]          sendto one (or N) datagrams from one socket
 //! probe raw                        socket(AF_INET, SOCK_RAW, IPPROTO_ICMP)
 //! probe packet                     socket(AF_PACKET, SOCK_RAW, ETH_P_ALL)
+//! probe packet-uring               the same through io_uring (IORING_OP_SOCKET), not socket(2)
 //! probe socket FAMILY TYPE PROTO    the raw socket(2) syscall with 64-bit arguments
 //! probe tcp-presocket ADDR:PORT    connect, print `ready`, wait for a line, then write
 //! probe udp-presocket ADDR:PORT    connect a UDP socket, print `ready`, wait for a line on
@@ -24,6 +25,8 @@
 //!                                  `ns_per_connect=X cpu_ns_per_connect=Y connects=N`
 //! probe storm tcp ADDR:PORT N      N connects as fast as possible (a burst of audit records);
 //!                                  prints `ok=N eperm=M err=K`
+//! probe bench-syscalls MILLIS     getppid() for MILLIS, then socket()+close() for MILLIS;
+//!                                  prints `ns_per_getppid=X ns_per_socket=Y`
 //! probe dns SERVER:PORT NAME TYPE [tcp]   one DNS query (UDP from an unconnected socket, or
 //!                                  TCP); prints `rcode=R answers=A,B from=ADDR:PORT tc=0|1`
 //!                                  (`from`: where the answer appeared to come from)
@@ -107,6 +110,34 @@ fn raw_socket(family: i32, ty: i32, proto: i32) -> Outcome {
     if fd < 0 {
         return classify::<()>(Err(std::io::Error::last_os_error()));
     }
+    unsafe { libc::close(fd) };
+    Outcome::Ok
+}
+
+/// Creates a socket through io_uring (IORING_OP_SOCKET), which does not pass the socket()
+/// system call: a guard on that system call would not see it.
+fn uring_socket(family: i32, ty: i32, proto: i32) -> Outcome {
+    use io_uring::{IoUring, opcode};
+    let mut ring = match IoUring::new(2) {
+        Ok(r) => r,
+        Err(e) => return Outcome::Err(format!("io_uring_setup: {e}")),
+    };
+    let sqe = opcode::Socket::new(family, ty, proto).build();
+    // SAFETY: the entry holds no pointers.
+    if unsafe { ring.submission().push(&sqe) }.is_err() {
+        return Outcome::Err("the submission queue is full".into());
+    }
+    if let Err(e) = ring.submit_and_wait(1) {
+        return Outcome::Err(format!("io_uring_enter: {e}"));
+    }
+    let Some(cqe) = ring.completion().next() else {
+        return Outcome::Err("no completion".into());
+    };
+    let fd = cqe.result();
+    if fd < 0 {
+        return classify::<()>(Err(std::io::Error::from_raw_os_error(-fd)));
+    }
+    // SAFETY: our own descriptor.
     unsafe { libc::close(fd) };
     Outcome::Ok
 }
@@ -278,6 +309,11 @@ fn main() -> ExitCode {
             libc::IPPROTO_ICMP,
         )),
         ["packet"] => report(raw_socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW,
+            (libc::ETH_P_ALL as u16).to_be() as i32,
+        )),
+        ["packet-uring"] => report(uring_socket(
             libc::AF_PACKET,
             libc::SOCK_RAW,
             (libc::ETH_P_ALL as u16).to_be() as i32,
@@ -492,6 +528,34 @@ fn main() -> ExitCode {
                 start.elapsed().as_nanos() / n.max(1),
                 u128::from(thread_cpu_ns() - cpu_start) / n.max(1)
             );
+            ExitCode::SUCCESS
+        }
+        ["bench-syscalls", millis] => {
+            // What the agent costs a process it does not guard: a system call no hook is on
+            // (getppid), and socket() + close(), which the socket guard sees.
+            let budget = Duration::from_millis(millis.parse().expect("millis"));
+            let per_call = |call: &mut dyn FnMut()| {
+                let start = Instant::now();
+                let mut n = 0u128;
+                while start.elapsed() < budget {
+                    for _ in 0..64 {
+                        call();
+                    }
+                    n += 64;
+                }
+                start.elapsed().as_nanos() / n
+            };
+            // SAFETY: plain syscalls; the descriptor is closed right away.
+            let getppid = per_call(&mut || unsafe {
+                libc::getppid();
+            });
+            let socket = per_call(&mut || unsafe {
+                let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+                if fd >= 0 {
+                    libc::close(fd);
+                }
+            });
+            println!("ns_per_getppid={getppid} ns_per_socket={socket}");
             ExitCode::SUCCESS
         }
         ["dns", server, name, qtype, rest @ ..] => {

@@ -173,7 +173,7 @@ pub struct Outcome {
     pub import: Duration,
     /// The agent's config body as the scenario wrote it (without pin dir and audit file).
     pub config: String,
-    /// The agent's socket guard (`lsm` or `tracepoint`), from its agent.start record.
+    /// The agent's socket guard (`lsm`, `fentry` or `tracepoint`), from its agent.start record.
     pub socket_guard: String,
     /// Every query the upstream resolver (dnsmasq) received.
     pub upstream_log: String,
