@@ -146,37 +146,34 @@ impl Agent {
 
     /// Starts the agent and waits until it reports that it is enforcing.
     pub fn start(body: &str) -> Self {
-        let (dir, config, pin_dir) = Self::config_file(body);
-        let mut agent = Agent {
-            pin_dir,
-            log: dir.join("agent.log"),
-            config,
-            child: None,
-            dir,
-            hide_bpf_lsm: false,
-        };
-        agent.spawn();
-        agent
+        Self::start_with(body, false)
     }
 
     /// Starts the agent as on a kernel without an active BPF LSM (most distributions' default),
-    /// so that it falls back to its fentry (or tracepoint) socket guard: it runs in a mount namespace of its
-    /// own where a copy of /sys/kernel/security/lsm without `bpf` is mounted over the real one.
+    /// so that it falls back to its fentry (or tracepoint) socket guard: it runs in a mount
+    /// namespace of its own where a copy of /sys/kernel/security/lsm without `bpf` is mounted
+    /// over the real one.
     pub fn start_without_bpf_lsm(body: &str) -> Self {
-        let (dir, config, pin_dir) = Self::config_file(body);
         // The agent's own bpffs mount would stay in its namespace: mount it here first.
         ensure_mounted("bpf", Path::new("/sys/fs/bpf"));
         ensure_mounted("securityfs", Path::new("/sys/kernel/security"));
-        let lsm = std::fs::read_to_string("/sys/kernel/security/lsm").unwrap();
-        let without: Vec<&str> = lsm.trim().split(',').filter(|l| *l != "bpf").collect();
-        std::fs::write(dir.join("lsm"), without.join(",")).unwrap();
+        Self::start_with(body, true)
+    }
+
+    fn start_with(body: &str, hide_bpf_lsm: bool) -> Self {
+        let (dir, config, pin_dir) = Self::config_file(body);
+        if hide_bpf_lsm {
+            let lsm = std::fs::read_to_string("/sys/kernel/security/lsm").unwrap();
+            let without: Vec<&str> = lsm.trim().split(',').filter(|l| *l != "bpf").collect();
+            std::fs::write(dir.join("lsm"), without.join(",")).unwrap();
+        }
         let mut agent = Agent {
             pin_dir,
             log: dir.join("agent.log"),
             config,
             child: None,
             dir,
-            hide_bpf_lsm: true,
+            hide_bpf_lsm,
         };
         agent.spawn();
         agent

@@ -447,13 +447,7 @@ pub fn run(bin: &Path, _probe: &Path) -> anyhow::Result<String> {
     let squid = start_squid(&dir)?;
     let config = setup.write_config("", &[&format!("{SERVER_IP}:443")])?;
     let agent = setup.start_agent(&config, &[])?;
-    crate::bench::run_quiet(Command::new("taskset").args([
-        "-a",
-        "-p",
-        "-c",
-        "0",
-        &agent.to_string(),
-    ]))?;
+    crate::scratch::pin_to_cpu0(agent)?;
 
     let ca = dir.join("ca.pem");
     let direct = vec![

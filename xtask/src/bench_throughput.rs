@@ -43,13 +43,7 @@ pub fn run(bin: &Path, probe: &Path) -> anyhow::Result<String> {
     let udp_to = udp.local_addr()?.to_string();
     let config = setup.write_config("", &[&tcp_to, &format!("udp/{udp_to}")])?;
     let agent = setup.start_agent(&config, &[])?;
-    crate::bench::run_quiet(Command::new("taskset").args([
-        "-a",
-        "-p",
-        "-c",
-        "0",
-        &agent.to_string(),
-    ]))?;
+    crate::scratch::pin_to_cpu0(agent)?;
     let cgroups = [
         ("bare", bare.0.clone()),
         ("egress-guard", setup.cgroup.clone()),

@@ -142,6 +142,12 @@ impl Scratch {
     }
 }
 
+/// Pins every thread of process `pid` (the agent, a proxy) to CPU 0, leaving CPU 1 to the
+/// measured client.
+pub fn pin_to_cpu0(pid: u32) -> anyhow::Result<()> {
+    crate::bench::run_quiet(Command::new("taskset").args(["-a", "-p", "-c", "0", &pid.to_string()]))
+}
+
 /// A helper process (a DNS server, a test CloudWatch), killed on drop.
 pub struct KillOnDrop(pub Child);
 

@@ -125,9 +125,16 @@ pub fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
                 .join(", "))
             .unwrap_or_default()
     );
+    let guard = v["socket_guard"].as_str().unwrap_or("?");
     println!(
         "  socket guard: {}   process records: {}",
-        v["socket_guard"].as_str().unwrap_or("?"),
+        match guard {
+            "lsm" => "lsm (refused with EPERM)",
+            "fentry" => "fentry (the caller is killed; add bpf to lsm= for EPERM)",
+            "tracepoint" => "tracepoint (socket() callers are killed; io_uring is NOT seen)",
+            "none" => "NONE: AF_PACKET sockets of guarded processes are NOT stopped (see the log)",
+            other => other,
+        },
         if v["process_events"] == true {
             "on"
         } else {
