@@ -511,7 +511,7 @@ struct ProgramTime {
 }
 
 /// The programs the agent loads, by name, as bpftool lists them (the kernel keeps 15 bytes).
-const PROGRAMS: [&str; 9] = [
+const PROGRAMS: [&str; 10] = [
     "connect4",
     "sendmsg4",
     "recvmsg4",
@@ -519,8 +519,10 @@ const PROGRAMS: [&str; 9] = [
     "sock_create",
     "egress",
     "tcp_state",
-    "socket_fentry",
+    // The AF_PACKET guard: one of these three, whichever the kernel took.
     "lsm_socket_crea",
+    "socket_fentry",
+    "socket_enter",
 ];
 
 /// `(run_cnt, run_time_ns)` of each of the agent's programs that has run.
