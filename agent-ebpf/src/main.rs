@@ -367,19 +367,37 @@ fn family_refused(family: i32, sock_type: i32, raw_inet: bool) -> bool {
 pub fn lsm_socket_create(ctx: LsmContext) -> i32 {
     let family: i32 = ctx.arg(0);
     let sock_type: i32 = ctx.arg(1);
+    let protocol: i32 = ctx.arg(2);
     let kern: i32 = ctx.arg(3);
-    if kern != 0 || !family_refused(family, sock_type, true) {
-        return 0;
+    if stop_socket(family, sock_type, protocol as u32, kern != 0, true) {
+        -EPERM
+    } else {
+        0
+    }
+}
+
+/// The AF_PACKET guards' one question: must this socket creation be stopped? Only a refused
+/// family asked for by a guarded task (not by the kernel itself) is; it is counted and
+/// recorded, and audit mode lets it pass. `raw_inet`: whether raw INET sockets count as
+/// refused here (the fallbacks leave them to the cgroup `sock_create` hook, which refuses them
+/// with EPERM later in the same call).
+#[inline(always)]
+fn stop_socket(family: i32, sock_type: i32, protocol: u32, kern: bool, raw_inet: bool) -> bool {
+    if kern || !family_refused(family, sock_type, raw_inet) {
+        return false;
     }
     let Some(slot) = guarded_slot_of_current_task() else {
-        return 0;
+        return false;
     };
-    let protocol: i32 = ctx.arg(2);
-    if refuse_socket(slot, [family as u32, sock_type as u32, protocol as u32]).passes() {
-        0
-    } else {
-        -EPERM
-    }
+    !refuse_socket(slot, [family as u32, sock_type as u32, protocol]).passes()
+}
+
+/// What the fallback guards do instead of failing the call, which they cannot: kill the
+/// caller, before it returns to user space.
+#[inline(always)]
+fn kill_current_task() {
+    const SIGKILL: u32 = 9;
+    unsafe { bpf_send_signal(SIGKILL) };
 }
 
 /// Counts and records a refused socket(); the verdict says whether audit mode lets it pass.
@@ -422,17 +440,8 @@ pub fn socket_fentry(ctx: FEntryContext) -> u32 {
     let sock_type: i32 = ctx.arg(2);
     let protocol: i32 = ctx.arg(3);
     let kern: i32 = ctx.arg(5);
-    // Raw INET sockets are left to the cgroup `sock_create` hook, which refuses them with
-    // EPERM (it runs later in the same call).
-    if kern != 0 || !family_refused(family, sock_type, false) {
-        return 0;
-    }
-    let Some(slot) = guarded_slot_of_current_task() else {
-        return 0;
-    };
-    if !refuse_socket(slot, [family as u32, sock_type as u32, protocol as u32]).passes() {
-        const SIGKILL: u32 = 9;
-        unsafe { bpf_send_signal(SIGKILL) };
+    if stop_socket(family, sock_type, protocol as u32, kern != 0, false) {
+        kill_current_task();
     }
     0
 }
@@ -464,15 +473,8 @@ pub fn socket_enter(ctx: TracePointContext) -> u32 {
             return 0;
         }
     };
-    if !family_refused(family, sock_type, false) {
-        return 0;
-    }
-    let Some(slot) = guarded_slot_of_current_task() else {
-        return 0;
-    };
-    if !refuse_socket(slot, [family as u32, sock_type as u32, protocol]).passes() {
-        const SIGKILL: u32 = 9;
-        unsafe { bpf_send_signal(SIGKILL) };
+    if stop_socket(family, sock_type, protocol, false, false) {
+        kill_current_task();
     }
     0
 }
