@@ -68,6 +68,23 @@ pub struct Proxy {
     listeners: HashMap<u16, (Arc<Port>, [JoinHandle<()>; 2])>,
 }
 
+/// Why a port can be taken although nothing listens on it: it lies in the range the kernel
+/// hands out to outgoing connections, which (with their TIME_WAIT remains) can hold it.
+fn ephemeral_hint(port: u16) -> String {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok();
+    let bounds: Vec<u16> = range
+        .iter()
+        .flat_map(|r| r.split_whitespace())
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    match bounds[..] {
+        [lo, hi] if (lo..=hi).contains(&port) => format!(
+            "; port {port} lies in the kernel's ephemeral port range {lo}-{hi} (net.ipv4.ip_local_port_range), where outgoing connections can hold it: choose a port below {lo}"
+        ),
+        _ => String::new(),
+    }
+}
+
 impl Proxy {
     pub fn new(
         listen: std::net::Ipv4Addr,
@@ -99,7 +116,8 @@ impl Proxy {
             let addr = SocketAddrV4::new(self.listen, port);
             let (udp, tcp) = bind(addr).map_err(|e| {
                 anyhow::anyhow!(
-                    "the DNS proxy cannot listen on {addr} (UDP and TCP): {e}; set [dns] port to a free range (policy N uses port + N) and [dns] listen to an address the guarded containers reach (Docker's bridge gateway, 172.17.0.1 by default)"
+                    "the DNS proxy cannot listen on {addr} (UDP and TCP): {e}; set [dns] port to a free range (policy N uses port + N) and [dns] listen to an address the guarded containers reach (Docker's bridge gateway, 172.17.0.1 by default){}",
+                    ephemeral_hint(port)
                 )
             })?;
             let state = Arc::new(Port {
