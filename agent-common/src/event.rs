@@ -140,6 +140,44 @@ pub struct ExitEvent {
     pub lifetime_ns: u64,
 }
 
+/// Allowed UDP sends are not written to the ring one by one: the programs count them per
+/// flow in one of two pinned per-CPU tables (`SEND_FLOWS_0`, `SEND_FLOWS_1`);
+/// `SEND_FLOW_SIDE[0]` says which. The agent flips the side every `udp_aggregate_seconds`,
+/// lets the programs still counting into the old table finish, writes one `net.send` record
+/// per entry and deletes it. The counts outlive the agent. A send that finds its table full
+/// is written to the ring as before.
+pub const MAX_SEND_FLOWS: u32 = 16_384;
+
+/// A flow of allowed sends: who sent (cgroup, process, user, command) where.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SendFlowKey {
+    pub cgroup_id: u64,
+    /// Policy slot whose program decided.
+    pub slot: u32,
+    pub tgid: u32,
+    pub uid: u32,
+    /// Host byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub v4: u8,
+    /// Network byte order; IPv4 in the first four bytes when `v4` is 1.
+    pub addr: [u8; 16],
+    pub comm: [u8; COMM_LEN],
+}
+
+/// One CPU's count of a flow's sends.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SendFlowCount {
+    pub count: u64,
+    /// CLOCK_BOOTTIME of this CPU's first send of the flow, ns.
+    pub first_ns: u64,
+    /// Thread id of that send.
+    pub tid: u32,
+    pub _pad: u32,
+}
+
 /// Where the process-event programs find kernel fields (bytes), read from the kernel's BTF
 /// by the agent and passed in as the load-time constant [`TASK_OFFSETS_GLOBAL`].
 #[repr(C)]
@@ -174,6 +212,8 @@ mod pod {
     unsafe impl aya::Pod for ExecEvent {}
     unsafe impl aya::Pod for ExitEvent {}
     unsafe impl aya::Pod for TaskOffsets {}
+    unsafe impl aya::Pod for SendFlowKey {}
+    unsafe impl aya::Pod for SendFlowCount {}
 }
 
 #[cfg(test)]
@@ -235,5 +275,7 @@ mod tests {
         );
         assert_eq!(core::mem::size_of::<ExitEvent>(), 56 + 16);
         assert_eq!(core::mem::size_of::<TaskOffsets>(), 56);
+        assert_eq!(core::mem::size_of::<SendFlowKey>(), 24 + 16 + COMM_LEN);
+        assert_eq!(core::mem::size_of::<SendFlowCount>(), 24);
     }
 }

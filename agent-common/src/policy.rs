@@ -291,8 +291,9 @@ pub mod map_names {
     pub const OPEN_CONNS: &str = "OPEN_CONNS";
     pub const DNS_CLIENTS: &str = "DNS_CLIENTS";
     pub const CONTAINER_SLOTS: &str = "CONTAINER_SLOTS";
-    pub const SOCK_SLOTS: &str = "SOCK_SLOTS";
-    pub const ALL: [&str; 16] = [
+    pub const SEND_FLOW_SIDE: &str = "SEND_FLOW_SIDE";
+    pub const SEND_FLOWS: [&str; 2] = ["SEND_FLOWS_0", "SEND_FLOWS_1"];
+    pub const ALL: [&str; 18] = [
         POLICY_STATE,
         ALLOW_EXACT4,
         ALLOW_EXACT6,
@@ -308,7 +309,9 @@ pub mod map_names {
         OPEN_CONNS,
         DNS_CLIENTS,
         CONTAINER_SLOTS,
-        SOCK_SLOTS,
+        SEND_FLOW_SIDE,
+        SEND_FLOWS[0],
+        SEND_FLOWS[1],
     ];
 }
 

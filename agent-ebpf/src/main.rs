@@ -11,6 +11,7 @@ mod emit;
 mod klog;
 mod maps;
 mod process;
+mod send_flows;
 
 use agent_common::event::{kind, reason};
 use agent_common::{
@@ -24,7 +25,8 @@ use aya_ebpf::{
     },
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_socket_cookie,
-        bpf_send_signal, bpf_sk_fullsock, generated::bpf_skb_cgroup_id,
+        bpf_send_signal, bpf_sk_fullsock,
+        generated::{bpf_sk_storage_get, bpf_skb_cgroup_id},
     },
     macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, fentry, lsm, sock_ops, tracepoint},
     programs::{
@@ -140,14 +142,26 @@ fn judge_sock_addr(ctx: &SockAddrContext, v6: bool, kind: u16, counters: [Counte
         // A connection to a learned address holds it: have the TCP tracker follow this one
         // (and only such ones: tracking costs every connect), under the policy deciding it,
         // which it cannot tell itself (it does not see the task).
-        let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
-        if let Err(e) = SOCK_SLOTS.insert(cookie, slot, 0) {
+        let mut value = slot;
+        // SAFETY: the helper checks the context's socket itself.
+        let stored = unsafe { SOCK_SLOTS.get_or_insert_ptr_mut(ctx, Some(&mut value)) };
+        if stored.is_null() {
             klog::map_write_failed(
                 "SOCK_SLOTS",
-                e,
+                0,
                 "this connection to a learned address is not followed; the address may expire while it is open",
             );
+        } else {
+            // An earlier connect() of the same socket may have stored another slot.
+            unsafe { *stored = slot };
         }
+    }
+    // Allowed sends are counted per flow, not recorded one by one.
+    if kind == kind::NET_SEND
+        && matches!(v, Verdict::Allow)
+        && send_flows::count(slot, &dest, proto, port)
+    {
+        return SYSCALL_OK;
     }
     emit::net(
         kind,
@@ -785,12 +799,12 @@ pub fn tcp_state(ctx: SockOpsContext) -> u32 {
             follow_state(&ctx);
         }
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
-            let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
             // Only connections to learned addresses are followed (connect() said which, and
             // under which policy); the rest need no state and no close callback.
-            let Some(slot) = (unsafe { SOCK_SLOTS.get(cookie) }).copied() else {
+            let Some(slot) = learned_slot(&ctx) else {
                 return 1;
             };
+            let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
             let dest = if ctx.family() == AF_INET as u32 {
                 Dest::v4(ctx.remote_ip4().to_ne_bytes())
             } else {
@@ -829,11 +843,26 @@ pub fn tcp_state(ctx: SockOpsContext) -> u32 {
             let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
             let _ = INBOUND_SOCKETS.remove(cookie);
             let _ = OPEN_CONNS.remove(cookie);
-            let _ = SOCK_SLOTS.remove(cookie);
         }
         _ => {}
     }
     1
+}
+
+/// The slot connect() stored on this socket when a learned address allowed it.
+#[inline(always)]
+fn learned_slot(ctx: &SockOpsContext) -> Option<u32> {
+    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return None;
+    }
+    let map = core::ptr::from_ref(&SOCK_SLOTS).cast_mut().cast();
+    // SAFETY: `sk` is the context's non-null socket; no value, no flags: a lookup only.
+    let p = unsafe { bpf_sk_storage_get(map, sk.cast(), core::ptr::null_mut(), 0) };
+    if p.is_null() {
+        return None;
+    }
+    Some(unsafe { *(p as *const u32) })
 }
 
 /// Asks for this socket's state changes, so `tcp_state` sees it close.

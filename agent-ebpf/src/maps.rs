@@ -6,11 +6,12 @@ use agent_common::{
     Addr4Key, Addr6Key, AllowValue, COUNTERS_PER_POLICY, DnsClientKey, DnsProxy, MAX_CIDR_ENTRIES,
     MAX_CONTAINERS, MAX_DNS_CLIENTS, MAX_DNS_REDIRECTED, MAX_EXACT_ENTRIES, MAX_GUARDED_CGROUPS,
     MAX_INBOUND_SOCKETS, MAX_OPEN_CONNS, MAX_POLICIES, OpenConn, OrigDest, PolicyState,
-    event::{DEFAULT_RING_BYTES, EventHeader},
+    event::{DEFAULT_RING_BYTES, EventHeader, MAX_SEND_FLOWS, SendFlowCount, SendFlowKey},
 };
 use aya_ebpf::{
-    macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    btf_maps::SkStorage,
+    macros::{btf_map, map},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 
 /// Per slot: active ruleset id, mode and name.
@@ -82,10 +83,27 @@ pub static DNS_CLIENTS: LruHashMap<DnsClientKey, EventHeader> =
 #[map]
 pub static CONTAINER_SLOTS: HashMap<u64, u32> = HashMap::pinned(MAX_CONTAINERS, 0);
 
-/// Socket cookie → the slot whose learned address allowed its TCP connect(): the TCP tracker
+/// Per socket: the slot whose learned address allowed its TCP connect(): the TCP tracker
 /// follows only these connections, and files each under the policy that decided it (a
-/// discovered container's, not necessarily the attached programs' own). LRU: an evicted entry
-/// leaves the connection unfollowed (fail closed: the learned address may expire while the
-/// connection is open).
+/// discovered container's, not necessarily the attached programs' own). Socket-local storage,
+/// freed with the socket: asking it costs the tracker nothing like a lookup in a global hash
+/// keyed by socket cookie, whose random bucket cost ~200 ns per connection in cache misses.
+/// Not pinned (aya's BTF maps cannot be): each loaded copy of the programs has its own, shared
+/// by its connect4/6 and tcp_state; a connection whose connect() and establishment straddle
+/// an upgrade is not followed (fail closed: the learned address may expire while it is open).
+#[btf_map]
+pub static SOCK_SLOTS: SkStorage<u32> = SkStorage::new();
+
+/// `[0]`: which of the two send-flow tables the programs count allowed UDP sends into (the
+/// agent flips it and drains the other; see agent-common's `SendFlowKey`).
 #[map]
-pub static SOCK_SLOTS: LruHashMap<u64, u32> = LruHashMap::pinned(MAX_OPEN_CONNS, 0);
+pub static SEND_FLOW_SIDE: Array<u32> = Array::pinned(1, 0);
+
+/// Allowed UDP sends per flow, per CPU. Not LRU: an evicted flow would lose its count; a full
+/// table makes the send go to the ring instead.
+#[map]
+pub static SEND_FLOWS_0: PerCpuHashMap<SendFlowKey, SendFlowCount> =
+    PerCpuHashMap::pinned(MAX_SEND_FLOWS, NO_PREALLOC);
+#[map]
+pub static SEND_FLOWS_1: PerCpuHashMap<SendFlowKey, SendFlowCount> =
+    PerCpuHashMap::pinned(MAX_SEND_FLOWS, NO_PREALLOC);

@@ -105,6 +105,95 @@ fn decisions_of_guarded_processes_are_recorded_and_nothing_else() {
     );
 }
 
+/// Allowed UDP sends are counted in pinned kernel tables, not in the agent: a `kill -9` in the
+/// middle of an interval loses none of them, and sends while no agent runs are counted too.
+#[test]
+fn allowed_sends_are_counted_in_the_kernel_and_survive_a_kill9() {
+    setup();
+    let cg = TestCgroup::new("audit-sends");
+    let udp = udp_receiver("127.0.0.2");
+    let to = udp.local_addr().unwrap();
+    // A long interval: nothing is written before the kill.
+    let mut agent = Agent::start(&format!(
+        "[[policy]]\nname = \"sandbox\"\ncgroups = [\"{}\"]\nallow = [\"udp/{to}\"]\n[audit]\nudp_aggregate_seconds = 3600\n",
+        cg.rel()
+    ));
+    assert!(probe_in(&cg.path, &["udp", &to.to_string(), "5"]).ok());
+    // Past the agent's ring drain (every 50 ms): an agent counting sends itself would hold
+    // these five in memory now, and the kill would lose them.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    agent.kill9();
+    assert!(probe_in(&cg.path, &["udp", &to.to_string(), "7"]).ok());
+    agent.spawn();
+    assert!(probe_in(&cg.path, &["udp", &to.to_string(), "11"]).ok());
+    agent.stop();
+
+    let records = agent.records();
+    let schema = Schema::load();
+    for r in &records {
+        schema.check(r);
+    }
+    let sends = of_type(&records, "net.send");
+    // One record per probe process (a flow is a process and a destination).
+    let mut counts: Vec<u64> = sends
+        .iter()
+        .map(|r| {
+            assert_eq!(
+                (
+                    r["verdict"].as_str(),
+                    r["comm"].as_str(),
+                    r["port"].as_u64()
+                ),
+                (Some("allow"), Some("probe"), Some(u64::from(to.port()))),
+                "{r}"
+            );
+            assert!(r["pid"].as_u64().unwrap() > 0, "{r}");
+            r["count"].as_u64().unwrap()
+        })
+        .collect();
+    counts.sort();
+    assert_eq!(counts, vec![5, 7, 11], "{sends:?}");
+    let stop = records.iter().rposition(|r| r["type"] == "agent.stop");
+    let last_send = records.iter().rposition(|r| r["type"] == "net.send");
+    assert!(last_send < stop, "sends are written before agent.stop");
+}
+
+/// The kernel's counts of allowed sends are written every interval, not only at stop.
+#[test]
+fn allowed_sends_are_written_every_interval_while_the_agent_runs() {
+    setup();
+    let cg = TestCgroup::new("audit-interval");
+    let udp = udp_receiver("127.0.0.2");
+    let to = udp.local_addr().unwrap();
+    let mut agent = Agent::start(&format!(
+        "[[policy]]\nname = \"sandbox\"\ncgroups = [\"{}\"]\nallow = [\"udp/{to}\"]\n",
+        cg.rel()
+    ));
+    assert!(probe_in(&cg.path, &["udp", &to.to_string(), "4"]).ok());
+    // The harness's interval is 1 s; the record comes within two.
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let counts = loop {
+        let text = std::fs::read_to_string(agent.dir().join("audit.jsonl")).unwrap_or_default();
+        let counts: Vec<u64> = text
+            .split_inclusive('\n')
+            .filter(|l| l.ends_with('\n') && l.contains("\"net.send\""))
+            .map(|l| {
+                serde_json::from_str::<Value>(l).unwrap()["count"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect();
+        if !counts.is_empty() || std::time::Instant::now() > end {
+            break counts;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert_eq!(counts, vec![4], "written while running");
+    agent.stop();
+    let sends = of_type(&agent.records(), "net.send").len();
+    assert_eq!(sends, 1, "and not again at stop");
+}
+
 #[test]
 fn records_lost_to_a_full_ring_are_counted_and_reported_once() {
     setup();

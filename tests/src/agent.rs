@@ -62,10 +62,14 @@ impl Agent {
     /// `body` with the test's pin dir in front, its audit file in the `[audit]` table (added
     /// at the end if `body` has none) and its control socket in `[control]` (likewise).
     fn full_config(pin_dir: &Path, dir: &Path, body: &str) -> String {
-        let audit = format!(
-            "[audit]\nfile = \"{}\"\nudp_aggregate_seconds = 1\n",
+        // Sends are aggregated for a second unless the test says otherwise.
+        let mut audit = format!(
+            "[audit]\nfile = \"{}\"\n",
             dir.join("audit.jsonl").display()
         );
+        if !body.contains("\nudp_aggregate_seconds =") {
+            audit.push_str("udp_aggregate_seconds = 1\n");
+        }
         let control = format!(
             "[control]\nsocket = \"{}\"\n",
             dir.join("control.sock").display()

@@ -6,7 +6,9 @@
 //! - `egress-guard`: the agent's programs, N allowed addresses (exact) + the target;
 //! - `iptables`: OUTPUT `-m cgroup --path` jumping to a chain of N ACCEPT rules + REJECT, as the
 //!   seed design's iptables allowlist would;
-//! - `nftables`: one rule matching the cgroup and an address set of N elements.
+//! - `nftables`: one rule matching the cgroup and an address set of N elements;
+//! - `empty-hooks`: do-nothing programs at the agent's cgroup hooks (`empty_hooks`): what
+//!   calling a program there costs, whatever it does.
 //!
 //! Writes docs/benchmarks/connect.json and docs/benchmarks/connect.svg, prints a table.
 
@@ -36,22 +38,43 @@ const PARTS: [(&str, Part); 7] = [
 
 /// Policy sizes (allowed addresses); `EG_BENCH_SIZES=10,1000` picks others.
 const SIZES: [usize; 4] = [10, 1_000, 10_000, 100_000];
-/// A multiple of 4: each round takes the next row of [`ORDERS`].
+/// A multiple of 10: each round takes the next row of [`ORDERS`].
 const ROUNDS: usize = 20;
-/// The variants' order in each round: a balanced Latin square (Williams), so every variant
-/// runs right after every other equally often and none inherits another's leftovers more.
-const ORDERS: [[usize; 4]; 4] = [[0, 1, 3, 2], [1, 2, 0, 3], [2, 3, 1, 0], [3, 0, 2, 1]];
+/// The variants' order in each round: a balanced Latin square (Williams; for five variants a
+/// square and its mirror), so every variant runs right after every other equally often and
+/// none inherits another's leftovers more.
+const ORDERS: [[usize; 5]; 10] = [
+    [0, 1, 4, 2, 3],
+    [1, 2, 0, 3, 4],
+    [2, 3, 1, 4, 0],
+    [3, 4, 2, 0, 1],
+    [4, 0, 3, 1, 2],
+    [3, 2, 4, 1, 0],
+    [4, 3, 0, 2, 1],
+    [0, 4, 1, 3, 2],
+    [1, 0, 2, 4, 3],
+    [2, 1, 3, 0, 4],
+];
 /// The probe runs on this CPU, the listener (this process) on CPU 0, to cut scheduling noise.
 const PROBE_CPU: usize = 1;
 /// How long one sample connects in a loop.
 const SAMPLE_MILLIS: u32 = 400;
-const VARIANTS: [&str; 4] = ["bare", "egress-guard", "iptables", "nftables"];
+const VARIANTS: [&str; 5] = [
+    "bare",
+    "egress-guard",
+    "iptables",
+    "nftables",
+    "empty-hooks",
+];
+/// Variants that let every destination through.
+const OPEN: [&str; 2] = ["bare", "empty-hooks"];
 const CHAIN: &str = "EG_BENCH";
 const NFT_TABLE: &str = "egress_guard_bench";
 
 /// Everything the bench set up; torn down on drop, also on failure.
 struct Bench {
     cgroups: Vec<PathBuf>,
+    empty: Option<crate::empty_hooks::EmptyHooks>,
     agent: Option<Child>,
     bin: PathBuf,
     pin_dir: PathBuf,
@@ -60,6 +83,7 @@ struct Bench {
 
 impl Drop for Bench {
     fn drop(&mut self) {
+        self.empty = None;
         self.stop_agent();
         let _ = Command::new(&self.bin)
             .args(["uninstall", "--pin-dir"])
@@ -286,6 +310,7 @@ pub fn run() -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir)?;
     let mut bench = Bench {
         cgroups: Vec::new(),
+        empty: None,
         agent: None,
         bin: bin.clone(),
         pin_dir: PathBuf::from(format!(
@@ -299,6 +324,7 @@ pub fn run() -> anyhow::Result<()> {
         std::fs::create_dir(&p).with_context(|| format!("creating {}", p.display()))?;
         bench.cgroups.push(p);
     }
+    bench.empty = Some(crate::empty_hooks::EmptyHooks::attach(&bench.cgroups[4])?);
     pin_to_cpu0();
     let listener = TcpListener::bind("127.0.0.2:0")?;
     let port = listener.local_addr()?.port();
@@ -342,7 +368,7 @@ pub fn run() -> anyhow::Result<()> {
         // from the bare cgroup.
         for (i, v) in VARIANTS.iter().enumerate() {
             let passed = connects(&bench.cgroups[i], &probe, &refused)?;
-            if passed != (*v == "bare") {
+            if passed != OPEN.contains(v) {
                 bail!(
                     "sanity check: {v} at {size} entries {} 127.0.0.3",
                     if passed {
@@ -366,7 +392,14 @@ pub fn run() -> anyhow::Result<()> {
         }
         breakdown.push((
             size,
-            kernel_time_per_connect(&bench.cgroups[1], &probe, &to)?,
+            kernel_time_per_connect(&bench.cgroups[1], &probe, &to, &PROGRAMS, "connect4")?,
+            kernel_time_per_connect(
+                &bench.cgroups[4],
+                &probe,
+                &to,
+                &crate::empty_hooks::PAIRS.map(|(empty, _)| empty),
+                "empty_connect4",
+            )?,
         ));
         let of = |s: &[Sample], f: fn(&Sample) -> f64| s.iter().map(f).collect::<Vec<_>>();
         let bare = &samples[0];
@@ -441,29 +474,60 @@ pub fn run() -> anyhow::Result<()> {
             r.agent_cpu_ns_per_connect
         )?;
     }
-    if breakdown.iter().any(|(_, b)| !b.is_empty()) {
+    if breakdown.iter().any(|(_, b, _)| !b.is_empty()) {
         writeln!(
             table,
-            "\negress-guard's kernel time per connect, by program (kernel.bpf_stats_enabled, separate samples):"
+            "\negress-guard's kernel time per connect, by program (kernel.bpf_stats_enabled, separate samples);\n\
+             \"empty\": a do-nothing program at the same hook (the empty-hooks variant), measured the same way"
         )?;
         writeln!(
             table,
-            "{:>8} {:<14} {:>13} {:>11} {:>15}",
-            "entries", "program", "runs/connect", "ns/run", "ns/connect"
+            "{:>8} {:<14} {:>13} {:>11} {:>15} {:>14} {:>17}",
+            "entries",
+            "program",
+            "runs/connect",
+            "ns/run",
+            "ns/connect",
+            "empty ns/run",
+            "above empty/conn"
         )?;
-        for (size, programs) in &breakdown {
+        for (size, programs, empty) in &breakdown {
+            let floor_of = |program: &str| {
+                let (name, _) = crate::empty_hooks::PAIRS
+                    .iter()
+                    .find(|(_, ours)| *ours == program)?;
+                empty.iter().find(|e| e.program == *name)
+            };
+            let mut above_total = 0.0;
             for b in programs {
+                let (floor, above) = match floor_of(&b.program) {
+                    Some(f) => {
+                        let above = b.ns_per_connect - f.ns_per_run * b.runs_per_connect;
+                        above_total += above;
+                        (format!("{:.0}", f.ns_per_run), format!("{above:.0}"))
+                    }
+                    None => {
+                        above_total += b.ns_per_connect;
+                        ("-".into(), format!("{:.0}", b.ns_per_connect))
+                    }
+                };
                 writeln!(
                     table,
-                    "{size:>8} {:<14} {:>13.2} {:>11.0} {:>15.0}",
+                    "{size:>8} {:<14} {:>13.2} {:>11.0} {:>15.0} {floor:>14} {above:>17}",
                     b.program, b.runs_per_connect, b.ns_per_run, b.ns_per_connect
                 )?;
             }
             let total: f64 = programs.iter().map(|b| b.ns_per_connect).sum();
+            let empty_total: f64 = empty.iter().map(|b| b.ns_per_connect).sum();
             writeln!(
                 table,
-                "{size:>8} {:<14} {:>13} {:>11} {total:>15.0}",
-                "all", "", ""
+                "{size:>8} {:<14} {:>13} {:>11} {total:>15.0} {:>14} {above_total:>17.0}",
+                "all", "", "", ""
+            )?;
+            writeln!(
+                table,
+                "{size:>8} {:<14} {:>13} {:>11} {empty_total:>15.0}",
+                "empty, all", "", ""
             )?;
         }
     }
@@ -480,7 +544,7 @@ pub fn run() -> anyhow::Result<()> {
         "sample_millis": SAMPLE_MILLIS,
         "rounds": ROUNDS,
         "rows": rows,
-        "kernel_time_per_connect": breakdown.iter().map(|(n, b)| serde_json::json!({"entries": n, "programs": b})).collect::<Vec<_>>(),
+        "kernel_time_per_connect": breakdown.iter().map(|(n, b, e)| serde_json::json!({"entries": n, "programs": b, "empty_programs": e})).collect::<Vec<_>>(),
         "startup_seconds": startup.iter().map(|(n, s)| serde_json::json!({"entries": n, "seconds": s})).collect::<Vec<_>>(),
         "machine": machine(),
     });
@@ -525,8 +589,10 @@ const PROGRAMS: [&str; 10] = [
     "socket_enter",
 ];
 
-/// `(run_cnt, run_time_ns)` of each of the agent's programs that has run.
-fn program_stats() -> anyhow::Result<std::collections::HashMap<String, (u64, u64)>> {
+/// `(run_cnt, run_time_ns)` of each of the `programs` (by name) that has run.
+fn program_stats(
+    programs: &[&str],
+) -> anyhow::Result<std::collections::HashMap<String, (u64, u64)>> {
     let out = Command::new("bpftool")
         .args(["prog", "show", "--json"])
         .output()
@@ -535,7 +601,7 @@ fn program_stats() -> anyhow::Result<std::collections::HashMap<String, (u64, u64
     let mut stats = std::collections::HashMap::new();
     for p in progs {
         let name = p["name"].as_str().unwrap_or_default();
-        if PROGRAMS.contains(&name) {
+        if programs.contains(&name) {
             let e = stats.entry(name.to_string()).or_insert((0, 0));
             e.0 += p["run_cnt"].as_u64().unwrap_or(0);
             e.1 += p["run_time_ns"].as_u64().unwrap_or(0);
@@ -544,13 +610,16 @@ fn program_stats() -> anyhow::Result<std::collections::HashMap<String, (u64, u64
     Ok(stats)
 }
 
-/// Kernel time per guarded connect, by program: a few extra samples with the kernel's BPF
-/// run-time statistics on (they cost a clock read per run, so the timed rounds run without).
-/// Needs bpftool (`cargo xtask setup` installs it).
+/// Kernel time per connect from `cgroup`, by program (of `programs`; `per` runs once per
+/// connect): a few extra samples with the kernel's BPF run-time statistics on (they cost a
+/// clock read per run, so the timed rounds run without). Needs bpftool (`cargo xtask setup`
+/// installs it).
 fn kernel_time_per_connect(
     cgroup: &Path,
     probe: &Path,
     to: &str,
+    programs: &[&str],
+    per: &str,
 ) -> anyhow::Result<Vec<ProgramTime>> {
     if Command::new("bpftool").arg("version").output().is_err() {
         bail!(
@@ -561,11 +630,11 @@ fn kernel_time_per_connect(
     let was = std::fs::read_to_string(STATS)?;
     std::fs::write(STATS, "1")?;
     let measured = (|| {
-        let before = program_stats()?;
+        let before = program_stats(programs)?;
         for _ in 0..3 {
             measure(cgroup, probe, to, None)?;
         }
-        let after = program_stats()?;
+        let after = program_stats(programs)?;
         anyhow::Ok((before, after))
     })();
     std::fs::write(STATS, was.trim())?;
@@ -575,12 +644,12 @@ fn kernel_time_per_connect(
         let (c1, t1) = after.get(name).copied().unwrap_or((0, 0));
         (c1.saturating_sub(c0), t1.saturating_sub(t0))
     };
-    let (connects, _) = delta("connect4");
+    let (connects, _) = delta(per);
     if connects == 0 {
-        bail!("no connect4 runs counted: is kernel.bpf_stats_enabled honoured?");
+        bail!("no {per} runs counted: is kernel.bpf_stats_enabled honoured?");
     }
     let mut out = Vec::new();
-    for name in PROGRAMS {
+    for &name in programs {
         let (runs, ns) = delta(name);
         if runs > 0 {
             out.push(ProgramTime {
@@ -739,7 +808,7 @@ fn svg(rows: &[Row], sizes: &[usize]) -> String {
         left + ((size as f64).log10() - lo) / (hi - lo) * (w - left - right)
     };
     let y = |ns: f64| h - bottom - (ns.log10() - lo) / (hi - lo) * (h - bottom - top);
-    let colors = ["#888888", "#1f77b4", "#d62728", "#2ca02c"];
+    let colors = ["#888888", "#1f77b4", "#d62728", "#2ca02c", "#9467bd"];
     let mut s = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{left}\" y=\"24\" font-size=\"14\">connect()+close from a filtered cgroup: median time vs allowed entries (log-log)</text>\n"
     );

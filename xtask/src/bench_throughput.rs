@@ -1,8 +1,9 @@
 //! Throughput from a guarded cgroup against a bare one, interleaved: bulk TCP over loopback
 //! (every segment passes the packet backstop) and 64-byte UDP sends: with sendto() on an
-//! unconnected socket each passes the sendmsg hook and the backstop and is recorded (the
-//! audit trail aggregates them); on a connected socket (judged once, at connect()) each
-//! passes the backstop only.
+//! unconnected socket each passes the sendmsg hook (which counts it in the kernel's send-flow
+//! table) and the backstop; on a connected socket (judged once, at connect()) each passes the
+//! backstop only. A third cgroup has do-nothing programs at the same hooks
+//! (`empty_hooks`): the share of bare that any cgroup eBPF enforcer keeps at best.
 //!
 //! Placement as in the connect part: the probe alone on CPU 1, the agent on CPU 0, whose CPU
 //! time during the guarded samples is reported (the records it turns into the audit trail).
@@ -44,9 +45,12 @@ pub fn run(bin: &Path, probe: &Path) -> anyhow::Result<String> {
     let config = setup.write_config("", &[&tcp_to, &format!("udp/{udp_to}")])?;
     let agent = setup.start_agent(&config, &[])?;
     crate::scratch::pin_to_cpu0(agent)?;
+    let empty_cgroup = BareCgroup::new(&format!("{name}-empty"))?;
+    let _empty = crate::empty_hooks::EmptyHooks::attach(&empty_cgroup.0)?;
     let cgroups = [
         ("bare", bare.0.clone()),
         ("egress-guard", setup.cgroup.clone()),
+        ("empty-hooks", empty_cgroup.0.clone()),
     ];
     // (what is reported, the probe's output field, the probe's arguments)
     let tests = [
@@ -69,16 +73,16 @@ pub fn run(bin: &Path, probe: &Path) -> anyhow::Result<String> {
     let mut report = String::new();
     writeln!(
         report,
-        "throughput from a guarded cgroup vs a bare one, {SAMPLE_MILLIS} ms samples, {ROUNDS} interleaved rounds"
+        "throughput from a guarded cgroup vs a bare one and one with empty programs at the same hooks, {SAMPLE_MILLIS} ms samples, {ROUNDS} interleaved rounds"
     )?;
     let mut rows = Vec::new();
     for (label, key, args) in &tests {
-        let mut samples = [Vec::new(), Vec::new()];
+        let mut samples = [Vec::new(), Vec::new(), Vec::new()];
         // The agent's CPU time during each guarded sample, as a share of one core.
         let mut agent_cpu = Vec::new();
         for round in 0..ROUNDS {
-            for k in 0..2 {
-                let i = (k + round) % 2;
+            for k in 0..cgroups.len() {
+                let i = (k + round) % cgroups.len();
                 let before = (
                     crate::bench::process_cpu_ns(agent),
                     std::time::Instant::now(),
@@ -93,7 +97,11 @@ pub fn run(bin: &Path, probe: &Path) -> anyhow::Result<String> {
                 }
             }
         }
-        let (b, g) = (median(&samples[0]), median(&samples[1]));
+        let (b, g, e) = (
+            median(&samples[0]),
+            median(&samples[1]),
+            median(&samples[2]),
+        );
         let spread = |s: &[f64]| {
             (
                 s.iter().copied().fold(f64::INFINITY, f64::min),
@@ -102,16 +110,20 @@ pub fn run(bin: &Path, probe: &Path) -> anyhow::Result<String> {
         };
         let (bmin, bmax) = spread(&samples[0]);
         let (gmin, gmax) = spread(&samples[1]);
+        let (emin, emax) = spread(&samples[2]);
         writeln!(
             report,
-            "{label}: bare {b:.4e} ({bmin:.3e}..{bmax:.3e}), egress-guard {g:.4e} ({gmin:.3e}..{gmax:.3e}): {:.1} % of bare; agent {:.0} % of CPU 0",
+            "{label}: bare {b:.4e} ({bmin:.3e}..{bmax:.3e}), egress-guard {g:.4e} ({gmin:.3e}..{gmax:.3e}): {:.1} % of bare; agent {:.0} % of CPU 0; empty hooks {e:.4e} ({emin:.3e}..{emax:.3e}): {:.1} % of bare",
             g / b * 100.0,
-            median(&agent_cpu) * 100.0
+            median(&agent_cpu) * 100.0,
+            e / b * 100.0
         )?;
         rows.push(
             json!({ "measure": label, "bare_median": b, "guarded_median": g, "ratio_to_bare": g / b,
+                          "empty_hooks_median": e, "empty_hooks_ratio_to_bare": e / b,
                           "agent_cpu_share_median": median(&agent_cpu),
-                          "bare_samples": samples[0], "guarded_samples": samples[1] }),
+                          "bare_samples": samples[0], "guarded_samples": samples[1],
+                          "empty_hooks_samples": samples[2] }),
         );
     }
     // Nothing may be lost on the way: the records the kernel could not write to its ring.

@@ -14,6 +14,7 @@ mod bench_peers;
 mod bench_throughput;
 mod demo;
 mod demo_openhands;
+mod empty_hooks;
 mod fuzz;
 mod layers;
 mod package;

@@ -12,6 +12,7 @@ mod feed;
 pub mod file;
 pub mod record;
 pub mod ring;
+pub mod send_flows;
 
 pub use feed::{EventFeed, RECENT_EVENTS};
 
@@ -44,7 +45,8 @@ fn read<T: aya::Pod>(bytes: &[u8]) -> Option<T> {
 const LOST_TOTAL: u32 = 0;
 const LOST_REPORTED: u32 = 1;
 
-/// Allowed UDP sends to one destination, waiting to be written as one record.
+/// Allowed UDP sends to one destination that came through the ring (the kernel's send-flow
+/// table was full), waiting to be written as one record.
 struct Flow {
     record: Value,
     count: u64,
@@ -56,6 +58,8 @@ pub struct Audit {
     enricher: Enricher,
     file: file::FileSink,
     flows: HashMap<(u64, u32, [u8; 16], u16), Flow>,
+    /// The kernel's counts of allowed sends.
+    send_flows: send_flows::SendFlows,
     aggregate: Duration,
     lost_reported: u64,
     /// The in-memory sink (for the control socket's `events`).
@@ -105,6 +109,7 @@ const MAX_FLOWS: usize = 10_000;
 impl Audit {
     pub fn new(
         lost: PerCpuArray<MapData, u64>,
+        send_flows: send_flows::SendFlows,
         cfg: &config::Audit,
         cgroup_root: PathBuf,
         feed: std::sync::Arc<EventFeed>,
@@ -115,6 +120,7 @@ impl Audit {
             enricher: Enricher::new(cgroup_root),
             file,
             flows: HashMap::new(),
+            send_flows,
             aggregate: Duration::from_secs(cfg.udp_aggregate_seconds),
             lost_reported: 0,
             feed,
@@ -304,6 +310,47 @@ impl Audit {
         }
     }
 
+    /// Writes the flows of the kernel's flipped send-flow table once it has settled, and
+    /// flips when the aggregation interval is over.
+    fn drain_send_flows(&mut self) {
+        match self.send_flows.read() {
+            Ok(Some(flows)) => {
+                for f in &flows {
+                    let mut rec = self.enricher.net(&f.as_event());
+                    rec["count"] = f.count.into();
+                    self.write(rec);
+                }
+                // In the file and the spool before the kernel's counts are deleted.
+                self.flush();
+                if let Err(e) = self.send_flows.drained(&flows) {
+                    tracing::error!("{e:#}");
+                }
+            }
+            Ok(None) => {}
+            Err(e) => tracing::error!("{e:#}"),
+        }
+        if let Err(e) = self.send_flows.flip(self.aggregate, false) {
+            tracing::error!("{e:#}");
+        }
+    }
+
+    /// At stop: writes every allowed send counted so far (a table being drained, then the
+    /// current one). Sends after the last flip wait in the kernel for the next agent.
+    async fn finish_send_flows(&mut self) {
+        for _ in 0..2 {
+            if self.send_flows.settling().is_none()
+                && let Err(e) = self.send_flows.flip(self.aggregate, true)
+            {
+                tracing::error!("{e:#}");
+                return;
+            }
+            if let Some(wait) = self.send_flows.settling() {
+                tokio::time::sleep(wait).await;
+            }
+            self.drain_send_flows();
+        }
+    }
+
     fn check_lost(&mut self) {
         let dns = self
             .dns_dropped
@@ -384,6 +431,7 @@ impl Audit {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut poll = tokio::time::interval(DRAIN_EVERY);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut stopped = false;
         loop {
             tokio::select! {
                 guard = ring.readable_mut() => {
@@ -411,11 +459,13 @@ impl Audit {
                             }
                             while self.drain(ring.get_mut(), DRAIN_BATCH) {}
                             self.flush_flows(true);
+                            self.finish_send_flows().await;
                             self.check_lost();
                         }
                         self.on_notice(n);
                         // The last record: other senders (the DNS proxy) may still be alive.
                         if stop {
+                            stopped = true;
                             break;
                         }
                     }
@@ -428,6 +478,7 @@ impl Audit {
                         tokio::task::yield_now().await;
                     }
                     self.flush();
+                    self.drain_send_flows();
                     self.sync_spool(true);
                 }
                 _ = tick.tick() => {
@@ -441,6 +492,10 @@ impl Audit {
         }
         while self.drain(ring.get_mut(), DRAIN_BATCH) {}
         self.flush_flows(true);
+        // After agent.stop, sends wait in the kernel for the next agent.
+        if !stopped {
+            self.finish_send_flows().await;
+        }
         self.check_lost();
         self.emit_metrics(true);
         self.flush();
@@ -498,8 +553,9 @@ impl Audit {
         }
         if ring.uncommitted() > 0 {
             // In the file and the spool (a kill -9 from here on loses none of them), then
-            // consumed. Allowed UDP sends still being aggregated are the exception: their
-            // count so far lives in memory until the interval ends.
+            // consumed. Allowed UDP sends that reached the ring because the kernel's send-flow
+            // table was full are the exception: their count so far lives in memory until
+            // the interval ends.
             self.flush();
             ring.commit();
         }

@@ -48,8 +48,8 @@ pub struct Audit {
     /// Size of the kernel ring buffer (a power of two, at least 4096); takes effect when the
     /// pinned ring is created (after `egress-guard uninstall`).
     pub ring_buffer_bytes: u32,
-    /// Allowed UDP sends to one destination are written as one record per this many seconds,
-    /// with a count.
+    /// Allowed UDP sends, counted in the kernel per process and destination, are written as
+    /// one record per flow and this many seconds, with the count.
     pub udp_aggregate_seconds: u64,
 }
 

@@ -36,12 +36,17 @@ impl Agent<'_> {
         &mut self,
         feed: Arc<EventFeed>,
     ) -> anyhow::Result<(Audit, aya::maps::MapData)> {
-        let AuditMaps { events, lost } = self
+        let AuditMaps {
+            events,
+            lost,
+            send_flows,
+        } = self
             .kernel
             .take_audit_maps()
             .context("audit maps already taken")?;
         let mut audit = Audit::new(
             lost,
+            send_flows,
             &self.config.audit,
             kernel::mounts::cgroup2_root()?,
             feed,

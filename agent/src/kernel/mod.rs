@@ -99,6 +99,8 @@ pub struct AuditMaps {
     /// The ring buffer (read by `audit::ring`, which commits consumption itself).
     pub events: aya::maps::MapData,
     pub lost: aya::maps::PerCpuArray<aya::maps::MapData, u64>,
+    /// The kernel's counts of allowed UDP sends (`audit::send_flows`).
+    pub send_flows: crate::audit::send_flows::SendFlows,
 }
 
 /// The guard against AF_PACKET sockets, which no cgroup hook sees.
@@ -175,6 +177,19 @@ impl Kernel {
             .take_map(map_names::LOST_EVENTS)
             .context("the eBPF object has no LOST_EVENTS map")?
             .try_into()?;
+        let send_flows = crate::audit::send_flows::SendFlows::new(
+            base.take_map(map_names::SEND_FLOW_SIDE)
+                .context("the eBPF object has no SEND_FLOW_SIDE map")?
+                .try_into()?,
+            [
+                base.take_map(map_names::SEND_FLOWS[0])
+                    .context("the eBPF object has no SEND_FLOWS_0 map")?
+                    .try_into()?,
+                base.take_map(map_names::SEND_FLOWS[1])
+                    .context("the eBPF object has no SEND_FLOWS_1 map")?
+                    .try_into()?,
+            ],
+        );
         // Diagnostics only: the agent runs without them.
         let kernel_log = ebpf_log::KernelLog::take(&mut base)
             .inspect_err(|e| tracing::warn!("{e:#}; the eBPF programs' own log lines are lost"))
@@ -193,7 +208,11 @@ impl Kernel {
             root,
             maps,
             params,
-            audit_maps: Some(AuditMaps { events, lost }),
+            audit_maps: Some(AuditMaps {
+                events,
+                lost,
+                send_flows,
+            }),
             kernel_log,
             object_id: programs::object_id(),
             lsm_listed,

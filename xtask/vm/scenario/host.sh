@@ -43,6 +43,9 @@ wait_for "records name the app: an allowed net.connect with hostnames" 10 \
     has_record ".type == \"net.connect\" and .verdict == \"allow\" and .container == \"${app_id:0:12}\" and .container_name == \"$app\" and (.hostnames | index(\"api.openai.com\"))"
 wait_for "records name the app: the refused name" 10 \
     has_record ".type == \"dns\" and .verdict == \"refuse\" and .query == \"attacker.example\" and .container_name == \"$app\""
+# Allowed sends are counted in the kernel and written once per udp_aggregate_seconds (10 s).
+wait_for "records name the app: its NTP send, counted" 20 \
+    has_record ".type == \"net.send\" and .verdict == \"allow\" and .dst == \"$VPC_NTP\" and .port == 123 and .count >= 1 and .container_name == \"$app\""
 wd1=$(systemctl show -p WatchdogTimestampMonotonic --value egress-guard)
 
 step "an OpenHands sandbox the app starts through the Docker socket: the agent server calls the LLM"
