@@ -13,7 +13,9 @@ use agent_common::event::{
     EVENT_VERSION, EventHeader, NetEvent, SendFlowCount, SendFlowKey, VERDICT_ALLOW, kind, reason,
 };
 use anyhow::Context as _;
-use aya::maps::{Array, MapData, PerCpuHashMap};
+use aya::maps::{Array, MapData};
+
+use crate::kernel::SendFlowTable;
 
 /// How long after a flip the old table is drained. A program counts within microseconds of
 /// reading the side; only one preempted for longer than this between the two could count
@@ -75,17 +77,14 @@ pub fn sum(key: SendFlowKey, per_cpu: &[SendFlowCount]) -> Option<Flow> {
 
 pub struct SendFlows {
     side: Array<MapData, u32>,
-    tables: [PerCpuHashMap<MapData, SendFlowKey, SendFlowCount>; 2],
+    tables: [SendFlowTable; 2],
     /// The table flipped away from, and when.
     flipped: Option<(u32, Instant)>,
     last_flip: Instant,
 }
 
 impl SendFlows {
-    pub fn new(
-        side: Array<MapData, u32>,
-        tables: [PerCpuHashMap<MapData, SendFlowKey, SendFlowCount>; 2],
-    ) -> Self {
+    pub fn new(side: Array<MapData, u32>, tables: [SendFlowTable; 2]) -> Self {
         Self {
             side,
             tables,

@@ -39,6 +39,7 @@ impl Agent<'_> {
         let AuditMaps {
             events,
             lost,
+            send_flow_side,
             send_flows,
         } = self
             .kernel
@@ -46,7 +47,7 @@ impl Agent<'_> {
             .context("audit maps already taken")?;
         let mut audit = Audit::new(
             lost,
-            send_flows,
+            crate::audit::send_flows::SendFlows::new(send_flow_side, send_flows),
             &self.config.audit,
             kernel::mounts::cgroup2_root()?,
             feed,

@@ -95,12 +95,21 @@ pub struct Kernel {
 }
 
 /// The audit trail's kernel side: the record ring and the count of records it dropped.
+/// A send-flow table: per flow, per CPU, the count of allowed sends.
+pub type SendFlowTable = aya::maps::PerCpuHashMap<
+    aya::maps::MapData,
+    agent_common::event::SendFlowKey,
+    agent_common::event::SendFlowCount,
+>;
+
 pub struct AuditMaps {
     /// The ring buffer (read by `audit::ring`, which commits consumption itself).
     pub events: aya::maps::MapData,
     pub lost: aya::maps::PerCpuArray<aya::maps::MapData, u64>,
-    /// The kernel's counts of allowed UDP sends (`audit::send_flows`).
-    pub send_flows: crate::audit::send_flows::SendFlows,
+    /// The kernel's counts of allowed UDP sends: which table the programs count into, and
+    /// the two tables (read by `audit::send_flows`).
+    pub send_flow_side: aya::maps::Array<aya::maps::MapData, u32>,
+    pub send_flows: [SendFlowTable; 2],
 }
 
 /// The guard against AF_PACKET sockets, which no cgroup hook sees.
@@ -177,19 +186,18 @@ impl Kernel {
             .take_map(map_names::LOST_EVENTS)
             .context("the eBPF object has no LOST_EVENTS map")?
             .try_into()?;
-        let send_flows = crate::audit::send_flows::SendFlows::new(
-            base.take_map(map_names::SEND_FLOW_SIDE)
-                .context("the eBPF object has no SEND_FLOW_SIDE map")?
+        let send_flow_side = base
+            .take_map(map_names::SEND_FLOW_SIDE)
+            .context("the eBPF object has no SEND_FLOW_SIDE map")?
+            .try_into()?;
+        let send_flows = [
+            base.take_map(map_names::SEND_FLOWS[0])
+                .context("the eBPF object has no SEND_FLOWS_0 map")?
                 .try_into()?,
-            [
-                base.take_map(map_names::SEND_FLOWS[0])
-                    .context("the eBPF object has no SEND_FLOWS_0 map")?
-                    .try_into()?,
-                base.take_map(map_names::SEND_FLOWS[1])
-                    .context("the eBPF object has no SEND_FLOWS_1 map")?
-                    .try_into()?,
-            ],
-        );
+            base.take_map(map_names::SEND_FLOWS[1])
+                .context("the eBPF object has no SEND_FLOWS_1 map")?
+                .try_into()?,
+        ];
         // Diagnostics only: the agent runs without them.
         let kernel_log = ebpf_log::KernelLog::take(&mut base)
             .inspect_err(|e| tracing::warn!("{e:#}; the eBPF programs' own log lines are lost"))
@@ -211,6 +219,7 @@ impl Kernel {
             audit_maps: Some(AuditMaps {
                 events,
                 lost,
+                send_flow_side,
                 send_flows,
             }),
             kernel_log,
