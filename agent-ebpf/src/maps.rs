@@ -86,8 +86,9 @@ pub static CONTAINER_SLOTS: HashMap<u64, u32> = HashMap::pinned(MAX_CONTAINERS, 
 /// Per socket: the slot whose learned address allowed its TCP connect(): the TCP tracker
 /// follows only these connections, and files each under the policy that decided it (a
 /// discovered container's, not necessarily the attached programs' own). Socket-local storage,
-/// freed with the socket: asking it costs the tracker nothing like a lookup in a global hash
-/// keyed by socket cookie, whose random bucket cost ~200 ns per connection in cache misses.
+/// freed with the socket: asking it costs the tracker about nothing, where the lookup of the
+/// socket cookie in a 65,536-entry LRU hash cost ~210 ns per connection (measured; cache
+/// misses on its random bucket are the likely reason).
 /// Not pinned (aya's BTF maps cannot be): each loaded copy of the programs has its own, shared
 /// by its connect4/6 and tcp_state; a connection whose connect() and establishment straddle
 /// an upgrade is not followed (fail closed: the learned address may expire while it is open).
